@@ -1,0 +1,43 @@
+# ComfyUI-DRaFT developer commands. Everything runs in ./.venv, created on first use.
+#   make test    whole suite (ComfyUI tier when COMFYUI_PATH names a checkout; browser tier with Chromium)
+#   make demo    the quick-start workflow headless through real ComfyUI on a tiny generated checkpoint
+#   make bench   memory/time of DRaFT-K / DRaFT-LV vs plain sampling (not run in CI)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.draft-deps
+COMFY_STAMP := $(VENV)/.draft-comfyui-deps
+
+.PHONY: test demo bench deps comfyui-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(DEPS_STAMP): requirements.txt requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q -r requirements-dev.txt -r requirements.txt
+	touch $@
+
+deps: $(DEPS_STAMP)
+
+# ComfyUI's own requirements minus torch/torchvision/torchaudio (never replace the torch we pinned).
+comfyui-deps: deps
+	@if [ -n "$$COMFYUI_PATH" ] && [ -f "$$COMFYUI_PATH/requirements.txt" ]; then \
+	  if [ ! -f $(COMFY_STAMP) ] || [ "$$COMFYUI_PATH/requirements.txt" -nt $(COMFY_STAMP) ]; then \
+	    grep -vE '^(torch|torchvision|torchaudio)([<>=~ ].*)?$$' "$$COMFYUI_PATH/requirements.txt" > $(VENV)/comfyui-requirements.txt && \
+	    $(PY) -m pip install -q -r $(VENV)/comfyui-requirements.txt && touch $(COMFY_STAMP); \
+	  fi; \
+	fi
+
+test: comfyui-deps
+	$(PY) -m pytest
+
+demo: comfyui-deps
+	$(PY) tools/demo.py
+
+bench: deps
+	$(PY) tools/bench.py
+
+clean:
+	rm -rf .cache bench_out demo_out .pytest_cache

@@ -1,0 +1,334 @@
+"""Differentiable DDIM sampling in sigma space, truncated for DRaFT, DRaFT-K, DRaFT-LV and random K.
+
+Notation (ComfyUI's, which is k-diffusion's):
+
+* ``x = a(sigma) * x0 + sigma * eps`` with ``a = 1`` for EPS and v-prediction models (the "VE" view
+  of a VP model: ``sigma = sqrt((1 - alphabar) / alphabar)``) and ``a = 1 - sigma`` for flow models.
+  ``a`` is read off the model's own re-noising function (``renoise(sigma, 0, 1)``), so the sampler
+  never needs to know the model type.
+* A denoiser maps ``(x (B,C,H,W), sigma (B,), prompt_index (B,) long) -> x0 (B,C,H,W)``; in ComfyUI it
+  is the CFG-combined prediction of the guider.
+
+One DDIM step from ``sigma`` to ``sigma_next`` (Song et al. 2021, eq. 12, in this notation):
+
+    eps_hat = (x - a * x0) / sigma
+    c       = eta * sigma_next * sqrt(1 - (a^2 sigma_next^2) / (a_next^2 sigma^2))
+    x_next  = a_next * x0 + sqrt(sigma_next^2 - c^2) * eps_hat + c * z,    z ~ N(0, I)
+
+With ``eta = 0`` this is deterministic DDIM, identical to the Euler step ``x + (x - x0)/sigma *
+(sigma_next - sigma)`` for every model type; with ``a = 1`` the stochastic part is k-diffusion's
+ancestral step (``sigma_up = c``). The last step (``sigma_next = 0``) returns ``x0``.
+
+Gradient truncation (DRAFT_METHOD.md):
+
+* ``draft``: every step differentiated;
+* ``draft_k``: steps ``1..T-K`` under ``torch.no_grad()``, the last ``K`` differentiated;
+* ``random_k``: like ``draft_k`` with ``K`` drawn uniformly from ``[k_min, k_max]`` per update
+  (AlignProp);
+* ``draft_lv``: the whole chain without gradient gives ``x0``; ``n`` fresh noises re-noise it to the
+  last step's level, ``x1_i = renoise(sigma_last, eps_i, x0)``, and one differentiated step from each
+  gives ``x0_hat_i``; the caller averages the reward over the ``n`` samples. Optionally the chain's
+  own last step is differentiated too (``n + 1`` terms).
+
+Each differentiated step runs under non-reentrant activation checkpointing when ``checkpointing``
+is on: only the latent entering the step is stored, the denoiser's activations are recomputed in the
+backward pass, so activation memory does not grow with ``K``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Renoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+METHODS = ("draft", "draft_k", "draft_lv", "random_k")
+
+
+def ve_renoise(sigma: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """``x0 + sigma * noise``: the re-noising of EPS / v-prediction models in sigma space."""
+    return x0 + _per_sample(sigma, noise) * noise
+
+
+def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a scalar or (B,) tensor to broadcast against ``like`` (B, ...)."""
+    value = torch.as_tensor(value, device=like.device, dtype=like.dtype)
+    if value.ndim == 0:
+        return value
+    return value.reshape(value.shape[:1] + (1,) * (like.ndim - 1))
+
+
+def signal_scale(renoise: Renoise, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``a(sigma)``: the factor on ``x0`` in ``x = a x0 + sigma eps``, read off ``renoise``.
+
+    Returns a tensor broadcastable against ``like`` (B, C, H, W).
+    """
+    shape = (like.shape[0],) + (1,) * (like.ndim - 1)
+    sigma_b = torch.as_tensor(sigma, device=like.device, dtype=like.dtype).expand(like.shape[0])
+    zeros = torch.zeros(shape, device=like.device, dtype=like.dtype)
+    ones = torch.ones(shape, device=like.device, dtype=like.dtype)
+    return renoise(sigma_b, zeros, ones)
+
+
+def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+              a: torch.Tensor, a_next: torch.Tensor, eta: float = 0.0,
+              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One DDIM update in sigma space (see the module docstring for the formula).
+
+    Args:
+        x: the latent at ``sigma`` (B, C, H, W); x0: the denoiser's prediction at ``sigma``.
+        sigma, sigma_next: scalar tensors, ``sigma > sigma_next >= 0``.
+        a, a_next: signal scales at ``sigma`` and ``sigma_next`` (see :func:`signal_scale`).
+        eta: 0 is deterministic DDIM; 1 is DDPM-like ancestral sampling.
+        noise: ``z`` for ``eta > 0``, shaped like ``x``.
+    """
+    if float(sigma_next) == 0.0:
+        return x0
+    eps_hat = (x - a * x0) / sigma
+    if eta == 0.0:
+        return a_next * x0 + sigma_next * eps_hat
+    ratio = (a * sigma_next) ** 2 / ((a_next * sigma) ** 2)
+    c = eta * sigma_next * torch.sqrt(torch.clamp(1.0 - ratio, min=0.0))
+    return a_next * x0 + torch.sqrt(sigma_next ** 2 - c ** 2) * eps_hat + c * noise
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the sampler runs and which steps carry gradients.
+
+    Attributes:
+        method: one of ``METHODS``.
+        k: differentiated steps for ``draft_k`` (1 <= k <= T); ``draft`` uses T, ``draft_lv`` 1.
+        k_min, k_max: the range ``random_k`` draws K from, uniformly, inclusive.
+        lv_samples: ``n``, the re-noised single-step samples of ``draft_lv`` (paper: 2).
+        lv_include_original: ``draft_lv`` also differentiates the chain's own last step (n + 1 terms).
+        eta: DDIM stochasticity in [0, 1]; 0 (deterministic) in the paper.
+        checkpointing: recompute each differentiated step's activations in the backward pass.
+    """
+
+    method: str = "draft_lv"
+    k: int = 1
+    k_min: int = 1
+    k_max: int = 10
+    lv_samples: int = 2
+    lv_include_original: bool = False
+    eta: float = 0.0
+    checkpointing: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown DRaFT method {self.method!r}; choose one of {METHODS}")
+        if self.k < 1 or self.k_min < 1 or self.k_max < self.k_min:
+            raise ValueError(f"need 1 <= k and 1 <= k_min <= k_max (got k={self.k}, "
+                             f"k_min={self.k_min}, k_max={self.k_max})")
+        if self.lv_samples < 1:
+            raise ValueError(f"lv_samples must be >= 1, got {self.lv_samples}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
+
+    def truncation(self, num_steps: int, generator: Optional[torch.Generator] = None) -> int:
+        """The number of differentiated trailing steps for one update, in ``[1, num_steps]``."""
+        if self.method == "draft":
+            return num_steps
+        if self.method == "draft_lv":
+            return 1
+        if self.method == "draft_k":
+            if self.k > num_steps:
+                raise ValueError(f"K = {self.k} exceeds the {num_steps} sampling steps")
+            return self.k
+        hi = min(self.k_max, num_steps)
+        lo = min(self.k_min, hi)
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
+
+    @property
+    def samples_per_rollout(self) -> int:
+        """How many decoded latents one rollout yields per batch row."""
+        if self.method != "draft_lv":
+            return 1
+        return self.lv_samples + (1 if self.lv_include_original else 0)
+
+
+@dataclass
+class Rollout:
+    """What one differentiable rollout returns.
+
+    Attributes:
+        latents: (B * r, C, H, W), ``r = samples_per_rollout``, ordered sample-major: rows
+            ``[j*B:(j+1)*B]`` are the j-th sample of every batch row. Differentiable w.r.t. the
+            parameters the denoiser uses on the differentiated steps.
+        prompt_index: (B * r,) the prompt index of each row.
+        k: the number of differentiated steps of this rollout.
+        kl: mean squared difference between the denoiser's and the reference denoiser's noise
+            predictions on the differentiated steps (0 without a reference), differentiable.
+    """
+
+    latents: torch.Tensor
+    prompt_index: torch.Tensor
+    k: int
+    kl: torch.Tensor
+
+
+class DifferentiableSampler:
+    """Runs a sigma schedule through a denoiser with DRaFT's gradient truncation.
+
+    Args:
+        denoise: ``(x, sigma (B,), prompt_index (B,)) -> x0``.
+        sigmas: (T + 1,) decreasing, ending in 0 (ComfyUI's schedules do).
+        settings: :class:`SamplerSettings`.
+        renoise: ``(sigma (B,), noise, x0) -> x``, the model's re-noising (default :func:`ve_renoise`;
+            in ComfyUI ``model_sampling.noise_scaling``).
+        reference_denoise: optional frozen-model denoiser for DRaFT+'s KL term.
+    """
+
+    def __init__(self, denoise: Denoiser, sigmas: torch.Tensor, settings: SamplerSettings,
+                 renoise: Renoise = ve_renoise, reference_denoise: Optional[Denoiser] = None):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+        if sigmas.numel() < 2:
+            raise ValueError("need at least one sampling step (two sigmas)")
+        if not bool((sigmas[:-1] > sigmas[1:]).all()):
+            raise ValueError("sigmas must be strictly decreasing")
+        self.denoise = denoise
+        self.sigmas = sigmas
+        self.settings = settings
+        self.renoise = renoise
+        self.reference_denoise = reference_denoise
+
+    @property
+    def num_steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def initial_latent(self, noise: torch.Tensor) -> torch.Tensor:
+        """``x_T`` from standard normal noise: ``renoise(sigma_max, noise, 0)``."""
+        sigma = self.sigmas[0].to(noise.device, noise.dtype).expand(noise.shape[0])
+        return self.renoise(sigma, noise, torch.zeros_like(noise))
+
+    def step_noises(self, shape, generator: Optional[torch.Generator], device, dtype) -> list:
+        """Per-step ``z`` for ``eta > 0`` (drawn up front so recomputation sees the same noise)."""
+        if self.settings.eta == 0.0:
+            return [None] * self.num_steps
+        return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+                for _ in range(self.num_steps)]
+
+    def _step(self, i: int, x: torch.Tensor, prompt_index: torch.Tensor,
+              noise: Optional[torch.Tensor]):
+        """Step ``i`` (0-based) from ``sigmas[i]`` to ``sigmas[i+1]``; returns ``(x_next, x0)``."""
+        sigma = self.sigmas[i].to(x.device, x.dtype)
+        sigma_next = self.sigmas[i + 1].to(x.device, x.dtype)
+        x0 = self.denoise(x, sigma.expand(x.shape[0]), prompt_index)
+        a = signal_scale(self.renoise, sigma, x)
+        a_next = signal_scale(self.renoise, sigma_next, x)
+        return ddim_step(x, x0, sigma, sigma_next, a, a_next, self.settings.eta, noise), x0
+
+    def _grad_step(self, i, x, prompt_index, noise):
+        if self.settings.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._step, i, x, prompt_index, noise, use_reentrant=False)
+        return self._step(i, x, prompt_index, noise)
+
+    def _kl_term(self, i, x, x0, prompt_index) -> torch.Tensor:
+        """``mean((eps - eps_ref)^2)`` at step ``i``; eps = (x - a x0) / sigma."""
+        with torch.no_grad():
+            sigma = self.sigmas[i].to(x.device, x.dtype)
+            x0_ref = self.reference_denoise(x, sigma.expand(x.shape[0]), prompt_index)
+            a = signal_scale(self.renoise, sigma, x)
+        return ((a * (x0_ref - x0) / sigma).float() ** 2).mean()
+
+    # -- public ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, prompt_index: torch.Tensor,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Plain sampling without gradient; returns the final latent (B, C, H, W)."""
+        x = self.initial_latent(noise)
+        zs = self.step_noises(noise.shape, generator, noise.device, noise.dtype)
+        for i in range(self.num_steps):
+            x, _ = self._step(i, x, prompt_index, zs[i])
+        return x
+
+    def rollout(self, noise: torch.Tensor, prompt_index: torch.Tensor,
+                generator: Optional[torch.Generator] = None, k: Optional[int] = None) -> Rollout:
+        """One DRaFT rollout from standard normal ``noise`` (B, C, H, W).
+
+        ``generator`` draws the per-step noises (``eta > 0``), K for ``random_k`` and the
+        re-noising noises of ``draft_lv``. ``k`` overrides the method's truncation (tests, bench).
+        """
+        s = self.settings
+        T = self.num_steps
+        k = s.truncation(T, generator) if k is None else int(k)
+        if not 1 <= k <= T:
+            raise ValueError(f"K = {k} must lie in [1, {T}]")
+        zs = self.step_noises(noise.shape, generator, noise.device, noise.dtype)
+        kl = torch.zeros((), device=noise.device)
+        first_grad = T - k
+        with torch.no_grad():
+            x = self.initial_latent(noise)
+            for i in range(first_grad):
+                x, _ = self._step(i, x, prompt_index, zs[i])
+        x = x.detach()
+
+        if s.method == "draft_lv":
+            return self._lv_tail(x, prompt_index, zs[T - 1], generator)
+
+        for i in range(first_grad, T):
+            x_in = x
+            x, x0 = self._grad_step(i, x_in, prompt_index, zs[i])
+            if self.reference_denoise is not None:
+                kl = kl + self._kl_term(i, x_in, x0, prompt_index) / k
+        return Rollout(latents=x, prompt_index=prompt_index, k=k, kl=kl)
+
+    def _lv_tail(self, x_last: torch.Tensor, prompt_index: torch.Tensor,
+                 z_last: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> Rollout:
+        """DRaFT-LV from the latent entering the last step (no gradient behind it)."""
+        s = self.settings
+        T = self.num_steps
+        sigma_last = self.sigmas[T - 1].to(x_last.device, x_last.dtype)
+        with torch.no_grad():
+            x_final, _ = self._step(T - 1, x_last, prompt_index, z_last)
+        x0 = x_final.detach()
+        starts = []
+        if s.lv_include_original:
+            starts.append(x_last)
+        for _ in range(s.lv_samples):
+            eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+            starts.append(self.renoise(sigma_last.expand(x0.shape[0]), eps, x0).detach())
+        x_in = torch.cat(starts)
+        idx = prompt_index.repeat(len(starts))
+        z = None if z_last is None else z_last.repeat(len(starts), 1, 1, 1)
+        latents, x0_hat = self._grad_step(T - 1, x_in, idx, z)
+        kl = torch.zeros((), device=x_in.device)
+        if self.reference_denoise is not None:
+            kl = self._kl_term(T - 1, x_in, x0_hat, idx)
+        return Rollout(latents=latents, prompt_index=idx, k=1, kl=kl)
+
+
+def checkpointed(fn: Callable, *args, enabled: bool = True):
+    """Call ``fn(*args)`` under non-reentrant checkpointing when grad is on and ``enabled``."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.0292, sigma_max: float = 14.6146,
+                  rho: float = 7.0) -> torch.Tensor:
+    """A Karras schedule ending in 0, (n + 1,), for the engine's tests and tools (ComfyUI supplies
+    its own schedules to the nodes)."""
+    ramp = torch.linspace(0, 1, n)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sig = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    return torch.cat([sig, torch.zeros(1)]).float()
+
+
+def vp_sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
+    """``sigma_t = sqrt((1 - alphabar_t) / alphabar_t)`` at ``timesteps`` (descending), then 0."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)[torch.as_tensor(list(timesteps))]
+    sig = ((1 - ac) / ac).sqrt()
+    return torch.cat([sig, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+__all__ = [
+    "Denoiser", "Renoise", "METHODS", "SamplerSettings", "Rollout", "DifferentiableSampler",
+    "ddim_step", "signal_scale", "ve_renoise", "checkpointed", "karras_sigmas",
+    "vp_sigmas_from_alphas_cumprod",
+]

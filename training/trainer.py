@@ -1,0 +1,269 @@
+"""The DRaFT training loop: sample, decode, reward, backward into LoRA, clip, AdamW.
+
+One update (DRAFT_METHOD.md, "Loop"):
+
+1. for each of ``grad_accum`` micro-batches: draw ``batch_size`` prompt indices and initial noises
+   from a generator seeded by ``(seed, iteration, micro-batch)``;
+2. roll the sampler out (no-grad prefix, differentiated tail per the method);
+3. decode the final latents (checkpointed), score them, ``loss = -mean(reward) / grad_accum``
+   (+ ``kl_coeff * kl`` and any weighted regularisers), backward;
+4. if the loss or any gradient is NaN/Inf: skip the update (weights and optimizer state untouched),
+   count and report it; else clip the gradient norm and take an AdamW step.
+
+Seeded and deterministic: on the CPU the same settings give bit-identical LoRA weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .lora import LoRASet
+from .sampler import DifferentiableSampler, Rollout, checkpointed
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+Reward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+Regularizer = Callable[[Rollout, torch.Tensor], torch.Tensor]
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings. Defaults are the paper's small-run settings as quoted by public
+    re-implementations (DRAFT_METHOD.md, "Published settings"), clip from DRaFT+ (NeMo-Aligner).
+
+    Attributes:
+        iterations: optimizer updates to run.
+        batch_size: samples per micro-batch (paper: 4 small / 16 large).
+        grad_accum: micro-batches per update; the effective batch is ``batch_size * grad_accum``.
+        learning_rate: AdamW learning rate (paper: 4e-4 small, 2e-4 large).
+        weight_decay: AdamW decoupled weight decay (paper: 0.1).
+        betas: AdamW betas (paper: (0.9, 0.999)).
+        grad_clip: max global gradient norm; 0 disables clipping (DRaFT+: 10).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` autocast; LoRA weights stay float32.
+        kl_coeff: DRaFT+'s ``kl_coeff * mean((eps_lora - eps_base)^2)``; needs a reference denoiser.
+        seed: seeds prompts, noises, K draws and LV re-noising.
+    """
+
+    iterations: int = 100
+    batch_size: int = 1
+    grad_accum: int = 1
+    learning_rate: float = 4e-4
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 10.0
+    mixed_precision: str = "no"
+    kl_coeff: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.iterations < 0:
+            raise ValueError("batch_size and grad_accum must be >= 1, iterations >= 0")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
+
+
+@dataclass
+class StepReport:
+    """What one update did.
+
+    Attributes:
+        iteration: number of updates attempted so far (1-based; skipped ones count).
+        reward: mean reward over the update's samples (NaN if the reward was not finite).
+        rewards: per-sample rewards, in sample order.
+        loss: the update's total loss (sum over micro-batches).
+        grad_norm: global gradient norm before clipping (NaN/Inf if the step was skipped for it).
+        k: differentiated steps of the last micro-batch's rollout.
+        skipped: True when the update was skipped; ``skip_reason`` says why.
+        seconds: wall time of the update.
+    """
+
+    iteration: int
+    reward: float
+    rewards: list
+    loss: float
+    grad_norm: float
+    k: int
+    skipped: bool = False
+    skip_reason: str = ""
+    seconds: float = 0.0
+
+
+def derived_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integers through numpy's SeedSequence (no collisions between
+    e.g. (seed=1, iteration=0) and (seed=0, iteration=1))."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)
+    g = torch.Generator()
+    g.manual_seed(int(state[0] >> np.uint64(1)))
+    return g
+
+
+@dataclass
+class DraftTrainer:
+    """Owns the optimizer and runs DRaFT updates.
+
+    Args:
+        sampler: the differentiable sampler (its denoiser closes over the LoRA'd model).
+        decode: ``latent (B,C,h,w) -> images (B,3,H,W)`` in [0, 1], differentiable.
+        reward: ``(images, prompts) -> (B,)``, differentiable, higher is better.
+        prompts: the prompt list; batches draw indices into it uniformly with replacement.
+        lora: the trained deltas (or a plain list of parameters).
+        latent_shape: ``(C, h, w)`` of one latent.
+        settings: :class:`TrainSettings`.
+        device: where noises and latents live.
+        regularizers: ``(weight, fn(rollout, images) -> scalar)`` pairs added to the loss.
+    """
+
+    sampler: DifferentiableSampler
+    decode: Decoder
+    reward: Reward
+    prompts: Sequence[str]
+    lora: object
+    latent_shape: tuple
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    device: torch.device = torch.device("cpu")
+    regularizers: Sequence = ()
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("need at least one prompt")
+        self.params = (self.lora.trainable_parameters() if isinstance(self.lora, LoRASet)
+                       else list(self.lora))
+        if not self.params:
+            raise ValueError("no trainable parameters")
+        s = self.settings
+        self.optimizer = torch.optim.AdamW(self.params, lr=s.learning_rate, betas=tuple(s.betas),
+                                           weight_decay=s.weight_decay)
+        self.device = torch.device(self.device)
+        self.scaler = (torch.amp.GradScaler(self.device.type) if s.mixed_precision == "fp16"
+                       else None)
+        self.iteration = 0
+        self.skipped_steps = 0
+        self.history: list = []
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _autocast(self):
+        s = self.settings
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.mixed_precision)
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32,
+                              enabled=dtype is not None)
+
+    def _noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn((n,) + tuple(self.latent_shape), generator=generator).to(self.device)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return checkpointed(self.decode, latents, enabled=self.sampler.settings.checkpointing)
+
+    def _prompts(self, index: torch.Tensor) -> list:
+        return [self.prompts[int(i)] for i in index.tolist()]
+
+    # -- one update -----------------------------------------------------------------------------
+    def step(self) -> StepReport:
+        """Run one update; returns its :class:`StepReport` (also appended to ``history``)."""
+        s = self.settings
+        start = time.perf_counter()
+        self.iteration += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        rewards, total_loss, k, reason = [], 0.0, 0, ""
+        for micro in range(s.grad_accum):
+            g = derived_generator(s.seed, self.iteration, micro)
+            index = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
+            noise = self._noise(s.batch_size, g)
+            with self._autocast():
+                rollout = self.sampler.rollout(noise, index.to(self.device), generator=g)
+                images = self._decode(rollout.latents)
+                scores = self.reward(images, self._prompts(rollout.prompt_index)).float()
+                loss = -scores.mean()
+                if s.kl_coeff:
+                    loss = loss + s.kl_coeff * rollout.kl
+                for weight, fn in self.regularizers:
+                    loss = loss + weight * fn(rollout, images)
+                loss = loss / s.grad_accum
+            k = rollout.k
+            rewards += scores.detach().cpu().tolist()
+            if not torch.isfinite(loss):
+                reason = "non-finite reward or loss"
+                break
+            total_loss += float(loss.detach())
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+
+        grad_norm = float("nan")
+        if not reason:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            if not math.isfinite(grad_norm):
+                reason = "non-finite gradient"
+        if reason:
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None and grad_norm == grad_norm:  # unscaled: let it back off
+                self.scaler.update()
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        mean_reward = float(np.mean(rewards)) if rewards else float("nan")
+        report = StepReport(iteration=self.iteration, reward=mean_reward, rewards=rewards,
+                            loss=total_loss, grad_norm=grad_norm, k=k, skipped=bool(reason),
+                            skip_reason=reason, seconds=time.perf_counter() - start)
+        self.history.append(mean_reward)
+        return report
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, seeds: Sequence[int], prompt_index: Optional[Sequence[int]] = None
+                 ) -> torch.Tensor:
+        """Decoded images (N,3,H,W) in [0,1] for held-out ``seeds`` (one sample each), no grad.
+
+        ``prompt_index`` defaults to cycling through the prompts."""
+        if prompt_index is None:
+            prompt_index = [i % len(self.prompts) for i in range(len(seeds))]
+        images = []
+        for seed, p in zip(seeds, prompt_index):
+            g = derived_generator(seed, 0xE7A1)
+            noise = self._noise(1, g)
+            with self._autocast():
+                latent = self.sampler.sample(noise, torch.tensor([p], device=self.device), g)
+                images.append(self.decode(latent).float())
+        return torch.cat(images)
+
+    @torch.no_grad()
+    def evaluate(self, seeds: Sequence[int], prompt_index: Optional[Sequence[int]] = None
+                 ) -> torch.Tensor:
+        """Per-seed rewards (N,) of :meth:`generate`'s images."""
+        if prompt_index is None:
+            prompt_index = [i % len(self.prompts) for i in range(len(seeds))]
+        images = self.generate(seeds, prompt_index)
+        with self._autocast():
+            return self.reward(images, [self.prompts[p] for p in prompt_index]).float().cpu()
+
+    # -- resume ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Optimizer, scaler and counters (the LoRA weights are saved separately)."""
+        return {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
+                "history": list(self.history), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.history = list(state.get("history", []))
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
