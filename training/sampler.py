@@ -181,10 +181,13 @@ class DifferentiableSampler:
         renoise: ``(sigma (B,), noise, x0) -> x``, the model's re-noising (default :func:`ve_renoise`;
             in ComfyUI ``model_sampling.noise_scaling``).
         reference_denoise: optional frozen-model denoiser for DRaFT+'s KL term.
+        initial_latent_fn: optional ``noise -> x_T``; default ``renoise(sigma_max, noise, 0)``
+            (ComfyUI's samplers scale EPS noise by ``sqrt(1 + sigma_max^2)`` at full denoise).
     """
 
     def __init__(self, denoise: Denoiser, sigmas: torch.Tensor, settings: SamplerSettings,
-                 renoise: Renoise = ve_renoise, reference_denoise: Optional[Denoiser] = None):
+                 renoise: Renoise = ve_renoise, reference_denoise: Optional[Denoiser] = None,
+                 initial_latent_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
         if sigmas.numel() < 2:
             raise ValueError("need at least one sampling step (two sigmas)")
@@ -195,6 +198,7 @@ class DifferentiableSampler:
         self.settings = settings
         self.renoise = renoise
         self.reference_denoise = reference_denoise
+        self.initial_latent_fn = initial_latent_fn
 
     @property
     def num_steps(self) -> int:
@@ -202,7 +206,9 @@ class DifferentiableSampler:
 
     # -- pieces ---------------------------------------------------------------------------------
     def initial_latent(self, noise: torch.Tensor) -> torch.Tensor:
-        """``x_T`` from standard normal noise: ``renoise(sigma_max, noise, 0)``."""
+        """``x_T`` from standard normal noise: ``renoise(sigma_max, noise, 0)`` unless overridden."""
+        if self.initial_latent_fn is not None:
+            return self.initial_latent_fn(noise)
         sigma = self.sigmas[0].to(noise.device, noise.dtype).expand(noise.shape[0])
         return self.renoise(sigma, noise, torch.zeros_like(noise))
 

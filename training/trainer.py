@@ -147,6 +147,7 @@ class DraftTrainer:
         self.iteration = 0
         self.skipped_steps = 0
         self.history: list = []
+        self.last_images: Optional[torch.Tensor] = None  # first decoded image of the last update
 
     # -- helpers --------------------------------------------------------------------------------
     def _autocast(self):
@@ -187,6 +188,7 @@ class DraftTrainer:
                     loss = loss + weight * fn(rollout, images)
                 loss = loss / s.grad_accum
             k = rollout.k
+            self.last_images = images.detach()[:1].float().cpu()
             rewards += scores.detach().cpu().tolist()
             if not torch.isfinite(loss):
                 reason = "non-finite reward or loss"

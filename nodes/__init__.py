@@ -1,0 +1,26 @@
+"""ComfyUI nodes of ComfyUI-DRaFT (V3 node API; ComfyUI >= 0.3.64). Thin glue over the engine in
+``training/`` and the rewards in ``reward_models/``."""
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import evaluate_node, reward_nodes, routes, sampler_node, save_lora_node, trainer_node
+
+
+class DraftExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [
+            sampler_node.DraftSamplerNode,
+            trainer_node.DraftTrainerNode,
+            save_lora_node.DraftSaveLoRA,
+            evaluate_node.DraftEvaluate,
+            *reward_nodes.NODES,
+        ]
+
+
+async def comfy_entrypoint() -> DraftExtension:
+    routes.register()
+    return DraftExtension()

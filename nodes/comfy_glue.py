@@ -1,0 +1,176 @@
+"""Glue between ComfyUI objects and the ComfyUI-free engine.
+
+Everything here works around or reuses ComfyUI internals (../shared/COMFYUI_NOTES.md):
+
+* nodes run under ``torch.inference_mode()``; weights loaded there are inference tensors that
+  autograd cannot save -> :func:`de_inference_`;
+* ComfyUI's guider takes one positive conditioning for a whole batch -> :class:`PromptBatcher`
+  builds per-row batched conds from per-prompt processed conds with ComfyUI's own ``concat``;
+* LoRA deltas are registered as weight wrappers on a clone and removed from the shared modules
+  afterwards -> :func:`attach_lora` / :func:`detach_lora`;
+* ``VAE.decode`` has no gradient -> :func:`make_decoder` calls ``first_stage_model.decode``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+
+from ..training.lora import LoRADelta, LoRASet
+
+# Target sets, as regular expressions over ldm module names under ``diffusion_model``.
+_ATTN = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+TARGET_SETS = {
+    "attention": re.compile(rf"(^|\.){_ATTN}$"),
+    # kohya sd-scripts' default UNet targets: every Linear/1x1 conv inside a SpatialTransformer.
+    "kohya default": re.compile(rf"(^|\.)({_ATTN}|proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$"),
+}
+
+
+def de_inference_(module: torch.nn.Module) -> int:
+    """Replace inference-mode parameters/buffers of ``module`` with normal tensors (same values).
+
+    Must run outside inference mode, after every (re)load to the device. Returns how many were
+    replaced. The values are bit-identical, so other users of the shared module see no change.
+    """
+    replaced = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    replaced += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    replaced += 1
+    return replaced
+
+
+def clone_tensors(obj):
+    """Deep-copy the tensors in nested lists/tuples/dicts (conditioning) as normal tensors."""
+    if isinstance(obj, torch.Tensor):
+        with torch.inference_mode(False):
+            return obj.clone()
+    if isinstance(obj, dict):
+        return {k: clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tensors(v) for v in obj)
+    return obj
+
+
+def target_module_names(diffusion_model: torch.nn.Module, target_set: str) -> list:
+    """Names (relative to ``diffusion_model``) of the layers a LoRA of ``target_set`` wraps.
+
+    Only ComfyUI-cast layers (those with ``weight_function``) of 2+ dimensional weight qualify.
+    """
+    if target_set not in TARGET_SETS:
+        raise ValueError(f"unknown target modules {target_set!r}; choose one of {list(TARGET_SETS)}")
+    pattern = TARGET_SETS[target_set]
+    names = [n for n, m in diffusion_model.named_modules()
+             if pattern.search(n) and hasattr(m, "weight_function")
+             and getattr(m, "weight", None) is not None and m.weight.ndim >= 2]
+    if not names:
+        raise ValueError(
+            f"this model has no layers matching the '{target_set}' LoRA targets (SD1.x/SD2.x/SDXL "
+            "UNet attention layers); DRaFT Trainer supports UNet models only for now")
+    return names
+
+
+def attach_lora(patcher, lora: LoRASet) -> None:
+    """Register each delta as a weight wrapper of ``diffusion_model.<name>.weight`` on ``patcher``
+    (a clone: the shared model's weights are never written)."""
+    for name, delta in lora.items():
+        patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", delta)
+
+
+def detach_lora(module: torch.nn.Module) -> None:
+    """Remove every LoRADelta from the shared modules' weight functions (undo of attach+load)."""
+    for m in module.modules():
+        fns = getattr(m, "weight_function", None)
+        if fns and any(isinstance(f, LoRADelta) for f in fns):
+            m.weight_function = [f for f in fns if not isinstance(f, LoRADelta)]
+
+
+def build_lora(diffusion_model: torch.nn.Module, names, rank: int, alpha: float,
+               seed: int) -> LoRASet:
+    """Fresh LoRA deltas (float32, on the CPU; ComfyUI moves them with the model) for ``names``."""
+    modules = dict(diffusion_model.named_modules())
+    generator = torch.Generator().manual_seed(seed)
+    lora = LoRASet()
+    with torch.inference_mode(False):
+        for name in names:
+            lora.add(name, LoRADelta(modules[name].weight.shape, rank, alpha, generator=generator))
+    return lora
+
+
+def lora_to_comfy_state_dict(lora: LoRASet) -> dict:
+    """The LoRA as ComfyUI's ``LORA_MODEL`` dict (``diffusion_model.<name>.lora_up.weight`` ...),
+    detached float32 CPU tensors; accepted by ``comfy.sd.load_lora_for_models``."""
+    sd = {}
+    for name, delta in lora.items():
+        key = f"diffusion_model.{name}"
+        sd[f"{key}.lora_up.weight"] = delta.up.detach().float().cpu().clone()
+        sd[f"{key}.lora_down.weight"] = delta.down.detach().float().cpu().clone()
+        sd[f"{key}.alpha"] = torch.tensor(float(delta.alpha))
+    return sd
+
+
+@dataclass
+class PromptBatcher:
+    """Per-row positive conditioning for a batch of prompt indices.
+
+    ``entries`` are the guider's processed positive conds, one per prompt (in prompt order). For
+    a batch ``(i0, i1, ...)`` it returns one cond whose model conds stack the rows' conds along the
+    batch dimension (ComfyUI's ``COND*.concat`` pads cross-attention lengths as usual).
+    """
+
+    entries: list
+    _cache: dict = field(default_factory=dict)
+
+    def __call__(self, index) -> dict:
+        key = tuple(int(i) for i in index)
+        if key not in self._cache:
+            first = self.entries[key[0]]
+            merged = dict(first)
+            model_conds = {}
+            for name, cond in first["model_conds"].items():
+                others = [self.entries[i]["model_conds"][name] for i in key[1:]]
+                model_conds[name] = cond._copy_with(cond.concat(others)) if others else cond
+            merged["model_conds"] = model_conds
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = merged
+        return self._cache[key]
+
+
+def make_decoder(vae, inner_model):
+    """``latent (model space) -> images (B,3,H,W) in [0,1]``, differentiable, on the VAE's device."""
+    def decode(latent: torch.Tensor) -> torch.Tensor:
+        z = inner_model.process_latent_out(latent).to(vae.device, vae.vae_dtype)
+        return vae.process_output(vae.first_stage_model.decode(z).float())
+    return decode
+
+
+def training_memory_estimate(patcher, vae, latent_shape, batch: int) -> int:
+    """Bytes to keep free beside the weights for one DRaFT update: UNet forward + recompute +
+    backward of the differentiated batch (CFG doubles it), and a differentiable VAE decode."""
+    shape = [batch * 2] + list(latent_shape)
+    unet = patcher.model.memory_required(shape)
+    decode = vae.memory_used_decode([batch] + list(latent_shape), vae.vae_dtype)
+    return int(3 * unet + 3 * decode)
+
+
+def reward_patcher(module: torch.nn.Module) -> Optional[comfy.model_patcher.ModelPatcher]:
+    """A ModelPatcher so ComfyUI's model management loads/offloads a reward model; None when the
+    reward has no weights."""
+    if not any(True for _ in module.parameters()):
+        return None
+    return comfy.model_patcher.ModelPatcher(
+        module, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())

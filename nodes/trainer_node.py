@@ -1,0 +1,147 @@
+"""DRaFT Trainer: fine-tune a LoRA on the loaded checkpoint to maximise a differentiable reward."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+import comfy.samplers
+
+from ..training.plot import reward_curve_image
+from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
+from ..training.trainer import TrainSettings
+from . import lora_files
+from .comfy_glue import TARGET_SETS
+from .reward_types import DraftReward
+from .sampler_node import DraftKSampler
+from .training_run import RunConfig, TrainingRun
+
+DraftHistory = io.Custom("DRAFT_HISTORY")
+
+
+def _pil_to_image(pil) -> torch.Tensor:
+    import numpy as np
+    return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+class DraftTrainerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DRaFTTrainer",
+            display_name="DRaFT Trainer",
+            category="DRaFT",
+            description=("Trains a LoRA on this checkpoint so that its samples score higher on the "
+                         "reward, by backpropagating through the last sampling steps (DRaFT, "
+                         "arXiv 2309.17400). Watch the reward curve; stop early if it reward-hacks."),
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL). It is not modified: the LoRA is trained on a clone."),
+                io.Vae.Input("vae", tooltip="Decodes samples for the reward; gradients flow through it."),
+                io.Clip.Input("clip", tooltip="Text encoder for the prompts."),
+                DraftReward.Input("reward", tooltip="What to maximise (a DRaFT reward node, or Combine)."),
+                io.Sampler.Input("sampler", tooltip="A DRaFT Sampler: method (DRaFT-LV / DRaFT-K / full / random K), K, n, eta."),
+                io.Combo.Input("prompt_set", options=["custom", *PROMPT_SETS], default="custom",
+                               tooltip="Train on the prompts below ('custom') or on a bundled set."),
+                io.String.Input("prompts", multiline=True, default="a photo of a cat\na photo of a dog\na lighthouse at sunset",
+                                tooltip="One training prompt per line (used when prompt_set is 'custom'); '#' starts a comment line."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt for classifier-free guidance."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="Sampling steps per rollout (paper: DDIM 50). Ignored when SIGMAS are connected."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
+                               tooltip="Sigma schedule (ddim_uniform = the paper's DDIM timesteps). Ignored when SIGMAS are connected."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale during training (paper: 7.5 for SD)."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Training image width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Training image height in pixels."),
+                io.Int.Input("iterations", default=200, min=1, max=100000,
+                             tooltip="Optimizer updates in total (a resumed run continues up to this number). Paper: 2k small, 10k large."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Prompts per micro-batch (paper: 4 small / 16 large; use accumulation when VRAM is short)."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=256,
+                             tooltip="Micro-batches per update: effective batch = batch_size x grad_accumulation."),
+                io.Float.Input("learning_rate", default=4e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate (paper: 4e-4 small runs, 2e-4 large)."),
+                io.Float.Input("weight_decay", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="AdamW weight decay (paper: 0.1)."),
+                io.Float.Input("grad_clip", default=10.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Max gradient norm; 0 disables (DRaFT+ uses 10)."),
+                io.Int.Input("lora_rank", default=8, min=1, max=256, tooltip="LoRA rank (paper: 8 small runs, 32 large)."),
+                io.Float.Input("lora_alpha", default=8.0, min=0.01, max=1024.0, step=0.5,
+                               tooltip="LoRA alpha; the update is scaled by alpha / rank (kohya convention)."),
+                io.Combo.Input("target_modules", options=list(TARGET_SETS), default="attention",
+                               tooltip="Layers that get a LoRA: attention projections only, or kohya's default (attention + proj_in/out + feed-forward)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds LoRA init, prompts, noises; same seed and settings give the same LoRA."),
+                io.Combo.Input("mixed_precision", options=["auto", "no", "bf16", "fp16"], default="auto",
+                               tooltip="Autocast dtype; LoRA weights stay float32. auto follows the model's dtype (fp16 uses loss scaling)."),
+                io.Float.Input("kl_coeff", default=0.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="DRaFT+ penalty on the LoRA model drifting from the base model's predictions (0 = off; costs one extra forward per differentiated step)."),
+                io.Int.Input("save_every", default=0, min=0, max=100000,
+                             tooltip="Also save the LoRA into models/loras every N iterations (0 = never; Cancel always saves a partial LoRA)."),
+                io.Int.Input("preview_every", default=10, min=0, max=100000,
+                             tooltip="Every N iterations, preview a fixed-seed sample on the node (0 = show the latest training sample only)."),
+                io.String.Input("lora_name", default="draft/draft_lora",
+                                tooltip="File prefix inside models/loras for periodic and partial saves (sub-folders allowed)."),
+                io.Combo.Input("resume_lora", options=lora_files.resume_choices(), default="none",
+                               tooltip="Continue training from a LoRA in models/loras (our files resume optimizer state and step count too)."),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="Optional sigma schedule from a scheduler node (overrides steps/scheduler); must end at 0."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
+                io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA (for Save LoRA, or ComfyUI's Load LoRA Model)."),
+                DraftHistory.Output(display_name="history", tooltip="Reward per iteration (NaN for skipped steps) and run details."),
+                io.Image.Output(display_name="reward_curve", tooltip="The reward curve with its moving average, labelled axes."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, resume_lora="none", **kwargs):
+        # Re-run when the resume file changes on disk (other inputs are compared by ComfyUI).
+        return lora_files.file_fingerprint(resume_lora)
+
+    @classmethod
+    def validate_inputs(cls, resume_lora="none", **kwargs):
+        if resume_lora not in (None, "none") and resume_lora not in lora_files.resume_choices():
+            return f"resume LoRA '{resume_lora}' not found in models/loras"
+        return True
+
+    @classmethod
+    def execute(cls, model, vae, clip, reward, sampler, prompt_set, prompts, negative_prompt,
+                steps, scheduler, cfg, width, height, iterations, batch_size, grad_accumulation,
+                learning_rate, weight_decay, grad_clip, lora_rank, lora_alpha, target_modules,
+                seed, mixed_precision, kl_coeff, save_every, preview_every, lora_name,
+                resume_lora, sigmas=None) -> io.NodeOutput:
+        settings = getattr(sampler, "draft_settings", None)
+        if settings is None or not isinstance(sampler, DraftKSampler):
+            raise ValueError("DRaFT Trainer needs a DRaFT Sampler node in its 'sampler' input")
+        train = TrainSettings(iterations=iterations, batch_size=batch_size,
+                              grad_accum=grad_accumulation, learning_rate=learning_rate,
+                              weight_decay=weight_decay, grad_clip=grad_clip, kl_coeff=kl_coeff,
+                              seed=seed)
+        config = RunConfig(
+            prompts=resolve_prompts(prompt_set, prompts), negative_prompt=negative_prompt,
+            sampler=settings, steps=steps, scheduler=scheduler, cfg=cfg, width=width,
+            height=height, train=train, rank=lora_rank, alpha=lora_alpha,
+            target_set=target_modules, mixed_precision=mixed_precision, save_every=save_every,
+            preview_every=preview_every, lora_name=lora_name,
+            resume_lora=None if resume_lora in (None, "none") else resume_lora,
+            sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label)
+        with torch.inference_mode(False), torch.enable_grad():
+            run = TrainingRun(model, vae, clip, reward, config)
+            result = run.run()
+            model_out, lora_sd = run.model_with_lora()
+            result.lora.to("cpu").requires_grad_(False)  # release VRAM; outputs are cached
+        lora_out = lora_files.DraftLoRA(lora_sd, lora_set=result.lora, name_map=lora_files.name_map(model),
+                                        metadata=result.metadata, model_config=model.model.model_config)
+        history = {"reward": list(result.history), "skipped": list(result.skipped),
+                   "iterations": result.iteration, "saved": list(result.saved)}
+        curve = reward_curve_image(result.history, title=f"DRaFT reward: {reward.label}")
+        finite = [r for r in result.history if r == r]
+        text = (f"{result.iteration} iterations, reward {finite[0]:.4f} -> {finite[-1]:.4f}"
+                if finite else "no finite reward")
+        if result.skipped:
+            text += f", {len(result.skipped)} skipped (non-finite)"
+        return io.NodeOutput(model_out, lora_out, history, _pil_to_image(curve),
+                             ui=ui.PreviewText(text))

@@ -1,0 +1,284 @@
+"""One DRaFT training run inside ComfyUI: model management, conditioning, the loop, saving.
+
+The optimisation runs inside a single ``CFGGuider.sample()`` call (the idiom of ComfyUI's own
+trainer): ComfyUI processes the conditioning, applies CFG and model patches, and we drive the
+engine with the guider as the denoiser. Grad-free ComfyUI samplers are never used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+import comfy.model_management
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+
+from ..training.lora import LoRASet
+from ..training.plot import moving_average
+from ..training.sampler import DifferentiableSampler, SamplerSettings
+from ..training.trainer import DraftTrainer, StepReport, TrainSettings
+from . import comfy_glue, lora_files, progress_events
+
+log = logging.getLogger("ComfyUI-DRaFT")
+
+
+@dataclass
+class RunConfig:
+    """Everything the trainer node's widgets say (see the node's tooltips)."""
+
+    prompts: list
+    negative_prompt: str
+    sampler: SamplerSettings
+    steps: int
+    scheduler: str
+    cfg: float
+    width: int
+    height: int
+    train: TrainSettings
+    rank: int
+    alpha: float
+    target_set: str
+    mixed_precision: str
+    save_every: int
+    preview_every: int
+    lora_name: str
+    resume_lora: Optional[str] = None
+    sigmas: Optional[torch.Tensor] = None
+    node_id: Optional[str] = None
+    reward_label: str = ""
+
+
+@dataclass
+class RunResult:
+    lora: LoRASet
+    history: list
+    skipped: list
+    saved: list = field(default_factory=list)
+    iteration: int = 0
+    metadata: dict = field(default_factory=dict)
+
+
+class _OptimisationLoop(comfy.samplers.Sampler):
+    """A ComfyUI Sampler whose ``sample`` runs the whole training loop (then returns zeros)."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        self.body(self, model_wrap, sigmas, extra_args)
+        return torch.zeros_like(latent_image)
+
+
+def _encode(clip, text: str):
+    """CLIPTextEncode's two lines; returns a one-entry CONDITIONING with normal (cloned) tensors."""
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    if len(cond) != 1:
+        raise ValueError("scheduled CLIP hooks are not supported by DRaFT Trainer")
+    return comfy_glue.clone_tensors(cond)
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    arr = (image[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def _resolve_precision(choice: str, patcher) -> str:
+    if choice != "auto":
+        return choice
+    dtype = patcher.model_dtype()
+    if patcher.load_device.type == "cpu":
+        return "no"
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+
+
+class TrainingRun:
+    """Trains a LoRA on ``model`` to maximise ``reward``; see :meth:`run`."""
+
+    def __init__(self, model, vae, clip, reward, config: RunConfig):
+        self.model, self.vae, self.clip, self.reward, self.cfg = model, vae, clip, reward, config
+        self.result: Optional[RunResult] = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _sigmas(self, patcher) -> torch.Tensor:
+        if self.cfg.sigmas is not None:
+            sigmas = self.cfg.sigmas.detach().float().cpu().clone()
+        else:
+            sigmas = comfy.samplers.calculate_sigmas(
+                patcher.get_model_object("model_sampling"), self.cfg.scheduler, self.cfg.steps).cpu()
+        if sigmas.numel() < 2 or float(sigmas[-1]) != 0.0:
+            raise ValueError("DRaFT needs a full sampling schedule that ends at sigma 0 "
+                             "(use a scheduler node with denoise = 1)")
+        return sigmas
+
+    def _latent_shape(self, patcher) -> tuple:
+        channels = patcher.model.latent_format.latent_channels
+        down = self.vae.spacial_compression_encode()
+        if self.cfg.width % down or self.cfg.height % down:
+            raise ValueError(f"width and height must be multiples of {down}")
+        return (channels, self.cfg.height // down, self.cfg.width // down)
+
+    def _initial_lora(self, diffusion_model, names):
+        cfg = self.cfg
+        if cfg.resume_lora:
+            lora, state = lora_files.load_for_resume(cfg.resume_lora, diffusion_model, names,
+                                                     self.model)
+            return lora, state
+        return comfy_glue.build_lora(diffusion_model, names, cfg.rank, cfg.alpha, cfg.train.seed), None
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        positive = []
+        for p in cfg.prompts:
+            positive += _encode(self.clip, p)
+        negative = _encode(self.clip, cfg.negative_prompt)
+
+        patcher = self.model.clone()
+        diffusion_model = patcher.model.diffusion_model
+        names = comfy_glue.target_module_names(diffusion_model, cfg.target_set)
+        lora, resume_state = self._initial_lora(diffusion_model, names)
+        comfy_glue.attach_lora(patcher, lora)
+        sigmas = self._sigmas(patcher)
+        latent_shape = self._latent_shape(patcher)
+        rows = cfg.train.batch_size * cfg.sampler.samples_per_rollout
+
+        estimate = comfy_glue.training_memory_estimate(patcher, self.vae, latent_shape, rows)
+        comfy.model_management.load_models_gpu(
+            [patcher, self.vae.patcher, *self.reward.patchers],
+            memory_required=estimate, minimum_memory_required=estimate)
+
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg.cfg)
+        self._state = dict(patcher=patcher, lora=lora, resume_state=resume_state,
+                           latent_shape=latent_shape, names=names)
+        zeros = torch.zeros((rows,) + latent_shape)
+        try:
+            guider.sample(zeros, zeros, _OptimisationLoop(self._body), sigmas, seed=cfg.train.seed)
+        finally:
+            comfy_glue.detach_lora(patcher.model)
+        return self.result
+
+    def _body(self, loop, model_wrap, sigmas, extra_args):
+        cfg, st = self.cfg, self._state
+        inner = model_wrap.inner_model
+        for module in (inner, self.vae.first_stage_model, self.reward.model):
+            comfy_glue.de_inference_(module)
+        batcher = comfy_glue.PromptBatcher(list(model_wrap.conds["positive"]))
+        if len(batcher.entries) != len(cfg.prompts):
+            raise RuntimeError("conditioning entries do not match the prompts (area or hook conds?)")
+        ms = inner.model_sampling
+        lora: LoRASet = st["lora"]
+
+        def denoise(x, sigma, index):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            model_wrap.conds["positive"] = [batcher(index.tolist())]
+            return model_wrap(x, sigma, **extra_args)
+
+        def reference(x, sigma, index):
+            with lora.disabled():
+                return denoise(x, sigma, index)
+
+        max_denoise = loop.max_denoise(model_wrap, sigmas)
+        sampler = DifferentiableSampler(
+            denoise, sigmas.float().cpu(), cfg.sampler,
+            renoise=lambda s, n, x0: ms.noise_scaling(s, n, x0),
+            reference_denoise=reference if cfg.train.kl_coeff else None,
+            initial_latent_fn=lambda n: ms.noise_scaling(sigmas[0].to(n), n, torch.zeros_like(n),
+                                                         max_denoise))
+        reward_model = self.reward.model
+        reward_device = self.reward.device
+
+        def reward_fn(images, prompts):
+            if reward_device is not None:
+                images = images.to(reward_device)
+            return reward_model(images, prompts).to(sigmas.device)
+
+        settings = TrainSettings(**{**cfg.train.__dict__, "mixed_precision": _resolve_precision(
+            cfg.mixed_precision, st["patcher"])})
+        trainer = DraftTrainer(sampler, comfy_glue.make_decoder(self.vae, inner), reward_fn,
+                               cfg.prompts, lora, st["latent_shape"], settings,
+                               device=st["patcher"].load_device)
+        if st["resume_state"] is not None:
+            trainer.load_state_dict(st["resume_state"])
+        result = RunResult(lora=lora, history=list(trainer.history), skipped=[],
+                           iteration=trainer.iteration)
+        self.result = result
+        self._loop(trainer, result)
+
+    def _metadata(self, trainer: DraftTrainer, partial: bool) -> dict:
+        cfg = self.cfg
+        s = cfg.sampler
+        return {
+            "method": s.method, "k": s.k, "k_min": s.k_min, "k_max": s.k_max,
+            "lv_samples": s.lv_samples, "eta": s.eta, "reward": cfg.reward_label,
+            "steps": len(cfg.sigmas) - 1 if cfg.sigmas is not None else cfg.steps,
+            "scheduler": cfg.scheduler if cfg.sigmas is None else "custom sigmas",
+            "cfg": cfg.cfg, "iterations": cfg.train.iterations, "iteration": trainer.iteration,
+            "learning_rate": cfg.train.learning_rate, "weight_decay": cfg.train.weight_decay,
+            "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+            "seed": cfg.train.seed, "prompts": json.dumps(cfg.prompts),
+            "negative_prompt": cfg.negative_prompt, "resolution": f"{cfg.width}x{cfg.height}",
+            "kl_coeff": cfg.train.kl_coeff, "target_modules": cfg.target_set,
+            "partial": partial, "skipped_steps": trainer.skipped_steps,
+        }
+
+    def _save(self, trainer: DraftTrainer, result: RunResult, partial: bool, tag: str) -> str:
+        path = lora_files.save_training_lora(
+            self.cfg.lora_name, tag, result.lora, self.model, self._metadata(trainer, partial),
+            trainer=trainer)
+        result.saved.append(path)
+        log.info("DRaFT: saved LoRA %s", path)
+        return path
+
+    def _loop(self, trainer: DraftTrainer, result: RunResult):
+        cfg = self.cfg
+        total = cfg.train.iterations
+        bar = comfy.utils.ProgressBar(total)
+        events = progress_events.RunEvents(cfg.node_id, total, start=trainer.iteration,
+                                           history=list(trainer.history))
+        preview_seed = cfg.train.seed + 104729
+        try:
+            while trainer.iteration < total:
+                report: StepReport = trainer.step()
+                result.history.append(report.reward)
+                result.iteration = trainer.iteration
+                if report.skipped:
+                    result.skipped.append(report.iteration)
+                    log.warning("DRaFT: iteration %d skipped (%s)", report.iteration, report.skip_reason)
+                saved = None
+                if cfg.save_every and trainer.iteration % cfg.save_every == 0:
+                    saved = self._save(trainer, result, partial=trainer.iteration < total,
+                                       tag=f"step{trainer.iteration:05d}")
+                preview = trainer.last_images
+                if cfg.preview_every and trainer.iteration % cfg.preview_every == 0:
+                    preview = trainer.generate([preview_seed], [0])
+                ma = moving_average(result.history)[-1]
+                events.point(report, ma, saved=saved)
+                bar.update_absolute(trainer.iteration, total,
+                                    ("JPEG", _to_pil(preview), 512) if preview is not None else None)
+                log.info("DRaFT iteration %d/%d reward %.5f (mean of 10: %.5f) %.2fs%s",
+                         trainer.iteration, total, report.reward, ma, report.seconds,
+                         " SKIPPED" if report.skipped else "")
+        except comfy.model_management.InterruptProcessingException:
+            path = self._save(trainer, result, partial=True, tag=f"step{trainer.iteration:05d}_partial")
+            events.finished(interrupted=True, saved=path)
+            raise
+        events.finished(interrupted=False, saved=result.saved[-1] if result.saved else None)
+        result.metadata = self._metadata(trainer, partial=False)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def model_with_lora(self, strength: float = 1.0):
+        """The input MODEL with the trained LoRA applied through ComfyUI's LoRA loader."""
+        sd = comfy_glue.lora_to_comfy_state_dict(self.result.lora)
+        model, _ = comfy.sd.load_lora_for_models(self.model, None, sd, strength, 0)
+        return model, sd
+

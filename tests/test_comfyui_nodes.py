@@ -1,0 +1,269 @@
+"""The node pack inside a real ComfyUI server (marker ``comfyui``; skipped without COMFYUI_PATH).
+
+One server serves the whole module (start-up takes ~20 s on 2 cores). Graphs run on the tiny
+random SD1.5 checkpoint at 64x64 with few steps, so training takes seconds.
+"""
+import io
+import json
+import os
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import comfyui_path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+pytestmark = pytest.mark.comfyui
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "example_workflows")
+
+
+@pytest.fixture(scope="module")
+def server():
+    from comfy_server import ComfyServer, tiny_checkpoint
+    path = comfyui_path()
+    ckpt = tiny_checkpoint(path)
+    with ComfyServer(path, checkpoint=ckpt) as srv:
+        srv.ckpt_name = os.path.basename(ckpt)
+        srv.object_info = srv.get("/object_info")
+        yield srv
+
+
+def trainer_graph(ckpt, iterations=3, seed=0, lr=0.05, lora_name="draft/test", save_every=0,
+                  method="DRaFT-LV", statistic="saturation", steps=6):
+    """API graph: tiny checkpoint -> DRaFT Trainer -> Save LoRA (+ reward curve preview)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "DRaFTImageStatReward", "inputs": {"statistic": statistic, "goal": "maximise", "target": 0.5}},
+        "3": {"class_type": "DRaFTSampler", "inputs": {
+            "method": method, "k": 2, "k_min": 1, "k_max": 3, "lv_samples": 2,
+            "lv_include_original": False, "eta": 0.0, "checkpointing": True}},
+        "4": {"class_type": "DRaFTTrainer", "inputs": {
+            "model": ["1", 0], "vae": ["1", 2], "clip": ["1", 1], "reward": ["2", 0],
+            "sampler": ["3", 0], "prompt_set": "custom", "prompts": "a cat\na dog",
+            "negative_prompt": "", "steps": steps, "scheduler": "ddim_uniform", "cfg": 3.0,
+            "width": 64, "height": 64, "iterations": iterations, "batch_size": 1,
+            "grad_accumulation": 1, "learning_rate": lr, "weight_decay": 0.0, "grad_clip": 10.0,
+            "lora_rank": 4, "lora_alpha": 4.0, "target_modules": "attention", "seed": seed,
+            "mixed_precision": "auto", "kl_coeff": 0.0, "save_every": save_every,
+            "preview_every": 2, "lora_name": lora_name, "resume_lora": "none"}},
+        "5": {"class_type": "DRaFTSaveLoRA", "inputs": {
+            "lora": ["4", 1], "filename_prefix": lora_name, "precision": "fp32",
+            "also_diffusers_folder": False}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["4", 3]}},
+    }
+
+
+def sample_graph(ckpt, lora_file=None, strength=1.0, seed=424242, statistic="saturation"):
+    """API graph: KSampler (optionally through the stock LoraLoader) -> decode -> Evaluate + preview."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 8}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": seed, "steps": 6, "cfg": 3.0, "sampler_name": "euler",
+            "scheduler": "ddim_uniform", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "DRaFTImageStatReward", "inputs": {"statistic": statistic, "goal": "maximise", "target": 0.5}},
+        "8": {"class_type": "DRaFTEvaluate", "inputs": {
+            "images": ["6", 0], "reward": ["7", 0], "prompts": "a cat", "chunk_size": 8}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    if lora_file:
+        g["10"] = {"class_type": "LoraLoader", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_file,
+            "strength_model": strength, "strength_clip": 0.0}}
+        g["5"]["inputs"]["model"] = ["10", 0]
+    return g
+
+
+def evaluate_mean(entry, node="8") -> float:
+    return float(entry["outputs"][node]["draft_mean"][0])
+
+
+def preview_pixels(srv, entry, node="9") -> np.ndarray:
+    imgs = entry["outputs"][node]["images"]
+    arrays = []
+    for im in imgs:
+        q = f"/view?filename={im['filename']}&type={im['type']}&subfolder={im.get('subfolder', '')}"
+        with urllib.request.urlopen(srv.url + q) as r:
+            arrays.append(np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB")))
+    return np.stack(arrays)
+
+
+def free(srv):
+    """Drop ComfyUI's output cache and loaded models so the next prompt recomputes everything."""
+    srv.post("/free", {"unload_models": True, "free_memory": True})
+    time.sleep(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_pack_loads_with_tooltips_on_every_input_and_output(server):
+    ours = {k: v for k, v in server.object_info.items() if k.startswith("DRaFT")}
+    expected = {"DRaFTSampler", "DRaFTTrainer", "DRaFTSaveLoRA", "DRaFTEvaluate", "DRaFTImageStatReward",
+                "DRaFTCombineRewards"}
+    assert expected <= set(ours), sorted(ours)
+    for node_id, info in ours.items():
+        assert info["category"].startswith("DRaFT"), node_id
+        assert info["display_name"].startswith("DRaFT"), node_id
+        for group in ("required", "optional"):
+            for name, spec in info["input"].get(group, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert all(info["output_tooltips"]), f"{node_id} has an output without tooltip"
+
+
+def test_trainer_trains_saves_and_lora_loader_applies_every_key(server):
+    name = "draft/loader_test"
+    entry = server.run_prompt(trainer_graph(server.ckpt_name, iterations=12, lora_name=name))
+    saved = entry["outputs"]["5"]["text"][0].split("models/loras/")[-1]
+    assert saved.startswith(name) and os.path.exists(os.path.join(server.loras_dir, saved))
+    log_before = server.log()
+    base = server.run_prompt(sample_graph(server.ckpt_name))
+    tuned = server.run_prompt(sample_graph(server.ckpt_name, lora_file=saved))
+    new_log = server.log()[len(log_before):]
+    assert "lora key not loaded" not in new_log, new_log[-2000:]
+    assert not np.array_equal(preview_pixels(server, base), preview_pixels(server, tuned))
+    assert evaluate_mean(tuned) > evaluate_mean(base), (evaluate_mean(base), evaluate_mean(tuned))
+
+
+def test_base_model_is_bit_identical_after_training(server):
+    free(server)
+    before = preview_pixels(server, server.run_prompt(sample_graph(server.ckpt_name, seed=7)))
+    server.run_prompt(trainer_graph(server.ckpt_name, iterations=2, seed=5, lora_name="draft/base_check"))
+    free(server)
+    after = preview_pixels(server, server.run_prompt(sample_graph(server.ckpt_name, seed=7)))
+    assert np.array_equal(before, after)
+
+
+def test_requeue_unchanged_graph_is_cached_and_changed_input_retrains(server):
+    graph = trainer_graph(server.ckpt_name, iterations=2, seed=11, lora_name="draft/cache_check")
+    server.run_prompt(graph)
+    run1 = server.get("/draft/status")["4"]["run"]
+    server.run_prompt(graph)
+    assert server.get("/draft/status")["4"]["run"] == run1  # trainer not executed again
+    graph["4"]["inputs"]["seed"] = 12
+    server.run_prompt(graph)
+    assert server.get("/draft/status")["4"]["run"] != run1
+
+
+def test_interrupt_stops_within_one_iteration_and_saves_loadable_partial_lora(server):
+    from safetensors import safe_open
+    graph = trainer_graph(server.ckpt_name, iterations=500, seed=21, lora_name="draft/interrupted")
+    prompt_id = server.queue(graph)
+    deadline = time.time() + 120
+    status = {}
+    while time.time() < deadline:
+        status = server.get("/draft/status").get("4", {})
+        if status.get("status") == "running" and status.get("iteration", 0) >= 2 and status.get("sec_per_iter"):
+            break
+        time.sleep(0.2)
+    assert status.get("iteration", 0) >= 2, status
+    t0 = time.time()
+    server.post("/interrupt", {})
+    entry = server.wait(prompt_id, timeout=60)
+    elapsed = time.time() - t0
+    from comfy_server import status_messages
+    assert "execution_interrupted" in status_messages(entry)
+    assert elapsed < 2 * status["sec_per_iter"] + 3.0, (elapsed, status["sec_per_iter"])
+    final = server.get("/draft/status")["4"]
+    assert final["status"] == "interrupted" and final["iteration"] < 500
+    path = final["saved"]
+    assert os.path.exists(path) and "partial" in os.path.basename(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["draft_partial"] == "true" and keys
+    # ...and it loads with the stock LoraLoader.
+    rel = os.path.relpath(path, server.loras_dir)
+    log_before = server.log()
+    server.run_prompt(sample_graph(server.ckpt_name, lora_file=rel, seed=3))
+    assert "lora key not loaded" not in server.log()[len(log_before):]
+
+
+def test_sampler_node_works_in_sampler_custom_advanced(server):
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server.ckpt_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "DRaFTSampler", "inputs": {
+            "method": "DRaFT-K", "k": 1, "k_min": 1, "k_max": 3, "lv_samples": 2,
+            "lv_include_original": False, "eta": 0.0, "checkpointing": True}},
+        "6": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0],
+                                                   "negative": ["3", 0], "cfg": 3.0}},
+        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "ddim_uniform",
+                                                        "steps": 6, "denoise": 1.0}},
+        "8": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        "9": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["8", 0], "guider": ["6", 0], "sampler": ["5", 0], "sigmas": ["7", 0],
+            "latent_image": ["4", 0]}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
+        # the same with ComfyUI's own Euler sampler: eta = 0 DDIM must match it
+        "12": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "13": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["8", 0], "guider": ["6", 0], "sampler": ["12", 0], "sigmas": ["7", 0],
+            "latent_image": ["4", 0]}},
+        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["1", 2]}},
+        "15": {"class_type": "PreviewImage", "inputs": {"images": ["14", 0]}},
+    }
+    entry = server.run_prompt(g)
+    ours, euler = preview_pixels(server, entry, "11"), preview_pixels(server, entry, "15")
+    assert np.abs(ours.astype(int) - euler.astype(int)).max() <= 1
+
+
+def test_every_template_runs_through_prompt(server):
+    from workflow_api import to_api
+    names = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".json"))
+    assert {"draft_quickstart.json", "draft_lora_strength_sweep.json"} <= set(names)
+    for name in names:
+        assert os.path.exists(os.path.join(EXAMPLES, name[:-5] + ".jpg")), f"{name} has no thumbnail"
+    ran = []
+    quick_lora = None
+    for name in ["draft_quickstart.json", "draft_lora_strength_sweep.json"] + [
+            n for n in names if n not in ("draft_quickstart.json", "draft_lora_strength_sweep.json")]:
+        with open(os.path.join(EXAMPLES, name)) as f:
+            api = to_api(json.load(f), server.object_info)
+        shrink_for_tiny_model(api, server.ckpt_name, quick_lora)
+        if any(v["class_type"] == "DRaFTAestheticReward" for v in api.values()):
+            if not install_tiny_reward_files(server):
+                pytest.skip("tiny aesthetic reward files unavailable")
+        entry = server.run_prompt(api, timeout=900)
+        ran.append(name)
+        if name == "draft_quickstart.json":
+            save = next(k for k, v in api.items() if v["class_type"] == "DRaFTSaveLoRA")
+            quick_lora = entry["outputs"][save]["text"][0].split("models/loras/")[-1]
+    assert len(ran) == len(names)
+
+
+def shrink_for_tiny_model(api, ckpt, lora_file):
+    """Same graph, tiny settings: the tiny checkpoint, 64 px, few steps and iterations."""
+    for node in api.values():
+        inp, t = node["inputs"], node["class_type"]
+        if t == "CheckpointLoaderSimple":
+            inp["ckpt_name"] = ckpt
+        if t == "EmptyLatentImage":
+            inp.update(width=64, height=64)
+        if t == "KSampler":
+            inp["steps"] = 6
+        if t == "DRaFTTrainer":
+            inp.update(width=64, height=64, steps=6, iterations=3, batch_size=1, save_every=0)
+        if t == "LoraLoader" and lora_file:
+            inp["lora_name"] = lora_file
+
+
+def install_tiny_reward_files(server) -> bool:
+    try:
+        from reward_fixtures import install_aesthetic_files  # written with the reward tests
+    except ImportError:
+        return False
+    install_aesthetic_files(os.path.join(server.base, "models"))
+    return True

@@ -1,0 +1,210 @@
+"""Write the UI-format templates in example_workflows/ from compact graph descriptions.
+
+The node schemas (widget order, socket types, output slots) come from a running ComfyUI with this
+pack installed, so the files match what the frontend would save. Run after changing a node's
+inputs:  COMFYUI_PATH=... .venv/bin/python tools/make_templates.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from workflow_api import widget_names  # noqa: E402
+
+SD15 = "v1-5-pruned-emaonly.safetensors"
+HELD_OUT_SEED = 424242
+PROMPT = "a photo of a cat"
+QUICKSTART_PROMPTS = "a photo of a cat\na photo of a dog\na lighthouse at sunset\na bowl of fruit"
+
+
+class Graph:
+    """Builds a UI-format workflow: ``add`` nodes with widget values by name, ``link`` sockets."""
+
+    def __init__(self, object_info: dict):
+        self.info = object_info
+        self.nodes, self.links = [], []
+
+    def add(self, ntype: str, pos, title: str | None = None, size=(320, 200), **widgets) -> int:
+        info = self.info[ntype]
+        values = []
+        for name, has_control in widget_names(info):
+            spec = dict(info["input"].get("required", {}), **info["input"].get("optional", {}))[name]
+            opts = spec[1] if len(spec) > 1 else {}
+            default = opts.get("default", spec[0][0] if isinstance(spec[0], list) and spec[0] else None)
+            values.append(widgets.pop(name, default))
+            if has_control:
+                values.append("fixed")
+        if widgets:
+            raise KeyError(f"{ntype} has no widgets {sorted(widgets)}")
+        node = {
+            "id": len(self.nodes) + 1, "type": ntype, "pos": list(pos), "size": list(size),
+            "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                        for i, (n, t) in enumerate(zip(info["output_name"], info["output"]))],
+            "properties": {"Node name for S&R": ntype}, "widgets_values": values,
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node["id"]
+
+    def link(self, src: int, output: str, dst: int, input_name: str) -> None:
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        slot = [o["name"] for o in s["outputs"]].index(output)
+        info = self.info[d["type"]]["input"]
+        spec = dict(info.get("required", {}), **info.get("optional", {}))[input_name]
+        link_id = len(self.links) + 1
+        ltype = s["outputs"][slot]["type"]
+        inp = {"name": input_name, "type": spec[0] if isinstance(spec[0], str) else "COMBO",
+               "link": link_id}
+        if any(n == input_name for n, _ in widget_names(self.info[d["type"]])):
+            inp["widget"] = {"name": input_name}
+        d["inputs"].append(inp)
+        s["outputs"][slot]["links"].append(link_id)
+        self.links.append([link_id, src, slot, dst, len(d["inputs"]) - 1, ltype])
+
+    def workflow(self) -> dict:
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links),
+                "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}}, "version": 0.4}
+
+
+def _loader_and_text(g: Graph, y=0):
+    ckpt = g.add("CheckpointLoaderSimple", (0, y), ckpt_name=SD15, size=(320, 100))
+    pos = g.add("CLIPTextEncode", (380, y), title="Held-out prompt", text=PROMPT, size=(320, 120))
+    neg = g.add("CLIPTextEncode", (380, y + 170), title="Negative", text="", size=(320, 120))
+    g.link(ckpt, "CLIP", pos, "clip")
+    g.link(ckpt, "CLIP", neg, "clip")
+    latent = g.add("EmptyLatentImage", (380, y + 340), width=512, height=512, batch_size=8, size=(320, 110))
+    return ckpt, pos, neg, latent
+
+
+def _sample_decode(g, model, pos, neg, latent, vae, x, y, title):
+    ks = g.add("KSampler", (x, y), title=f"KSampler ({title})", seed=HELD_OUT_SEED, steps=30,
+               cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0, size=(300, 270))
+    g.link(model[0], model[1], ks, "model")
+    g.link(pos, "CONDITIONING", ks, "positive")
+    g.link(neg, "CONDITIONING", ks, "negative")
+    g.link(latent, "LATENT", ks, "latent_image")
+    dec = g.add("VAEDecode", (x, y + 320), title=f"Decode ({title})", size=(220, 50))
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(vae, "VAE", dec, "vae")
+    return dec
+
+
+def quickstart(info) -> dict:
+    """DRaFT-LV on a file-free reward; saves the LoRA; before/after on held-out samples."""
+    g = Graph(info)
+    ckpt, pos, neg, latent = _loader_and_text(g)
+    reward = g.add("DRaFTImageStatReward", (0, 520), statistic="saturation", size=(320, 100))
+    sampler = g.add("DRaFTSampler", (0, 680), method="DRaFT-LV", size=(320, 260))
+    trainer = g.add("DRaFTTrainer", (760, 0), prompts=QUICKSTART_PROMPTS, iterations=100,
+                    steps=50, lora_name="draft/quickstart", size=(360, 900))
+    for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
+        g.link(ckpt, out, trainer, inp)
+    g.link(reward, "DRAFT_REWARD", trainer, "reward")
+    g.link(sampler, "SAMPLER", trainer, "sampler")
+    save = g.add("DRaFTSaveLoRA", (1180, 0), filename_prefix="draft/quickstart", size=(320, 160))
+    g.link(trainer, "lora", save, "lora")
+    curve = g.add("PreviewImage", (1180, 220), title="Reward curve", size=(320, 260))
+    g.link(trainer, "reward_curve", curve, "images")
+    before = _sample_decode(g, (ckpt, "MODEL"), pos, neg, latent, ckpt, 1560, 0, "before")
+    lora_model = g.add("LoraModelLoader", (1560, 420), title="Apply trained LoRA", strength_model=1.0, size=(300, 80))
+    g.link(ckpt, "MODEL", lora_model, "model")
+    g.link(trainer, "lora", lora_model, "lora")
+    after = _sample_decode(g, (lora_model, "MODEL"), pos, neg, latent, ckpt, 1900, 0, "after")
+    eval_before = g.add("DRaFTEvaluate", (1560, 520), title="Score before", prompts=PROMPT, size=(300, 150))
+    eval_after = g.add("DRaFTEvaluate", (1900, 520), title="Score after", prompts=PROMPT, size=(300, 150))
+    for ev, dec in ((eval_before, before), (eval_after, after)):
+        g.link(dec, "IMAGE", ev, "images")
+        g.link(reward, "DRAFT_REWARD", ev, "reward")
+    stitch = g.add("ImageStitch", (2240, 0), title="Before | after", direction="right",
+                   match_image_size=True, spacing_width=16, spacing_color="white", size=(300, 150))
+    g.link(before, "IMAGE", stitch, "image1")
+    g.link(after, "IMAGE", stitch, "image2")
+    show = g.add("PreviewImage", (2240, 200), title="Before (left) | after (right)", size=(420, 420))
+    g.link(stitch, "IMAGE", show, "images")
+    return g.workflow()
+
+
+def strength_sweep(info) -> dict:
+    """A saved LoRA at strengths 0, 0.5, 1, 1.5 through the stock LoraLoader."""
+    g = Graph(info)
+    ckpt, pos, neg, latent = _loader_and_text(g)
+    g.nodes[latent - 1]["widgets_values"][2] = 1
+    images = []
+    for i, strength in enumerate((0.0, 0.5, 1.0, 1.5)):
+        lora = g.add("LoraLoader", (760 + 340 * i, 0), title=f"LoRA strength {strength}",
+                     lora_name="draft/quickstart_00001_.safetensors", strength_model=strength,
+                     strength_clip=0.0, size=(320, 130))
+        g.link(ckpt, "MODEL", lora, "model")
+        g.link(ckpt, "CLIP", lora, "clip")
+        images.append(_sample_decode(g, (lora, "MODEL"), pos, neg, latent, ckpt, 760 + 340 * i, 180,
+                                     f"strength {strength}"))
+    batch1 = g.add("ImageBatch", (760, 600), size=(220, 50))
+    g.link(images[0], "IMAGE", batch1, "image1")
+    g.link(images[1], "IMAGE", batch1, "image2")
+    batch2 = g.add("ImageBatch", (1000, 600), size=(220, 50))
+    g.link(images[2], "IMAGE", batch2, "image1")
+    g.link(images[3], "IMAGE", batch2, "image2")
+    batch = g.add("ImageBatch", (1240, 600), size=(220, 50))
+    g.link(batch1, "IMAGE", batch, "image1")
+    g.link(batch2, "IMAGE", batch, "image2")
+    show = g.add("PreviewImage", (1500, 600), title="Strength 0 / 0.5 / 1 / 1.5", size=(600, 300))
+    g.link(batch, "IMAGE", show, "images")
+    return g.workflow()
+
+
+def aesthetic_draft_k(info) -> dict:
+    """DRaFT-K (K = 1) on the LAION aesthetic predictor (needs its files in models/)."""
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15, size=(320, 100))
+    reward = g.add("DRaFTAestheticReward", (0, 160), size=(360, 160))
+    sampler = g.add("DRaFTSampler", (0, 380), method="DRaFT-K", k=1, size=(320, 260))
+    trainer = g.add("DRaFTTrainer", (420, 0), prompt_set="simple animals", iterations=2000,
+                    batch_size=4, lora_name="draft/aesthetic", save_every=200, size=(360, 900))
+    for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
+        g.link(ckpt, out, trainer, inp)
+    g.link(reward, "DRAFT_REWARD", trainer, "reward")
+    g.link(sampler, "SAMPLER", trainer, "sampler")
+    save = g.add("DRaFTSaveLoRA", (820, 0), filename_prefix="draft/aesthetic", size=(320, 160))
+    g.link(trainer, "lora", save, "lora")
+    curve = g.add("PreviewImage", (820, 220), title="Reward curve", size=(320, 260))
+    g.link(trainer, "reward_curve", curve, "images")
+    return g.workflow()
+
+
+TEMPLATES = {
+    "draft_quickstart": quickstart,
+    "draft_lora_strength_sweep": strength_sweep,
+    "draft_aesthetic_draft_k": aesthetic_draft_k,
+}
+
+
+def main():
+    from comfy_server import ComfyServer
+    comfyui = os.environ.get("COMFYUI_PATH")
+    if not comfyui:
+        raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout")
+    out_dir = os.path.join(REPO, "example_workflows")
+    os.makedirs(out_dir, exist_ok=True)
+    with ComfyServer(comfyui) as srv:
+        info = srv.get("/object_info")
+    for name, build in TEMPLATES.items():
+        if name == "draft_aesthetic_draft_k" and "DRaFTAestheticReward" not in info:
+            print(f"skipped {name}: DRaFTAestheticReward is not installed")
+            continue
+        path = os.path.join(out_dir, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(build(info), f, indent=1)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
