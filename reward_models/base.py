@@ -1,0 +1,122 @@
+"""The reward interface every reward model implements.
+
+``reward(images, prompts) -> scores``: images (B, 3, H, W) float in [0, 1], any size, device and
+dtype; prompts a list of B strings (ignored by prompt-independent rewards, which also accept None);
+scores (B,) float32 on the images' device, higher is better, differentiable w.r.t. the images.
+
+Subclasses implement ``score(images, prompts)`` on one chunk; ``forward`` validates, splits the
+batch into chunks of at most ``chunk_size`` images (None = all at once) and concatenates. A reward
+is frozen: its parameters never require grad and it always stays in eval mode (``train()`` does not
+switch dropout on), so it is a deterministic function of the images.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class RewardModel(torch.nn.Module):
+    """Base class: differentiable, frozen, chunked reward. See the module docstring."""
+
+    name: str = "reward"
+    needs_prompts: bool = False
+
+    def __init__(self, chunk_size: int | None = None):
+        super().__init__()
+        self.chunk_size = chunk_size
+        super().train(False)
+
+    # -- interface -----------------------------------------------------------------------------
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """(b, 3, H, W) images of one chunk (caller's device/dtype) -> (b,) scores."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | str | None = None) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.name}: images must be (B, 3, H, W), got {tuple(images.shape)}")
+        batch = images.shape[0]
+        prompts = self._prompts_for(batch, prompts)
+        step = self.chunk_size or batch
+        if step < 1:
+            raise ValueError(f"{self.name}: chunk_size must be a positive int or None, got {self.chunk_size}")
+        parts = [self.score(images[i:i + step], prompts[i:i + step]) for i in range(0, batch, step)]
+        if not parts:
+            return images.new_zeros(0, dtype=torch.float32)
+        out = torch.cat([p.reshape(-1).to(device=images.device, dtype=torch.float32) for p in parts])
+        if out.shape[0] != batch:  # pragma: no cover - guards subclasses
+            raise RuntimeError(f"{self.name}: score returned {out.shape[0]} values for {batch} images")
+        return out
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _prompts_for(self, batch: int, prompts) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts] * batch
+        if prompts is None:
+            if self.needs_prompts:
+                raise ValueError(f"{self.name}: this reward is text-conditioned and needs one prompt per image")
+            return [""] * batch
+        prompts = list(prompts)
+        if len(prompts) != batch:
+            if len(prompts) == 1:
+                return prompts * batch
+            if self.needs_prompts:
+                raise ValueError(f"{self.name}: got {len(prompts)} prompts for {batch} images")
+            return [""] * batch
+        return prompts
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter or buffer (CPU when there is none)."""
+        for t in self._tensors():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the first floating parameter or buffer (float32 when there is none)."""
+        for t in self._tensors():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    def _tensors(self):
+        yield from self.parameters()
+        yield from self.buffers()
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> bool:
+        """Recompute the backbone's transformer blocks in the backward pass (less activation memory,
+        same gradients) where the backbone supports it (open_clip towers). Returns whether any did."""
+        found = False
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(enable)
+                found = True
+        return found
+
+    def freeze(self) -> "RewardModel":
+        """No parameter requires grad; eval mode. Returns self."""
+        self.requires_grad_(False)
+        super().train(False)
+        return self
+
+    def train(self, mode: bool = True) -> "RewardModel":
+        """Rewards stay in eval mode (no dropout); ``train()`` is accepted and ignored."""
+        return super().train(False)
+
+
+def module_device_dtype(module, fallback: torch.nn.Module | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where a (possibly foreign) module computes: its first floating parameter's device/dtype, or
+    its ``device``/``dtype`` attributes, else ``fallback``'s, else CPU float32."""
+    if isinstance(module, torch.nn.Module):
+        for tensors in (module.parameters(), module.buffers()):
+            for t in tensors:
+                if t.is_floating_point():
+                    return t.device, t.dtype
+    device, dtype = getattr(module, "device", None), getattr(module, "dtype", None)
+    if isinstance(device, torch.device) and isinstance(dtype, torch.dtype):
+        return device, dtype
+    if fallback is not None and fallback is not module:
+        return module_device_dtype(fallback)
+    return torch.device("cpu"), torch.float32
