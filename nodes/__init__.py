@@ -6,7 +6,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import evaluate_node, reward_nodes, routes, sampler_node, save_lora_node, trainer_node
+from . import (evaluate_node, reward_model_nodes, reward_nodes, routes, sampler_node,
+               save_lora_node, trainer_node)
 
 
 class DraftExtension(ComfyExtension):
@@ -18,9 +19,11 @@ class DraftExtension(ComfyExtension):
             save_lora_node.DraftSaveLoRA,
             evaluate_node.DraftEvaluate,
             *reward_nodes.NODES,
+            *reward_model_nodes.NODES,
         ]
 
 
 async def comfy_entrypoint() -> DraftExtension:
     routes.register()
+    reward_model_nodes.register_folder()
     return DraftExtension()

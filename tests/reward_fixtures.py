@@ -95,3 +95,37 @@ def write_hf_clip(folder: str, seed: int = 0):
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     return model
+
+
+def install_reward_files(models_dir: str) -> dict:
+    """Tiny reward weights, in the published formats and names, under ``<models_dir>/reward_models``
+    for the ComfyUI tests. Returns the widget values that select them (file names and the tiny
+    open_clip architecture JSONs, which replace the published ViT-L/ViT-H architectures)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    root = os.path.join(models_dir, "reward_models")
+    os.makedirs(root, exist_ok=True)
+    for name, cfg in (("draft_tiny_clip.json", TINY_OPEN_CLIP), ("draft_tiny_clip768.json", TINY_OPEN_CLIP_768)):
+        with open(os.path.join(root, name), "w") as f:
+            json.dump(cfg, f)
+    write_aesthetic_head(os.path.join(root, "sac+logos+ava1-l14-linearMSE.pth"))
+    os.makedirs(os.path.join(root, "tiny_clip768"), exist_ok=True)
+    save_file(tiny_open_clip(TINY_OPEN_CLIP_768).state_dict(),
+              os.path.join(root, "tiny_clip768", "open_clip_model.safetensors"))
+    tiny = tiny_open_clip(TINY_OPEN_CLIP)
+    write_hps_checkpoint(os.path.join(root, "HPS_v2.1_compressed.pt"), tiny)
+    os.makedirs(os.path.join(root, "tiny_clip"), exist_ok=True)
+    save_file(tiny.state_dict(), os.path.join(root, "tiny_clip", "open_clip_model.safetensors"))
+    write_hf_clip(os.path.join(root, "PickScore_v1"))
+    return {
+        "DRaFTAestheticReward": {"head": "sac+logos+ava1-l14-linearMSE.pth",
+                                 "clip_weights": "tiny_clip768/open_clip_model.safetensors",
+                                 "architecture": "draft_tiny_clip768.json", "dtype": "fp32"},
+        "DRaFTHPSv2Reward": {"checkpoint": "HPS_v2.1_compressed.pt",
+                             "architecture": "draft_tiny_clip.json", "dtype": "fp32"},
+        "DRaFTPickScoreReward": {"model_folder": "PickScore_v1", "dtype": "fp32"},
+        "DRaFTClipScoreReward": {"weights": "tiny_clip/open_clip_model.safetensors",
+                                 "architecture": "draft_tiny_clip.json", "dtype": "fp32"},
+    }

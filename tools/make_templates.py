@@ -36,7 +36,8 @@ class Graph:
         for name, has_control in widget_names(info):
             spec = dict(info["input"].get("required", {}), **info["input"].get("optional", {}))[name]
             opts = spec[1] if len(spec) > 1 else {}
-            default = opts.get("default", spec[0][0] if isinstance(spec[0], list) and spec[0] else None)
+            options = spec[0] if isinstance(spec[0], list) else opts.get("options")
+            default = opts.get("default", options[0] if options else None)
             values.append(widgets.pop(name, default))
             if has_control:
                 values.append("fixed")
