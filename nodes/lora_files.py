@@ -13,7 +13,9 @@ import torch
 
 import folder_paths
 
+from ..training import lora_io
 from ..training.lora import LoRADelta, LoRASet
+from .lora_keys import base_model_version, base_model_version_from_config, ldm_to_diffusers_module_names
 
 
 class DraftLoRA(dict):
@@ -165,7 +167,7 @@ def save_final(lora_dict, prefix: str, precision: str, also_diffusers: bool, mod
     path = next_free_path(prefix)
     meta = dict(getattr(lora_dict, "metadata", {}) or {})
     metadata = _metadata(meta, model, bool(meta.get("partial", False)), os.path.basename(path))
-    version = lora_io.base_model_version_from_config(config) if config is not None else None
+    version = base_model_version_from_config(config) if config is not None else None
     if version:
         metadata["ss_base_model_version"] = version
     lora_io.save_kohya(path, lora, mapping, metadata=metadata, base_model=version,
@@ -176,13 +178,22 @@ def save_final(lora_dict, prefix: str, precision: str, also_diffusers: bool, mod
     return relative_to_loras(path)
 
 
-def load_for_resume(name: str, diffusion_model, names, model):
-    """(LoRASet matching the model's target layers, trainer state or None) from models/loras."""
+def load_for_resume(name: str, diffusion_model, names, model, rank: int, alpha: float, seed: int):
+    """(LoRASet over ``names`` in their order, trainer state or None) from a file in models/loras.
+
+    Layers the file has keep its weights; target layers it lacks start fresh (rank/alpha/seed of
+    the node). Optimizer state (our side file) is restored only when it fits the layers exactly.
+    """
     path = folder_paths.get_full_path("loras", name)
     if not path:
         raise FileNotFoundError(f"resume LoRA {name!r} not found in {loras_root()}")
-    shapes = {n: tuple(dict(diffusion_model.named_modules())[n].weight.shape) for n in names}
-    lora = lora_io.load_kohya(path, name_map(model), shapes)
+    modules = dict(diffusion_model.named_modules())
+    shapes = {n: tuple(modules[n].weight.shape) for n in names}
+    loaded = lora_io.load_kohya(path, name_map(model), shapes)
+    generator = torch.Generator().manual_seed(seed)
+    lora = LoRASet()
+    for n in names:
+        lora.add(n, loaded[n] if n in loaded else LoRADelta(shapes[n], rank, alpha, generator=generator))
     state_file = lora_io.state_path_for(path)
     state = lora_io.load_training_state(state_file, lora) if os.path.exists(state_file) else None
     return lora, state

@@ -13,7 +13,7 @@ from . import lora_files
 from .comfy_glue import TARGET_SETS
 from .reward_types import DraftReward
 from .sampler_node import DraftKSampler
-from .training_run import RunConfig, TrainingRun
+from .training_run import RunConfig, TrainingRun, clip_encoder
 
 DraftHistory = io.Custom("DRAFT_HISTORY")
 
@@ -129,7 +129,7 @@ class DraftTrainerNode(io.ComfyNode):
             resume_lora=None if resume_lora in (None, "none") else resume_lora,
             sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label)
         with torch.inference_mode(False), torch.enable_grad():
-            run = TrainingRun(model, vae, clip, reward, config)
+            run = TrainingRun(model, vae, clip_encoder(clip), reward, config)
             result = run.run()
             model_out, lora_sd = run.model_with_lora()
             result.lora.to("cpu").requires_grad_(False)  # release VRAM; outputs are cached

@@ -99,11 +99,19 @@ def _resolve_precision(choice: str, patcher) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
 
 
-class TrainingRun:
-    """Trains a LoRA on ``model`` to maximise ``reward``; see :meth:`run`."""
+def clip_encoder(clip):
+    """``prompt -> CONDITIONING`` with the checkpoint's CLIP (what CLIPTextEncode does)."""
+    return lambda text: _encode(clip, text)
 
-    def __init__(self, model, vae, clip, reward, config: RunConfig):
-        self.model, self.vae, self.clip, self.reward, self.cfg = model, vae, clip, reward, config
+
+class TrainingRun:
+    """Trains a LoRA on ``model`` to maximise ``reward``; see :meth:`run`.
+
+    ``encode`` turns a prompt into a one-entry CONDITIONING (normally :func:`clip_encoder`).
+    """
+
+    def __init__(self, model, vae, encode, reward, config: RunConfig):
+        self.model, self.vae, self.encode, self.reward, self.cfg = model, vae, encode, reward, config
         self.result: Optional[RunResult] = None
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -128,9 +136,8 @@ class TrainingRun:
     def _initial_lora(self, diffusion_model, names):
         cfg = self.cfg
         if cfg.resume_lora:
-            lora, state = lora_files.load_for_resume(cfg.resume_lora, diffusion_model, names,
-                                                     self.model)
-            return lora, state
+            return lora_files.load_for_resume(cfg.resume_lora, diffusion_model, names, self.model,
+                                              cfg.rank, cfg.alpha, cfg.train.seed)
         return comfy_glue.build_lora(diffusion_model, names, cfg.rank, cfg.alpha, cfg.train.seed), None
 
     # -- the run --------------------------------------------------------------------------------
@@ -138,8 +145,8 @@ class TrainingRun:
         cfg = self.cfg
         positive = []
         for p in cfg.prompts:
-            positive += _encode(self.clip, p)
-        negative = _encode(self.clip, cfg.negative_prompt)
+            positive += self.encode(p)
+        negative = self.encode(cfg.negative_prompt)
 
         patcher = self.model.clone()
         diffusion_model = patcher.model.diffusion_model

@@ -39,7 +39,7 @@ def comfy_env():
     with torch.inference_mode():  # as ComfyUI's executor loads it
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
         cond = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))[0][0]
-    return {"model": model, "glue": comfy_glue, "cond": cond}
+    return {"model": model, "vae": vae, "glue": comfy_glue, "cond": cond}
 
 
 def unet_forward(patcher, cond, seed=0):
@@ -88,3 +88,79 @@ def test_lora_trains_identically_under_lowvram_and_full_load(comfy_env):
         base_after = unet_forward(comfy_env["model"], comfy_env["cond"]).detach()
     assert torch.equal(base_before, base_after)
     assert not any(getattr(m, "weight_function", None) for m in comfy_env["model"].model.modules())
+
+
+TINY_SDXL_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1],
+    channel_mult=[1, 2], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
+    transformer_depth_middle=1, num_head_channels=32, use_linear_in_transformer=True,
+    context_dim=2048, adm_in_channels=2816, num_classes="sequential", use_spatial_transformer=True,
+    legacy=False, use_temporal_attention=False, use_temporal_resblock=False,
+)
+
+
+def tiny_sdxl_patcher():
+    """ComfyUI's own SDXL model class (model_base.SDXL, SDXL latent format, adm conditioning) around
+    a small UNet of the SDXL layout (linear proj_in, 2048-d context, 2816-d adm), random weights."""
+    import math
+
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
+    model = config.get_model({})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(max(1, p[0].numel())))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def sdxl_conditioning(text: str):
+    """What CLIPTextEncode gives an SDXL model: (1, 77, 2048) tokens + a 1280-d pooled vector (here a
+    fixed pseudo-random function of the text: the SDXL text encoders are too large to generate)."""
+    g = torch.Generator().manual_seed(sum(map(ord, text)) + 1)
+    return [[torch.randn(1, 77, 2048, generator=g) * 0.5,
+             {"pooled_output": torch.randn(1, 1280, generator=g), "width": 64, "height": 64}]]
+
+
+def test_sdxl_layout_trains_and_exports_keys_comfy_loads(comfy_env, tmp_path, caplog):
+    import logging
+
+    import comfy.lora
+    import comfy.sd
+    from comfyui_draft_pack.nodes.lora_keys import ldm_to_diffusers_module_names
+    from comfyui_draft_pack.nodes.reward_types import RewardHandle
+    from comfyui_draft_pack.nodes.training_run import RunConfig, TrainingRun
+    from comfyui_draft_pack.reward_models import ImageStatReward
+    from comfyui_draft_pack.training import SamplerSettings, TrainSettings, lora_io
+
+    patcher = tiny_sdxl_patcher()
+    vae = comfy_env["vae"]
+    cfg = RunConfig(prompts=["a cat", "a dog"], negative_prompt="", sampler=SamplerSettings("draft_lv"),
+                    steps=4, scheduler="normal", cfg=3.0, width=64, height=64,
+                    train=TrainSettings(iterations=2, learning_rate=1e-2, seed=0), rank=4, alpha=4.0,
+                    target_set="kohya default", mixed_precision="auto", save_every=0, preview_every=0,
+                    lora_name="draft/sdxl")
+    with torch.inference_mode(False), torch.enable_grad():
+        result = TrainingRun(patcher, vae, sdxl_conditioning,
+                             RewardHandle(ImageStatReward("contrast"), [], "contrast"), cfg).run()
+    assert len(result.history) == 2 and all(r == r for r in result.history)
+    assert all(float(d.up.detach().abs().max()) > 0 for _, d in result.lora.items())  # every layer trained
+    assert len(result.lora) == 4 * 12  # 1 input, 1 middle, 2 output transformers: 12 kohya targets each
+
+    name_map = ldm_to_diffusers_module_names(patcher.model.model_config.unet_config)
+    path = lora_io.save_kohya(str(tmp_path / "sdxl.safetensors"), result.lora, name_map,
+                              base_model="sdxl_base_v1-0", dtype=torch.float32)
+    sd = comfy.utils.load_torch_file(path)
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(sd, key_map)
+    assert "lora key not loaded" not in caplog.text
+    assert len(patches) == len(result.lora)

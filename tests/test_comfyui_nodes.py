@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -238,3 +239,39 @@ def test_reward_without_files_says_what_to_put_where(server):
     for expected in ("sac+logos+ava1-l14-linearMSE.pth", "reward_models",
                      "github.com/christophschuhmann/improved-aesthetic-predictor", "ViT-L/14"):
         assert expected in text, text
+
+
+@pytest.mark.parametrize("sampling", ["v_prediction", "flow"])
+def test_trainer_follows_the_models_own_sampling(server, sampling):
+    """v-prediction and flow (CONST) models train through their own model_sampling: the tiny
+    checkpoint is patched with ComfyUI's ModelSamplingDiscrete / ModelSamplingSD3 nodes."""
+    graph = trainer_graph(server.ckpt_name, iterations=2, lora_name=f"draft/{sampling}")
+    if sampling == "flow":
+        graph["20"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    else:
+        graph["20"] = {"class_type": "ModelSamplingDiscrete", "inputs": {
+            "model": ["1", 0], "sampling": "v_prediction", "zsnr": False}}
+    graph["4"]["inputs"]["model"] = ["20", 0]
+    graph["4"]["inputs"]["scheduler"] = "simple"
+    server.run_prompt(graph)
+    status = server.get("/draft/status")["4"]
+    assert status["status"] == "finished" and len(status["rewards"]) == 2
+    assert all(r is not None for r in status["rewards"])
+
+
+def test_resume_from_saved_lora_continues_exactly(server):
+    """3 iterations + resume to 5 give the same LoRA as 5 straight iterations (CPU, fp32 files)."""
+    from safetensors.torch import load_file
+    straight = server.run_prompt(trainer_graph(server.ckpt_name, iterations=5, seed=31, lora_name="draft/straight"))
+    first = trainer_graph(server.ckpt_name, iterations=3, seed=31, lora_name="draft/part", save_every=3)
+    server.run_prompt(first)
+    assert os.path.exists(os.path.join(server.loras_dir, "draft", "part_step00003.draft_state"))
+    resumed_graph = trainer_graph(server.ckpt_name, iterations=5, seed=31, lora_name="draft/resumed")
+    resumed_graph["4"]["inputs"]["resume_lora"] = "draft/part_step00003.safetensors"
+    resumed = server.run_prompt(resumed_graph)
+    status = server.get("/draft/status")["4"]
+    assert status["iteration"] == 5 and len(status["rewards"]) == 5
+    a = load_file(os.path.join(server.loras_dir, straight["outputs"]["5"]["text"][0].split("models/loras/")[-1]))
+    b = load_file(os.path.join(server.loras_dir, resumed["outputs"]["5"]["text"][0].split("models/loras/")[-1]))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

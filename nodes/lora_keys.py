@@ -1,0 +1,107 @@
+"""UNet module names and base-model facts from ComfyUI, for the portable LoRA files.
+
+Thin glue: the maps come from ComfyUI itself (``comfy.utils.unet_to_diffusers``, the model classes);
+the file format lives in ``training/lora_io.py``, which takes these results as plain values.
+"""
+from __future__ import annotations
+
+import comfy.model_base
+import comfy.utils
+
+from ..training.lora_io import base_model_version_from_config  # noqa: F401  (re-exported)
+
+_SUFFIXES = (".weight", ".bias")
+# ComfyUI's map sends both diffusers class_embedding.* and add_embedding.* to ldm label_emb.0.*;
+# diffusers calls it add_embedding in SDXL-family UNets (text_time conditioning) and
+# class_embedding elsewhere (SD2 unCLIP).
+_AMBIGUOUS = {"add_embedding", "class_embedding"}
+
+
+def ldm_to_diffusers_module_names(unet_config: dict) -> dict:
+    """``{ldm module name: diffusers module name}`` for every weight-bearing UNet module.
+
+    Built by inverting ``comfy.utils.unet_to_diffusers(unet_config)`` (diffusers tensor key -> ldm
+    tensor key) and stripping ``.weight``/``.bias``; e.g.
+    ``input_blocks.1.1.transformer_blocks.0.attn1.to_q`` ->
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``. Empty for non-UNet models.
+    """
+    candidates: dict = {}
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(unet_config).items():
+        for suffix in _SUFFIXES:
+            if diffusers_key.endswith(suffix) and ldm_key.endswith(suffix):
+                candidates.setdefault(ldm_key[: -len(suffix)], set()).add(diffusers_key[: -len(suffix)])
+    sdxl_like = unet_config.get("adm_in_channels") is not None and bool(
+        unet_config.get("use_linear_in_transformer")) and unet_config.get("context_dim") in (1280, 2048)
+    out = {}
+    for ldm in sorted(candidates, key=_natural):
+        names = candidates[ldm]
+        if len(names) > 1:
+            heads = {n.split(".", 1)[0] for n in names}
+            if heads != _AMBIGUOUS:
+                raise ValueError(f"ComfyUI maps several diffusers modules to {ldm!r}: {sorted(names)}")
+            want = "add_embedding" if sdxl_like else "class_embedding"
+            names = {n for n in names if n.startswith(want)}
+        out[ldm] = names.pop()
+    return out
+
+
+def diffusers_to_ldm_module_names(unet_config: dict) -> dict:
+    """The inverse of :func:`ldm_to_diffusers_module_names`."""
+    return {d: ldm for ldm, d in ldm_to_diffusers_module_names(unet_config).items()}
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _base_model(model_patcher_or_model):
+    """The ``comfy.model_base.BaseModel`` of a MODEL (ModelPatcher) or of itself."""
+    model = model_patcher_or_model
+    if not isinstance(model, comfy.model_base.BaseModel):
+        model = getattr(model, "model", None)
+    if not isinstance(model, comfy.model_base.BaseModel):
+        raise TypeError(f"expected a ComfyUI MODEL or BaseModel, got {type(model_patcher_or_model).__name__}")
+    return model
+
+
+def base_model_version(model_patcher_or_model) -> str | None:
+    """kohya's ``ss_base_model_version`` of a ComfyUI model: ``sd_v1``, ``sd_v2``,
+    ``sdxl_base_v1-0``, ``sdxl_refiner_v1-0``, or None when the family has no such name.
+
+    Decided by the ``model_config`` class (``SD15``, ``SD20``, ``SD21UnclipL/H``, ``SDXL``,
+    ``SDXLRefiner``, ...), then by the exact ``comfy.model_base`` class (``SD21UNCLIP``, ``SDXL``,
+    ``SDXLRefiner``) for configs without a known class, then by the UNet config of a plain
+    ``BaseModel``. SSD-1B, Segmind Vega, KOALA and other distilled SDXL variants give None: their
+    LoRAs do not fit SDXL tools.
+    """
+    model = _base_model(model_patcher_or_model)
+    config = getattr(model, "model_config", None)
+    name = type(config).__name__ if config is not None else ""
+    version = base_model_version_from_config(name)
+    if version is not None:
+        return version
+    if config is not None and any(base_model_version_from_config(c.__name__)
+                                  for c in type(config).__mro__[1:]):
+        return None  # a variant of a known family (SSD1B, Segmind_Vega, KOALA_*: SDXL subclasses)
+    exact = {comfy.model_base.SD21UNCLIP: "sd_v2", comfy.model_base.SDXL: "sdxl_base_v1-0",
+             comfy.model_base.SDXLRefiner: "sdxl_refiner_v1-0"}
+    if type(model) in exact:
+        return exact[type(model)]
+    if type(model) is comfy.model_base.BaseModel and config is not None:
+        return base_model_version_from_config(getattr(config, "unet_config", None))
+    return None
+
+
+def is_v_prediction(model_patcher_or_model) -> bool:
+    """Whether the model predicts v (SD 2.x 768-v, v-pred SDXL finetunes)."""
+    model_type = getattr(_base_model(model_patcher_or_model), "model_type", None)
+    return getattr(model_type, "name", "") in ("V_PREDICTION", "V_PREDICTION_EDM",
+                                               "V_PREDICTION_CONTINUOUS")
+
+
+def lora_file_facts(model_patcher_or_model) -> dict:
+    """``{"name_map", "base_model", "v_prediction"}``: the keyword arguments that
+    ``training.lora_io.save_kohya`` needs from a ComfyUI model (pass ``**facts``)."""
+    model = _base_model(model_patcher_or_model)
+    return {"name_map": ldm_to_diffusers_module_names(model.model_config.unet_config),
+            "base_model": base_model_version(model), "v_prediction": is_v_prediction(model)}

@@ -1,0 +1,252 @@
+"""The frontend extension (web/) in a real ComfyUI page, driven by Playwright in the system Chromium.
+
+Marker ``browser`` (and ``comfyui``): skipped without COMFYUI_PATH or Chromium. One ComfyUI server
+and one browser serve the whole module; training runs on the tiny random SD1.5 checkpoint at 64x64.
+
+Screenshots go to $DRAFT_BROWSER_OUT (default .cache/browser_out/); the trainer-node screenshot for
+the README goes to docs/draft_trainer_chart.png. DRAFT_UPDATE_THUMBNAILS=1 also rewrites the
+example_workflows/*.jpg thumbnails (or run ``python tests/browser_helpers.py``).
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import pytest
+
+from conftest import comfyui_path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import browser_helpers as bh  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.comfyui]
+
+OUT = os.environ.get("DRAFT_BROWSER_OUT", bh.DEFAULT_OUT)
+DOCS_SHOT = os.path.join(REPO, "docs", "draft_trainer_chart.png")
+UPDATE_THUMBNAILS = os.environ.get("DRAFT_UPDATE_THUMBNAILS", "") not in ("", "0")
+TEMPLATES = bh.template_paths()
+OUR_NODES = {"DRaFTTrainer", "DRaFTSampler", "DRaFTSaveLoRA", "DRaFTEvaluate", "DRaFTImageStatReward",
+             "DRaFTCombineRewards"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    from comfy_server import ComfyServer, tiny_checkpoint
+    path = comfyui_path()
+    ckpt = tiny_checkpoint(path)
+    with ComfyServer(path, checkpoint=ckpt) as srv:
+        srv.ckpt_name = os.path.basename(ckpt)
+        srv.object_info = srv.get("/object_info")
+        bh.configure_server(srv)
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def chrome():
+    with bh.browser() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def cpage(server, chrome):
+    p = bh.ComfyPage(chrome, server.url).open()
+    yield p
+    p.close()
+
+
+def assert_no_problems_from_us(cpage):
+    problems = cpage.our_problems()
+    assert not problems, json.dumps(problems, indent=1)[:4000]
+
+
+def wait_for(fn, timeout, what, interval=0.25):
+    deadline = time.time() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def moving_average(values, window=10):
+    out, buf = [], []
+    for v in values:
+        if v is not None and math.isfinite(v):
+            buf.append(v)
+        buf = buf[-window:]
+        out.append(sum(buf) / len(buf) if buf else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def test_extension_loads_and_our_nodes_are_in_the_node_search(server, cpage):
+    served = server.get("/extensions")
+    assert "/extensions/ComfyUI-DRaFT/draft_chart.js" in served, served
+    assert "/extensions/ComfyUI-DRaFT/draft_text.js" in served, served
+    names = cpage.evaluate("() => app.extensions.map(e => e.name)")
+    assert {"DRaFT.RewardChart", "DRaFT.OutputText"} <= set(names)
+
+    page = cpage.page
+    cpage.evaluate("() => app.graph.clear()")
+    rect = cpage.canvas_rect()
+    page.mouse.dblclick(rect["x"] + rect["width"] * 0.5, rect["y"] + rect["height"] * 0.4)
+    box = page.locator(".comfy-vue-node-search-container input").first
+    box.wait_for(state="visible", timeout=10000)
+    box.fill("DRaFT")
+    options = page.locator(".comfy-vue-node-search-container li[role=option]")
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('.comfy-vue-node-search-container li[role=option]')]
+                 .some(li => li.innerText.includes('DRaFT Trainer'))""", timeout=10000)
+    found = options.all_inner_texts()
+    expected = {server.object_info[n]["display_name"] for n in OUR_NODES}
+    missing = {name for name in expected if not any(name in text for text in found)}
+    assert not missing, (missing, found)
+
+    # Pick the trainer: a node with the chart widget appears, empty, and draws without errors.
+    options.filter(has_text="DRaFT Trainer").first.click()
+    node = wait_for(lambda: cpage.evaluate(
+        """() => { const n = app.graph.nodes.find(n => n.type === 'DRaFTTrainer');
+                   return n && {id: n.id, widgets: n.widgets.map(w => w.name),
+                                hasChart: !!n.draftChart, size: n.size} }"""), 10, "the trainer node")
+    assert node["hasChart"] and node["widgets"][-1] == "draft_reward_chart", node
+    cpage.settle()
+    chart = cpage.chart(node["id"])
+    assert chart["rewards"] == [] and chart["run"] is None, chart
+    assert_no_problems_from_us(cpage)
+
+
+def test_several_trainers_without_a_run_draw_cleanly_and_serialize_only_schema_widgets(server, cpage):
+    created = cpage.evaluate("""() => {
+        app.graph.clear();
+        const ids = [];
+        for (const [type, x, y] of [['DRaFTTrainer', 50, 50], ['DRaFTTrainer', 520, 50],
+                                    ['DRaFTEvaluate', 990, 50], ['DRaFTSaveLoRA', 990, 400]]) {
+            const n = LiteGraph.createNode(type);
+            n.pos = [x, y];
+            app.graph.add(n);
+            ids.push(n.id);
+        }
+        app.canvas.setDirty(true, true);
+        return ids;
+    }""")
+    cpage.fit_view()
+    cpage.evaluate("() => app.canvas.draw(true, true)")
+    for node_id in created[:2]:
+        chart = cpage.chart(node_id)
+        assert chart is not None and chart["rewards"] == [], chart
+    for node_id in created[2:]:
+        assert cpage.widget_value(node_id, "draft_output") == ""
+
+    # The chart and the text boxes are neither saved in the workflow nor sent in the prompt.
+    workflow = cpage.evaluate("() => app.graph.serialize()")
+    prompt = cpage.evaluate("async () => (await app.graphToPrompt()).output")
+    from workflow_api import widget_names
+    for n in workflow["nodes"]:
+        expected = sum(2 if control else 1 for _, control in widget_names(server.object_info[n["type"]]))
+        assert len(n["widgets_values"]) == expected, (n["type"], n["widgets_values"])
+    for entry in prompt.values():
+        assert not {"draft_reward_chart", "draft_output"} & set(entry["inputs"]), entry
+    cpage.screenshot(os.path.join(OUT, "empty_nodes.png"))
+    assert_no_problems_from_us(cpage)
+
+
+@pytest.mark.skipif(not TEMPLATES, reason="no templates in example_workflows/ yet")
+@pytest.mark.parametrize("path", TEMPLATES, ids=[os.path.basename(p) for p in TEMPLATES])
+def test_template_loads_without_missing_nodes(server, chrome, path):
+    tpage = getattr(test_template_loads_without_missing_nodes, "_page", None)
+    if tpage is None:  # one 16:9 page for all templates (the thumbnails' aspect ratio)
+        tpage = bh.ComfyPage(chrome, server.url, width=1280, height=720).open()
+        test_template_loads_without_missing_nodes._page = tpage
+    result = bh.render_template(tpage, path, OUT, update_thumbnails=UPDATE_THUMBNAILS)
+    assert result["count"] > 0
+    assert not result["missing"], f"node types unknown to the frontend: {result['missing']}"
+    assert not result["missing_dialog"], result["dialogs"]
+    assert os.path.getsize(result["screenshot"]) > 10_000
+    trainers = tpage.evaluate("() => app.graph.nodes.filter(n => n.type === 'DRaFTTrainer').map(n => n.id)")
+    for node_id in trainers:  # every trainer got its chart, below all of its widgets
+        layout = tpage.evaluate("""(id) => { const n = app.graph.getNodeById(id);
+            const w = n.widgets.find(w => w.name === 'draft_reward_chart');
+            return w && {y: w.y, h: w.computedHeight, node: n.size[1]} }""", node_id)
+        assert layout and layout["y"] + layout["h"] <= layout["node"] + 1, layout
+    assert_no_problems_from_us(tpage)
+
+
+def test_live_chart_survives_reload_and_matches_the_servers_rewards(server, cpage):
+    from test_comfyui_nodes import trainer_graph
+    iterations = 12
+    graph = trainer_graph(server.ckpt_name, iterations=iterations, seed=3, lora_name="draft/browser")
+    # Evaluate shows its text; a second trainer on the canvas must keep an empty chart.
+    graph["7"] = {"class_type": "DRaFTEvaluate", "inputs": {
+        "images": ["4", 3], "reward": ["2", 0], "prompts": "a cat", "chunk_size": 8}}
+    ui_graph = dict(graph, **{"8": {"class_type": "DRaFTTrainer", "inputs": {}}})
+    cpage.load_api_graph(ui_graph, "draft_browser_test")
+    assert cpage.chart(4)["rewards"] == [] or cpage.chart(4)["run"] is not None
+    before = server.get("/draft/status").get("4", {}).get("run")
+
+    prompt_id = server.post("/prompt", {"prompt": graph, "client_id": cpage.client_id()})["prompt_id"]
+
+    # The chart grows while the run is in progress.
+    seen = []
+
+    def three_live_points():
+        status = server.get("/draft/status").get("4", {})
+        chart = cpage.chart(4)
+        if chart["run"] and chart["run"] != before:
+            if not seen or len(chart["rewards"]) != seen[-1]:
+                seen.append(len(chart["rewards"]))
+        if status.get("status") != "running" and status.get("run") != before:
+            raise AssertionError(f"the run ended before the chart had 3 points: {status}, {chart}")
+        return chart["run"] != before and len(chart["rewards"]) >= 3 and chart
+
+    chart = wait_for(three_live_points, 240, "three points on the chart")
+    assert chart["status"] == "running" and chart["live"] >= 3, chart
+    assert len(seen) >= 2 and seen == sorted(seen), seen  # it grew in steps, live
+    status = server.get("/draft/status")["4"]
+    assert status["run"] == chart["run"]
+    assert chart["rewards"] == status["rewards"][:len(chart["rewards"])]
+    assert chart["ma"][-1] == pytest.approx(moving_average(chart["rewards"])[-1], rel=1e-12)
+    assert chart["lines"][0].startswith(f"iteration {chart['iteration']} / {iterations}")
+    assert cpage.chart(8)["rewards"] == []  # the other trainer shows nothing
+
+    # Reload mid-run: the chart is back from /draft/status right after the page is up.
+    cpage.reload()
+    restored = wait_for(lambda: (lambda c: c and c["rewards"] and c)(cpage.chart(4)), 15,
+                        "the chart after the reload")
+    assert restored["run"] == chart["run"], restored
+    assert restored["restored"] >= 3, restored  # points from /draft/status, not from new events
+    assert len(restored["rewards"]) >= len(chart["rewards"])
+    assert cpage.chart(8)["rewards"] == []
+
+    entry = server.wait(prompt_id, timeout=600)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    final = wait_for(lambda: (lambda c: c["status"] == "finished" and c["text"] and c)(cpage.chart(4)),
+                     30, "the finished chart and the trainer's text")
+    status = server.get("/draft/status")["4"]
+    assert status["status"] == "finished" and len(status["rewards"]) == iterations
+    assert final["rewards"] == status["rewards"]  # exactly the server's history
+    assert final["iteration"] == iterations and final["total"] == iterations
+    assert final["ma"] == pytest.approx(moving_average(status["rewards"]), rel=1e-12)
+    trainer_text = entry["outputs"]["4"]["text"][0]
+    assert final["text"] == trainer_text
+    last = [r for r in final["rewards"] if r is not None][-1]
+    assert trainer_text.split("->")[-1].strip().startswith(f"{last:.4f}"), (trainer_text, last)
+    assert cpage.widget_value(7, "draft_output") == entry["outputs"]["7"]["text"][0]
+    assert cpage.widget_value(5, "draft_output") == entry["outputs"]["5"]["text"][0]
+    assert cpage.chart(8)["rewards"] == []
+    assert not [d for d in cpage.dialogs() if d.strip()], cpage.dialogs()
+
+    # The README picture: the trainer node with its chart.
+    cpage.evaluate("""() => { const n = app.graph.getNodeById(4); n.setSize([480, n.size[1]]);
+                              app.canvas.setDirty(true, true) }""")
+    cpage.screenshot_node(4, DOCS_SHOT)
+    cpage.fit_view()
+    cpage.screenshot(os.path.join(OUT, "trainer_run.png"))
+    assert os.path.getsize(DOCS_SHOT) > 20_000
+    assert_no_problems_from_us(cpage)
