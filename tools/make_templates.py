@@ -109,8 +109,8 @@ def quickstart(info) -> dict:
                     steps=50, lora_name="draft/quickstart", size=(360, 900))
     for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
         g.link(ckpt, out, trainer, inp)
-    g.link(reward, "DRAFT_REWARD", trainer, "reward")
-    g.link(sampler, "SAMPLER", trainer, "sampler")
+    g.link(reward, "reward", trainer, "reward")
+    g.link(sampler, "sampler", trainer, "sampler")
     save = g.add("DRaFTSaveLoRA", (1180, 0), filename_prefix="draft/quickstart", size=(320, 160))
     g.link(trainer, "lora", save, "lora")
     curve = g.add("PreviewImage", (1180, 220), title="Reward curve", size=(320, 260))
@@ -124,7 +124,7 @@ def quickstart(info) -> dict:
     eval_after = g.add("DRaFTEvaluate", (1900, 520), title="Score after", prompts=PROMPT, size=(300, 150))
     for ev, dec in ((eval_before, before), (eval_after, after)):
         g.link(dec, "IMAGE", ev, "images")
-        g.link(reward, "DRAFT_REWARD", ev, "reward")
+        g.link(reward, "reward", ev, "reward")
     stitch = g.add("ImageStitch", (2240, 0), title="Before | after", direction="right",
                    match_image_size=True, spacing_width=16, spacing_color="white", size=(300, 150))
     g.link(before, "IMAGE", stitch, "image1")
@@ -166,14 +166,15 @@ def aesthetic_draft_k(info) -> dict:
     """DRaFT-K (K = 1) on the LAION aesthetic predictor (needs its files in models/)."""
     g = Graph(info)
     ckpt = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15, size=(320, 100))
-    reward = g.add("DRaFTAestheticReward", (0, 160), size=(360, 160))
+    reward = g.add("DRaFTAestheticReward", (0, 160), head="sac+logos+ava1-l14-linearMSE.pth",
+                   clip_weights="clip_vit_l14_openai/open_clip_model.safetensors", size=(360, 200))
     sampler = g.add("DRaFTSampler", (0, 380), method="DRaFT-K", k=1, size=(320, 260))
     trainer = g.add("DRaFTTrainer", (420, 0), prompt_set="simple animals", iterations=2000,
                     batch_size=4, lora_name="draft/aesthetic", save_every=200, size=(360, 900))
     for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
         g.link(ckpt, out, trainer, inp)
-    g.link(reward, "DRAFT_REWARD", trainer, "reward")
-    g.link(sampler, "SAMPLER", trainer, "sampler")
+    g.link(reward, "reward", trainer, "reward")
+    g.link(sampler, "sampler", trainer, "sampler")
     save = g.add("DRaFTSaveLoRA", (820, 0), filename_prefix="draft/aesthetic", size=(320, 160))
     g.link(trainer, "lora", save, "lora")
     curve = g.add("PreviewImage", (820, 220), title="Reward curve", size=(320, 260))
