@@ -166,11 +166,21 @@ def training_memory_estimate(patcher, vae, latent_shape, batch: int) -> int:
     return int(3 * unet + 3 * decode)
 
 
+class _ManagedWeights(torch.nn.Module):
+    """The module ComfyUI's ModelPatcher manages for a reward: it holds the reward as a submodule
+    and takes the bookkeeping attributes the patcher writes (``device``, ``model_loaded_weight_memory``
+    ...), which the reward itself need not know about."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.weights = module
+
+
 def reward_patcher(module: torch.nn.Module) -> Optional[comfy.model_patcher.ModelPatcher]:
-    """A ModelPatcher so ComfyUI's model management loads/offloads a reward model; None when the
-    reward has no weights."""
+    """A ModelPatcher so ComfyUI's model management loads/offloads a reward model's weights; None
+    when the reward has no weights."""
     if not any(True for _ in module.parameters()):
         return None
     return comfy.model_patcher.ModelPatcher(
-        module, load_device=comfy.model_management.get_torch_device(),
+        _ManagedWeights(module), load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device())

@@ -151,8 +151,18 @@ class ComfyServer:
     def run_prompt(self, api_graph: dict, timeout: float = 600.0) -> dict:
         entry = self.wait(self.queue(api_graph), timeout)
         if entry["status"]["status_str"] != "success":
-            raise RuntimeError(f"prompt failed: {json.dumps(entry['status'], indent=1)[-6000:]}")
+            raise RuntimeError(f"prompt failed: {describe_failure(entry)}")
         return entry
+
+
+def describe_failure(entry: dict) -> str:
+    """The node, exception and the end of the traceback of a failed prompt's history entry."""
+    for name, data in entry.get("status", {}).get("messages", []):
+        if name == "execution_error":
+            tb = "".join(data.get("traceback", []))[-3000:]
+            return (f"{data.get('node_type')} (node {data.get('node_id')}): "
+                    f"{data.get('exception_type')}: {data.get('exception_message')}\n{tb}")
+    return json.dumps(entry.get("status"), indent=1)[-3000:]
 
 
 def status_messages(entry: dict) -> list:
