@@ -15,19 +15,18 @@ import folder_paths
 
 from ..training import lora_io
 from ..training.lora import LoRADelta, LoRASet
-from .lora_keys import base_model_version, base_model_version_from_config, ldm_to_diffusers_module_names
+from .lora_keys import lora_file_facts
 
 
 class DraftLoRA(dict):
     """ComfyUI's ``LORA_MODEL`` (a dict of ``diffusion_model.<name>.lora_up.weight`` ... tensors,
     usable by the stock LoraModelLoader) that also carries what a portable export needs."""
 
-    def __init__(self, sd, lora_set=None, name_map=None, metadata=None, model_config=None):
+    def __init__(self, sd, lora_set=None, facts=None, metadata=None):
         super().__init__(sd)
         self.lora_set = lora_set
-        self.name_map = name_map or {}
+        self.facts = facts  # lora_keys.lora_file_facts of the model it was trained on
         self.metadata = metadata or {}
-        self.model_config = model_config
 
 
 # -- paths ----------------------------------------------------------------------------------------
@@ -79,11 +78,6 @@ def file_fingerprint(name) -> str:
 
 
 # -- model facts ------------------------------------------------------------------------------
-def name_map(model) -> dict:
-    """``{ldm module name: diffusers module name}`` for the model's UNet layout."""
-    return ldm_to_diffusers_module_names(model.model.model_config.unet_config)
-
-
 def base_fingerprint(model) -> str:
     """A cheap fingerprint of the base UNet's weights (sha256 over a sample of every 16th tensor);
     ComfyUI's MODEL does not know which file it came from."""
@@ -101,7 +95,6 @@ def _metadata(meta: dict, model, partial: bool, title: str) -> dict:
     out["draft_partial"] = partial
     if model is not None:
         out["draft_base_model_fingerprint"] = base_fingerprint(model)
-        out["ss_base_model_version"] = base_model_version(model)
     out["modelspec.title"] = title
     out["modelspec.date"] = datetime.datetime.now().isoformat(timespec="seconds")
     return out
@@ -114,10 +107,11 @@ def save_training_lora(prefix: str, tag: str, lora: LoRASet, model, meta: dict, 
     path = safe_lora_path(prefix, f"_{tag}.safetensors")
     partial = bool(meta.get("partial", True))
     metadata = _metadata(meta, model, partial, os.path.basename(path))
-    lora_io.save_kohya(path, lora, name_map(model), metadata=metadata,
-                       base_model=base_model_version(model), dtype=torch.float32, overwrite=True)
+    lora_io.save_kohya(path, lora, metadata=metadata, dtype=torch.float32, overwrite=True,
+                       **lora_file_facts(model))
     if trainer is not None:
-        lora_io.save_training_state(lora_io.state_path_for(path), trainer.state_dict(), lora)
+        lora_io.save_training_state(lora_io.state_path_for(path), trainer.state_dict(), lora,
+                                    optimizer=trainer.optimizer)
     return path
 
 
@@ -154,46 +148,37 @@ def lora_set_from_comfy_dict(sd: dict, diffusion_model) -> LoRASet:
 
 def save_final(lora_dict, prefix: str, precision: str, also_diffusers: bool, model=None) -> str:
     """Save LoRA node: a new file ``<prefix>_NNNNN_.safetensors``; returns it relative to loras."""
-    mapping = getattr(lora_dict, "name_map", None)
-    config = getattr(lora_dict, "model_config", None)
+    facts = getattr(lora_dict, "facts", None)
     lora = getattr(lora_dict, "lora_set", None)
-    if lora is None:
+    if lora is None or facts is None:
         if model is None:
             raise ValueError("this LoRA did not come from DRaFT Trainer: connect the model it was "
                              "trained on to Save LoRA's 'model' input so module names can be mapped")
-        mapping = name_map(model)
-        config = model.model.model_config
+        facts = lora_file_facts(model)
         lora = lora_set_from_comfy_dict(lora_dict, model.model.diffusion_model)
     path = next_free_path(prefix)
     meta = dict(getattr(lora_dict, "metadata", {}) or {})
     metadata = _metadata(meta, model, bool(meta.get("partial", False)), os.path.basename(path))
-    version = base_model_version_from_config(config) if config is not None else None
-    if version:
-        metadata["ss_base_model_version"] = version
-    lora_io.save_kohya(path, lora, mapping, metadata=metadata, base_model=version,
-                       dtype=torch.float16 if precision == "fp16" else torch.float32)
+    lora_io.save_kohya(path, lora, metadata=metadata,
+                       dtype=torch.float16 if precision == "fp16" else torch.float32, **facts)
     if also_diffusers:
-        lora_io.save_diffusers_folder(path[: -len(".safetensors")] + "_diffusers", lora, mapping,
-                                      metadata=metadata)
+        lora_io.save_diffusers_folder(path[: -len(".safetensors")] + "_diffusers", lora,
+                                      facts["name_map"], metadata=metadata)
     return relative_to_loras(path)
 
 
-def load_for_resume(name: str, diffusion_model, names, model, rank: int, alpha: float, seed: int):
+def load_for_resume(name: str, diffusion_model, names, model):
     """(LoRASet over ``names`` in their order, trainer state or None) from a file in models/loras.
 
-    Layers the file has keep its weights; target layers it lacks start fresh (rank/alpha/seed of
-    the node). Optimizer state (our side file) is restored only when it fits the layers exactly.
+    The file must hold exactly the target layers (strict: a LoRA of other targets or another
+    architecture is refused). Optimizer state (our side file) is restored when it is there.
     """
     path = folder_paths.get_full_path("loras", name)
     if not path:
         raise FileNotFoundError(f"resume LoRA {name!r} not found in {loras_root()}")
     modules = dict(diffusion_model.named_modules())
     shapes = {n: tuple(modules[n].weight.shape) for n in names}
-    loaded = lora_io.load_kohya(path, name_map(model), shapes)
-    generator = torch.Generator().manual_seed(seed)
-    lora = LoRASet()
-    for n in names:
-        lora.add(n, loaded[n] if n in loaded else LoRADelta(shapes[n], rank, alpha, generator=generator))
+    lora = lora_io.load_kohya(path, lora_file_facts(model)["name_map"], shapes)
     state_file = lora_io.state_path_for(path)
     state = lora_io.load_training_state(state_file, lora) if os.path.exists(state_file) else None
     return lora, state

@@ -12,8 +12,8 @@ from ..training.lora_io import base_model_version_from_config  # noqa: F401  (re
 
 _SUFFIXES = (".weight", ".bias")
 # ComfyUI's map sends both diffusers class_embedding.* and add_embedding.* to ldm label_emb.0.*;
-# diffusers calls it add_embedding in SDXL-family UNets (text_time conditioning) and
-# class_embedding elsewhere (SD2 unCLIP).
+# diffusers calls it add_embedding in SDXL-family UNets (text_time conditioning; no attention in
+# the first level) and class_embedding elsewhere (SD2 unCLIP, attention from the first level).
 _AMBIGUOUS = {"add_embedding", "class_embedding"}
 
 
@@ -30,8 +30,8 @@ def ldm_to_diffusers_module_names(unet_config: dict) -> dict:
         for suffix in _SUFFIXES:
             if diffusers_key.endswith(suffix) and ldm_key.endswith(suffix):
                 candidates.setdefault(ldm_key[: -len(suffix)], set()).add(diffusers_key[: -len(suffix)])
-    sdxl_like = unet_config.get("adm_in_channels") is not None and bool(
-        unet_config.get("use_linear_in_transformer")) and unet_config.get("context_dim") in (1280, 2048)
+    depth = list(unet_config.get("transformer_depth") or [1])
+    sdxl_like = unet_config.get("adm_in_channels") is not None and depth[0] == 0
     out = {}
     for ldm in sorted(candidates, key=_natural):
         names = candidates[ldm]
@@ -51,7 +51,8 @@ def diffusers_to_ldm_module_names(unet_config: dict) -> dict:
 
 
 def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
+    """Sort key: numeric parts as numbers (``input_blocks.2`` before ``input_blocks.10``)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
 def _base_model(model_patcher_or_model):

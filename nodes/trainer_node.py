@@ -133,8 +133,9 @@ class DraftTrainerNode(io.ComfyNode):
             result = run.run()
             model_out, lora_sd = run.model_with_lora()
             result.lora.to("cpu").requires_grad_(False)  # release VRAM; outputs are cached
-        lora_out = lora_files.DraftLoRA(lora_sd, lora_set=result.lora, name_map=lora_files.name_map(model),
-                                        metadata=result.metadata, model_config=model.model.model_config)
+        lora_out = lora_files.DraftLoRA(lora_sd, lora_set=result.lora,
+                                        facts=lora_files.lora_file_facts(model),
+                                        metadata={**result.metadata, "base_model_fingerprint": lora_files.base_fingerprint(model)})
         history = {"reward": list(result.history), "skipped": list(result.skipped),
                    "iterations": result.iteration, "saved": list(result.saved)}
         curve = reward_curve_image(result.history, title=f"DRaFT reward: {reward.label}")

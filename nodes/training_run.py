@@ -136,8 +136,7 @@ class TrainingRun:
     def _initial_lora(self, diffusion_model, names):
         cfg = self.cfg
         if cfg.resume_lora:
-            return lora_files.load_for_resume(cfg.resume_lora, diffusion_model, names, self.model,
-                                              cfg.rank, cfg.alpha, cfg.train.seed)
+            return lora_files.load_for_resume(cfg.resume_lora, diffusion_model, names, self.model)
         return comfy_glue.build_lora(diffusion_model, names, cfg.rank, cfg.alpha, cfg.train.seed), None
 
     # -- the run --------------------------------------------------------------------------------

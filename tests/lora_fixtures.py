@@ -1,5 +1,6 @@
 """Shared helpers for the LoRA file tests (test_lora_io*.py).
 
+* a plain-torch stand-in with ldm-like layer names and a made-up name map (no ComfyUI);
 * tiny UNets of the SD1.5 and SDXL layouts built with ComfyUI's own classes (``supported_models``
   config -> ``model_base`` model -> ``ModelPatcher``), seeded explicit initialisation, and the same
   weights in a diffusers ``UNet2DConditionModel`` (converted with ComfyUI's ``unet_to_diffusers``);
@@ -25,6 +26,39 @@ from training.lora import LoRADelta, LoRASet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PACK = "draft_lora_io_testpack"
+
+
+# -- a plain-torch stand-in (no ComfyUI) ----------------------------------------------------------
+def tiny_model() -> nn.Module:
+    """A plain-torch stand-in for the engine-only tests, layers named like an ldm UNet: a 1x1 conv,
+    Linear attention layers, a 3x3 conv."""
+    def block(cin):
+        return nn.ModuleDict({
+            "proj_in": nn.Conv2d(cin, 16, 1),
+            "attn1": nn.ModuleDict({"to_q": nn.Linear(16, 16, bias=False),
+                                    "to_out": nn.ModuleList([nn.Linear(16, 12)])}),
+            "conv": nn.Conv2d(12, 12, 3, padding=1),
+        })
+    return nn.ModuleDict({"input_blocks": nn.ModuleDict({"1": block(8), "2": block(12)})})
+
+
+# its LoRA targets and a made-up {ldm name: diffusers name} map
+TARGETS = [f"input_blocks.{b}.{n}" for b in (1, 2)
+           for n in ("proj_in", "attn1.to_q", "attn1.to_out.0", "conv")]
+NAME_MAP = {n: n.replace("input_blocks.1.", "down_blocks.0.attentions.0.")
+                .replace("input_blocks.2.", "down_blocks.0.attentions.1.") for n in TARGETS}
+
+
+def make_lora(rank=4, alpha=3.0, seed=0, targets=TARGETS) -> LoRASet:
+    """A seeded LoRASet on ``targets`` of :func:`tiny_model` with non-zero ``up``."""
+    modules = dict(tiny_model().named_modules())
+    g = torch.Generator().manual_seed(seed)
+    lora = LoRASet()
+    for n in targets:
+        d = lora.add(n, LoRADelta(modules[n].weight.shape, rank, alpha, generator=g))
+        with torch.no_grad():
+            d.up.normal_(0, 0.1, generator=g)
+    return lora
 
 
 # -- ComfyUI imports ------------------------------------------------------------------------------
@@ -249,7 +283,8 @@ def a1111_convert_diffusers_name_to_compvis(key: str, is_sd2: bool = False) -> s
         return f"diffusion_model_time_embed_{m[0] * 2 - 2}{m[1]}"
     if (m := match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)")) is not None:
         suffix = _SUFFIX_CONVERSION.get(m[1], {}).get(m[3], m[3])
-        return f"diffusion_model_input_blocks_{1 + m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
+        inner = 1 if m[1] == "attentions" else 0
+        return f"diffusion_model_input_blocks_{1 + m[0] * 3 + m[2]}_{inner}_{suffix}"
     if (m := match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)")) is not None:
         suffix = _SUFFIX_CONVERSION.get(m[0], {}).get(m[2], m[2])
         return f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else m[1] * 2}_{suffix}"

@@ -299,7 +299,10 @@ def kohya_metadata(lora: LoRASet, base_model: str | None = None, extra: Mapping 
         base_model = requested
     entry = base_model_entry(base_model, v_prediction)
     if entry is not None:
-        meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.implementation"] = entry
+        version, architecture, implementation = entry
+        meta["ss_base_model_version"] = version
+        meta["modelspec.architecture"] = architecture
+        meta["modelspec.implementation"] = implementation
         meta["ss_v2"] = "True" if entry[0] == "sd_v2" else "False"
         extra.pop("ss_base_model_version", None)
     elif base_model:

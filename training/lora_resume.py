@@ -48,9 +48,10 @@ def param_names(lora: LoRASet) -> list[str]:
 
 
 def lora_digest(lora: LoRASet) -> str:
-    """sha256 over the names, shapes, alphas and float32 bytes of the LoRA factors."""
+    """sha256 over the names, shapes, alphas and float32 bytes of the LoRA factors (in name
+    order: the same LoRA in another layer order has the same digest)."""
     h = hashlib.sha256()
-    for name, delta in lora.items():
+    for name, delta in sorted(lora.items(), key=lambda item: item[0]):
         h.update(f"{name}|{delta.weight_shape}|{delta.rank}|{float(delta.alpha)!r}".encode())
         for p in (delta.down, delta.up):
             h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -97,14 +98,18 @@ def _dumps(obj) -> str:
 
 # -- save / load ------------------------------------------------------------------------------------
 def save_training_state(path: str, trainer_state: Mapping, lora: LoRASet, *,
-                        overwrite: bool = True) -> str:
+                        optimizer: torch.optim.Optimizer | None = None, overwrite: bool = True) -> str:
     """Write the trainer's resume state beside its LoRA (atomically); returns ``path``.
 
     Args:
         trainer_state: ``{"iteration": int, "optimizer": optimizer.state_dict(), ...}`` as
             ``DraftTrainer.state_dict()`` returns (other entries: numbers, strings, lists, dicts,
-            tensors); the optimizer must have been built on ``lora.trainable_parameters()``.
+            tensors).
         lora: the LoRA being trained (names and shapes of the optimizer's parameters).
+        optimizer: the optimizer itself, to match its parameters to LoRA names by identity.
+            Without it, the optimizer's parameters (group after group) must be
+            ``lora.trainable_parameters()`` in that order, as DraftTrainer builds it (shapes are
+            checked).
     """
     names = param_names(lora)
     shapes = [list(p.shape) for p in lora.trainable_parameters()]
@@ -119,8 +124,17 @@ def save_training_state(path: str, trainer_state: Mapping, lora: LoRASet, *,
         if sorted(indices) != list(range(len(names))):
             raise ValueError(f"the optimizer has {len(indices)} parameters, the LoRA {len(names)}: "
                              "build it on lora.trainable_parameters()")
+        chain = names
+        if optimizer is not None:
+            name_of = {id(p): n for n, p in zip(names, lora.trainable_parameters())}
+            chain = [name_of.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+            if None in chain or len(chain) != len(indices):
+                raise ValueError("the optimizer holds parameters that are not this LoRA's factors")
+        name_of_index = dict(zip(indices, chain))  # state_dict numbers parameters group after group
+        shape_of = dict(zip(names, shapes))
         for index, state in opt["state"].items():
-            pname, shape = names[int(index)], shapes[int(index)]
+            pname = name_of_index[int(index)]
+            shape = shape_of[pname]
             for k, v in state.items():
                 if torch.is_tensor(v):
                     if v.ndim and list(v.shape) != shape:
@@ -131,7 +145,7 @@ def save_training_state(path: str, trainer_state: Mapping, lora: LoRASet, *,
                     scalars.setdefault(pname, {})[k] = _encode(v, tensors, f"scalars/{pname}/{k}")
         for gi, g in enumerate(opt["param_groups"]):
             hyper = {k: _encode(v, tensors, f"group{gi}/{k}") for k, v in g.items() if k != "params"}
-            groups.append({"hyper": hyper, "params": [names[i] for i in g["params"]]})
+            groups.append({"hyper": hyper, "params": [name_of_index[i] for i in g["params"]]})
     extra = {k: v for k, v in trainer_state.items() if k not in ("optimizer", "iteration")}
     meta = {
         _PREFIX + "format": FORMAT,
@@ -207,7 +221,9 @@ def load_training_state(path: str, lora: LoRASet, *, check_weights: bool = True)
     out = dict(extra)
     out["iteration"] = step
     if meta.get(_PREFIX + "has_optimizer") == "true":
-        param_groups = [dict(_decode(g["hyper"], tensors), params=[index[n] for n in g["params"]])
+        # Each group lists its parameters in the given LoRA's order: an optimizer built on
+        # lora.trainable_parameters() (per group, in that order) maps the state back by position.
+        param_groups = [dict(_decode(g["hyper"], tensors), params=sorted(index[n] for n in g["params"]))
                         for g in groups]
         out["optimizer"] = {"state": {i: state[i] for i in sorted(state)}, "param_groups": param_groups}
     else:
