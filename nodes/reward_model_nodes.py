@@ -17,8 +17,8 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..reward_models import (AESTHETIC_HEAD, CLIP_VIT_L14_OPENAI, HPSV2, PICKSCORE,
-                             MissingWeightsFileError, OutputSelectingEncoder, download_hint,
+from ..reward_models import (AESTHETIC_HEAD, CLIP_VIT_L14_OPENAI, HPSV2, PICKSCORE, PUBLISHED,
+                             MissingWeightsFileError, OutputSelectingEncoder, download, download_hint,
                              load_aesthetic, load_clip_score, load_hpsv2, load_pickscore)
 from .comfy_glue import reward_patcher
 from .reward_types import DraftReward, RewardHandle
@@ -242,4 +242,34 @@ class DraftClipScoreReward(io.ComfyNode):
         return io.NodeOutput(_handle(model, "clip_score"))
 
 
-NODES = [DraftAestheticReward, DraftHPSv2Reward, DraftPickScoreReward, DraftClipScoreReward]
+class DraftDownloadRewardWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DRaFTDownloadRewardWeights",
+            display_name="DRaFT Download Reward Weights",
+            category="DRaFT/rewards",
+            description=("Opt-in: fetches a reward model's published weights from the Hugging Face Hub "
+                         "into models/reward_models (needs internet and huggingface_hub). Press R "
+                         "afterwards so the reward nodes list the new files."),
+            inputs=[
+                io.Combo.Input("weights", options=[t for t, w in PUBLISHED.items() if w.hf_repo],
+                               tooltip="Which published weights to download (the LAION aesthetic head is published on GitHub only: download it by hand)."),
+                io.Boolean.Input("i_want_to_download", default=False,
+                                 tooltip="Nothing is downloaded unless this is on."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the files were written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, weights, i_want_to_download) -> io.NodeOutput:
+        spec = PUBLISHED[weights]
+        folder = _folder_hint()
+        if not i_want_to_download:
+            raise ValueError("nothing downloaded: switch 'i_want_to_download' on. " + download_hint(spec, folder))
+        return io.NodeOutput(download(spec, folder))
+
+
+NODES = [DraftAestheticReward, DraftHPSv2Reward, DraftPickScoreReward, DraftClipScoreReward,
+         DraftDownloadRewardWeights]

@@ -275,3 +275,15 @@ def test_resume_from_saved_lora_continues_exactly(server):
     b = load_file(os.path.join(server.loras_dir, resumed["outputs"]["5"]["text"][0].split("models/loras/")[-1]))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("prefix", ["../escaped", "/tmp/absolute", "draft/../../escaped", "a/./b", ""])
+def test_save_lora_never_writes_outside_models_loras(server, prefix):
+    graph = trainer_graph(server.ckpt_name, iterations=1, seed=41, lora_name="draft/safe")
+    graph["5"]["inputs"]["filename_prefix"] = prefix
+    before = set(os.listdir(os.path.dirname(server.loras_dir))) | set(os.listdir(server.base))
+    with pytest.raises(RuntimeError, match="models/loras|empty"):
+        server.run_prompt(graph)
+    after = set(os.listdir(os.path.dirname(server.loras_dir))) | set(os.listdir(server.base))
+    assert before == after
+    assert not os.path.exists("/tmp/absolute_00001_.safetensors")
