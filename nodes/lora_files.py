@@ -36,11 +36,11 @@ def loras_root() -> str:
 
 def safe_lora_path(prefix: str, suffix: str) -> str:
     """``<loras>/<prefix><suffix>``, refusing anything that would land outside models/loras."""
-    prefix = (prefix or "").replace("\\", "/").strip().strip("/")
+    prefix = (prefix or "").replace("\\", "/").strip()
     if not prefix:
         raise ValueError("the LoRA file name is empty")
     parts = prefix.split("/")
-    if os.path.isabs(prefix) or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+    if prefix.startswith("/") or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"LoRA name {prefix!r} must be a plain name inside models/loras "
                          "(sub-folders allowed; no absolute paths, '..' or empty parts)")
     root = os.path.realpath(loras_root())
