@@ -7,7 +7,7 @@ Event ``draft.progress`` (JSON):
      "sec_per_iter": float, "eta_s": float, "saved": str | null, "status": "running"}
 Event ``draft.finished``: {"node", "run", "status": "finished" | "interrupted", "saved": str | null}
 GET ``/draft/status``: {node id: {"run", "status", "iteration", "total", "rewards": [..],
-    "skipped": int, "sec_per_iter", "eta_s", "saved"}}
+    "skipped": int, "sec_per_iter", "eta_s", "saved", "text" (the result line, once finished)}}
 """
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ def _send(event: str, data: dict) -> None:
 
 def latest_status() -> dict:
     return _LATEST
+
+
+def set_summary(node, text: str) -> None:
+    """The trainer's one-line result, kept with the node's status for reloaded pages."""
+    state = _LATEST.get(str(node) if node is not None else "")
+    if state is not None:
+        state["text"] = text
 
 
 class RunEvents:

@@ -9,7 +9,7 @@ import comfy.samplers
 from ..training.plot import reward_curve_image
 from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
 from ..training.trainer import TrainSettings
-from . import lora_files
+from . import lora_files, progress_events
 from .comfy_glue import TARGET_SETS
 from .reward_types import DraftReward
 from .sampler_node import DraftKSampler
@@ -144,5 +144,6 @@ class DraftTrainerNode(io.ComfyNode):
                 if finite else "no finite reward")
         if result.skipped:
             text += f", {len(result.skipped)} skipped (non-finite)"
+        progress_events.set_summary(cls.hidden.unique_id, text)
         return io.NodeOutput(model_out, lora_out, history, _pil_to_image(curve),
                              ui=ui.PreviewText(text))

@@ -33,13 +33,15 @@ THUMB_QUALITY = 80
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-# User settings for a fresh test server: no first-run template browser, no minimap or canvas menu
-# over the screenshots, no "unsaved changes" prompt when the page reloads.
+# User settings for a fresh test server: no first-run template browser, no minimap, canvas menu or
+# render info over the screenshots, no "unsaved changes" prompt when the page reloads.
 TEST_SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Minimap.Visible": False,
     "Comfy.Graph.CanvasMenu": False,
     "Comfy.Window.UnloadConfirmation": False,
+    "Comfy.Graph.CanvasInfo": False,
+    "LiteGraph.Canvas.MinFontSizeForLOD": 0,  # full detail at every zoom (zoomed-out screenshots)
 }
 
 # Ours: the files under web/ are served from /extensions/<pack folder>/.
@@ -233,24 +235,55 @@ class ComfyPage:
 
     def screenshot_node(self, node_id, path: str, scale: float = 1.0, pad: int = 8,
                         hide_links: bool = True) -> dict:
-        """A picture of one node (the viewport grows to fit it); links hidden unless asked."""
+        """A picture of one node and its badge (the viewport grows to fit it), moved away from the
+        other nodes for the shot; links hidden unless asked."""
         height = self.evaluate("(id) => app.graph.getNodeById(id).boundingRect[3]", node_id)
         vp = self.page.viewport_size
         need = int(height * scale + 200)
         if vp["height"] < need:
             self.page.set_viewport_size({"width": vp["width"], "height": need})
-        old_mode = self.evaluate("""(hide) => { const m = app.canvas.links_render_mode;
-            if (hide) app.canvas.links_render_mode = LiteGraph.HIDDEN_LINK ?? -1; return m }""", hide_links)
+        saved = self.evaluate("""([id, hide]) => { const n = app.graph.getNodeById(id);
+            const state = {mode: app.canvas.links_render_mode, pos: [...n.pos]};
+            if (hide) app.canvas.links_render_mode = LiteGraph.HIDDEN_LINK ?? -1;
+            n.pos[0] += 100000;  // nothing else in the picture
+            return state }""", [node_id, hide_links])
+        self.focus_mode(True)
+        badge = 26  # the node-source badge sits above the title bar
         try:
-            rect = self.show_node(node_id, scale=scale, margin=pad + 16)
-            clip = {"x": rect["x"] - pad, "y": rect["y"] - pad,
-                    "width": rect["width"] + 2 * pad, "height": rect["height"] + 2 * pad}
+            rect = self.show_node(node_id, scale=scale, margin=pad + badge + 8)
+            clip = {"x": rect["x"] - pad, "y": rect["y"] - pad - badge * scale,
+                    "width": rect["width"] + 2 * pad, "height": rect["height"] + 2 * pad + badge * scale}
             self.screenshot(path, clip=clip)
         finally:
-            self.evaluate("(m) => { app.canvas.links_render_mode = m; app.canvas.setDirty(true, true) }", old_mode)
+            self.evaluate("""([id, s]) => { const n = app.graph.getNodeById(id);
+                app.canvas.links_render_mode = s.mode; n.pos[0] = s.pos[0]; n.pos[1] = s.pos[1];
+                app.canvas.setDirty(true, true) }""", [node_id, saved])
+            self.focus_mode(False)
             if vp["height"] < need:
                 self.page.set_viewport_size(vp)
         return clip
+
+    def focus_mode(self, on: bool = True) -> None:
+        """Hide the menus, tabs and side bars (ComfyUI's focus mode) for clean screenshots."""
+        self.evaluate("""async (on) => {
+            const settings = app.extensionManager.setting;
+            if (on) {
+                window.__draftTabs ??= settings.get('Comfy.Workflow.WorkflowTabsPosition');
+                await settings.set('Comfy.Workflow.WorkflowTabsPosition', 'Sidebar');
+            } else if (window.__draftTabs) {
+                await settings.set('Comfy.Workflow.WorkflowTabsPosition', window.__draftTabs);
+                window.__draftTabs = undefined;
+            }
+            app.extensionManager.focusMode = on;
+            document.getElementById('draft-screenshot-style')?.remove();
+            if (on) {  // focus mode's own "show menu" button
+                const style = document.createElement('style');
+                style.id = 'draft-screenshot-style';
+                style.textContent = '.comfy-menu-hamburger { visibility: hidden !important; }';
+                document.head.appendChild(style);
+            }
+        }""", on)
+        self.settle()
 
     def settle(self, ms: int = 400) -> None:
         """Let the canvas and the DOM widgets redraw."""
@@ -307,6 +340,7 @@ def render_templates(url: str, out_dir: str = DEFAULT_OUT, update_thumbnails: bo
         cpage = ComfyPage(b, url, width=1280 + 0, height=720 + 0)
         stack.callback(cpage.close)
         cpage.open()
+        cpage.focus_mode(True)
         return [render_template(cpage, p, out_dir, update_thumbnails) for p in paths]
 
 

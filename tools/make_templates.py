@@ -106,7 +106,7 @@ def quickstart(info) -> dict:
     reward = g.add("DRaFTImageStatReward", (0, 520), statistic="saturation", size=(320, 100))
     sampler = g.add("DRaFTSampler", (0, 680), method="DRaFT-LV", size=(320, 260))
     trainer = g.add("DRaFTTrainer", (760, 0), prompts=QUICKSTART_PROMPTS, iterations=100,
-                    steps=50, lora_name="draft/quickstart", size=(360, 900))
+                    steps=50, lora_name="draft/quickstart", size=(360, 1100))
     for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
         g.link(ckpt, out, trainer, inp)
     g.link(reward, "reward", trainer, "reward")
@@ -116,12 +116,12 @@ def quickstart(info) -> dict:
     curve = g.add("PreviewImage", (1180, 220), title="Reward curve", size=(320, 260))
     g.link(trainer, "reward_curve", curve, "images")
     before = _sample_decode(g, (ckpt, "MODEL"), pos, neg, latent, ckpt, 1560, 0, "before")
-    lora_model = g.add("LoraModelLoader", (1560, 420), title="Apply trained LoRA", strength_model=1.0, size=(300, 80))
+    lora_model = g.add("LoraModelLoader", (1560, 400), title="Apply trained LoRA", strength_model=1.0, size=(300, 80))
     g.link(ckpt, "MODEL", lora_model, "model")
     g.link(trainer, "lora", lora_model, "lora")
     after = _sample_decode(g, (lora_model, "MODEL"), pos, neg, latent, ckpt, 1900, 0, "after")
-    eval_before = g.add("DRaFTEvaluate", (1560, 520), title="Score before", prompts=PROMPT, size=(300, 150))
-    eval_after = g.add("DRaFTEvaluate", (1900, 520), title="Score after", prompts=PROMPT, size=(300, 150))
+    eval_before = g.add("DRaFTEvaluate", (1560, 540), title="Score before", prompts=PROMPT, size=(300, 150))
+    eval_after = g.add("DRaFTEvaluate", (1900, 540), title="Score after", prompts=PROMPT, size=(300, 150))
     for ev, dec in ((eval_before, before), (eval_after, after)):
         g.link(dec, "IMAGE", ev, "images")
         g.link(reward, "reward", ev, "reward")
@@ -170,7 +170,7 @@ def aesthetic_draft_k(info) -> dict:
                    clip_weights="clip_vit_l14_openai/open_clip_model.safetensors", size=(360, 200))
     sampler = g.add("DRaFTSampler", (0, 380), method="DRaFT-K", k=1, size=(320, 260))
     trainer = g.add("DRaFTTrainer", (420, 0), prompt_set="simple animals", iterations=2000,
-                    batch_size=4, lora_name="draft/aesthetic", save_every=200, size=(360, 900))
+                    batch_size=4, lora_name="draft/aesthetic", save_every=200, size=(360, 1100))
     for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
         g.link(ckpt, out, trainer, inp)
     g.link(reward, "reward", trainer, "reward")
