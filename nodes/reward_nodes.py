@@ -4,7 +4,6 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..reward_models import STATISTICS, CombinedReward, ImageStatReward
-from .comfy_glue import reward_patcher
 from .reward_types import DraftReward, RewardHandle
 
 COMBINE_SLOTS = 4

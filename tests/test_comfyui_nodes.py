@@ -4,7 +4,6 @@ One server serves the whole module (start-up takes ~20 s on 2 cores). Graphs run
 random SD1.5 checkpoint at 64x64 with few steps, so training takes seconds.
 """
 import io
-import json
 import os
 import sys
 import time
