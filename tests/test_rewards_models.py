@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import reward_models as R
-from reward_models.open_clip_backbone import build_open_clip, load_open_clip
+from reward_models.open_clip_backbone import load_open_clip
 from reward_fixtures import (PROMPTS, TINY_HF_CLIP, TINY_OPEN_CLIP, TINY_OPEN_CLIP_768, image_batch, natural_image, to_tensor,
                              tiny_open_clip, write_aesthetic_head, write_hf_clip, write_hps_checkpoint)
 

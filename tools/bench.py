@@ -33,7 +33,6 @@ import argparse
 import ctypes
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -324,7 +323,6 @@ def cpu_tensor_peak(fn) -> dict:
     running total of the bytes allocated while profiling (``total_allocated``). The maximum of that
     total is the iteration's peak added tensor memory (frees of tensors allocated before ``fn`` are
     not credited, so it errs high)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     from torch._C._profiler import _EventType
 
@@ -531,7 +529,7 @@ def configurations(args) -> list:
     configs = [{"name": "sample", "kind": "sample", "label": "plain sampling (no grad)"}]
     for ckpt in (True, False):
         for k in args.ks:
-            label = "full DRaFT" if k == args.steps else f"DRaFT-K"
+            label = "full DRaFT" if k == args.steps else "DRaFT-K"
             configs.append({"name": f"k{k}_{'ckpt' if ckpt else 'nockpt'}", "kind": "draft_k",
                             "k": k, "checkpointing": ckpt, "label": f"{label} K={k}"})
         configs.append({"name": f"lv{args.lv_samples}_{'ckpt' if ckpt else 'nockpt'}",
@@ -786,7 +784,6 @@ def main(argv=None) -> int:
             res["time_ratio"] = statistics.median(timing["ratios"][name])
     busy = timing.get("others_cpu_rounds") or []
 
-    base = results.get("sample", {}).get("time_s")
     rows = print_table(args, configs, results)
     if busy:
         print(f"other processes' CPU use during the timed rounds: max {100 * max(busy):.0f}% of the "
