@@ -93,7 +93,7 @@ def base_fingerprint(model) -> str:
 def _metadata(meta: dict, model, partial: bool, title: str) -> dict:
     out = {f"draft_{k}": v for k, v in meta.items()}
     out["draft_partial"] = partial
-    if model is not None:
+    if model is not None and "base_model_fingerprint" not in meta:
         out["draft_base_model_fingerprint"] = base_fingerprint(model)
     out["modelspec.title"] = title
     out["modelspec.date"] = datetime.datetime.now().isoformat(timespec="seconds")

@@ -113,6 +113,7 @@ class TrainingRun:
     def __init__(self, model, vae, encode, reward, config: RunConfig):
         self.model, self.vae, self.encode, self.reward, self.cfg = model, vae, encode, reward, config
         self.result: Optional[RunResult] = None
+        self._base_fingerprint: Optional[str] = None  # of the base UNet, computed on first save
 
     # -- set-up ---------------------------------------------------------------------------------
     def _sigmas(self, patcher) -> torch.Tensor:
@@ -222,6 +223,8 @@ class TrainingRun:
 
     def _metadata(self, trainer: DraftTrainer, partial: bool) -> dict:
         cfg = self.cfg
+        if self._base_fingerprint is None:  # the base weights never change during a run
+            self._base_fingerprint = lora_files.base_fingerprint(self.model)
         s = cfg.sampler
         return {
             "method": s.method, "k": s.k, "k_min": s.k_min, "k_max": s.k_max,
@@ -235,6 +238,7 @@ class TrainingRun:
             "negative_prompt": cfg.negative_prompt, "resolution": f"{cfg.width}x{cfg.height}",
             "kl_coeff": cfg.train.kl_coeff, "target_modules": cfg.target_set,
             "partial": partial, "skipped_steps": trainer.skipped_steps,
+            "base_model_fingerprint": self._base_fingerprint,
         }
 
     def _save(self, trainer: DraftTrainer, result: RunResult, partial: bool, tag: str) -> str:

@@ -126,10 +126,17 @@ def test_pack_loads_with_tooltips_on_every_input_and_output(server):
 
 
 def test_trainer_trains_saves_and_lora_loader_applies_every_key(server):
+    from safetensors import safe_open
     name = "draft/loader_test"
-    entry = server.run_prompt(trainer_graph(server.ckpt_name, iterations=12, lora_name=name))
+    entry = server.run_prompt(trainer_graph(server.ckpt_name, iterations=12, lora_name=name, save_every=6))
     saved = entry["outputs"]["5"]["text"][0].split("models/loras/")[-1]
     assert saved.startswith(name) and os.path.exists(os.path.join(server.loras_dir, saved))
+    # The periodic save and Save LoRA's file name the same base model.
+    fingerprints = []
+    for rel in ("draft/loader_test_step00006.safetensors", saved):
+        with safe_open(os.path.join(server.loras_dir, rel), "pt") as f:
+            fingerprints.append(f.metadata()["draft_base_model_fingerprint"])
+    assert len(fingerprints[0]) == 16 and fingerprints[0] == fingerprints[1], fingerprints
     log_before = server.log()
     base = server.run_prompt(sample_graph(server.ckpt_name))
     tuned = server.run_prompt(sample_graph(server.ckpt_name, lora_file=saved))
