@@ -11,6 +11,7 @@ switch dropout on), so it is a deterministic function of the images.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -48,6 +49,20 @@ class RewardModel(torch.nn.Module):
         if out.shape[0] != batch:  # pragma: no cover - guards subclasses
             raise RuntimeError(f"{self.name}: score returned {out.shape[0]} values for {batch} images")
         return out
+
+    @contextlib.contextmanager
+    def deferred_statistics(self):
+        """Score several chunks of one update (e.g. one row at a time) and fold them into any
+        running statistics (Combine's standardisation) once, on exit, as one batch would be.
+        Inside, scores are standardised with the statistics as they were on entry."""
+        holders = [m for m in self.modules() if hasattr(m, "_begin_deferred_stats")]
+        for m in holders:
+            m._begin_deferred_stats()
+        try:
+            yield
+        finally:
+            for m in holders:
+                m._end_deferred_stats()
 
     # -- helpers -------------------------------------------------------------------------------
     def _prompts_for(self, batch: int, prompts) -> list[str]:

@@ -46,6 +46,15 @@ class CombinedReward(RewardModel):
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
         self.component_names = _unique([r.name for r in rewards])
         self.last_scores: dict[str, Tensor] = {}
+        self._deferred: list | None = None  # component scores awaiting one stats update
+
+    def _begin_deferred_stats(self) -> None:
+        self._deferred = []
+
+    def _end_deferred_stats(self) -> None:
+        collected, self._deferred = self._deferred, None
+        if collected:
+            self.update_stats(torch.cat(collected))
 
     @property
     def needs_prompts(self) -> bool:  # type: ignore[override]
@@ -77,7 +86,9 @@ class CombinedReward(RewardModel):
         parts = torch.stack([r(images, prompts) for r in self.rewards], dim=1)  # (b, n) float32
         self.last_scores = {n: parts[:, i].detach() for i, n in enumerate(self.component_names)}
         if self.standardize:
-            if self.track_stats:
+            if self.track_stats and self._deferred is not None:
+                self._deferred.append(parts.detach())
+            elif self.track_stats:
                 self.update_stats(parts.detach())
             mean = self.running_mean.to(parts.device)
             std = (self.running_var.to(parts.device) + self.eps).sqrt()

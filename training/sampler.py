@@ -229,8 +229,10 @@ class DifferentiableSampler:
         a_next = signal_scale(self.renoise, sigma_next, x)
         return ddim_step(x, x0, sigma, sigma_next, a, a_next, self.settings.eta, noise), x0
 
-    def _grad_step(self, i, x, prompt_index, noise):
-        if self.settings.checkpointing and torch.is_grad_enabled():
+    def _grad_step(self, i, x, prompt_index, noise, use_checkpoint: Optional[bool] = None):
+        if use_checkpoint is None:
+            use_checkpoint = self.settings.checkpointing
+        if use_checkpoint and torch.is_grad_enabled():
             return checkpoint(self._step, i, x, prompt_index, noise, use_reentrant=False)
         return self._step(i, x, prompt_index, noise)
 
@@ -254,11 +256,24 @@ class DifferentiableSampler:
         return x
 
     def rollout(self, noise: torch.Tensor, prompt_index: torch.Tensor,
-                generator: Optional[torch.Generator] = None, k: Optional[int] = None) -> Rollout:
-        """One DRaFT rollout from standard normal ``noise`` (B, C, H, W).
+                generator: Optional[torch.Generator] = None, k: Optional[int] = None,
+                step_checkpoint: Optional[bool] = None) -> Rollout:
+        """One DRaFT rollout from standard normal ``noise`` (B, C, H, W): :meth:`prefix` then
+        :meth:`tail` over every row at once.
 
         ``generator`` draws the per-step noises (``eta > 0``), K for ``random_k`` and the
         re-noising noises of ``draft_lv``. ``k`` overrides the method's truncation (tests, bench).
+        """
+        return self.tail(self.prefix(noise, prompt_index, generator, k),
+                         step_checkpoint=step_checkpoint)
+
+    def prefix(self, noise: torch.Tensor, prompt_index: torch.Tensor,
+               generator: Optional[torch.Generator] = None, k: Optional[int] = None) -> "TailStart":
+        """Everything of a rollout that carries no gradient, batched: the chain up to the first
+        differentiated step (DRaFT-K) or the whole chain and the ``n`` re-noised copies (DRaFT-LV).
+
+        All random draws of the rollout happen here, so the differentiated tail can then run over
+        any subset of rows (one at a time, to bound memory) with exactly the batched values.
         """
         s = self.settings
         T = self.num_steps
@@ -266,47 +281,69 @@ class DifferentiableSampler:
         if not 1 <= k <= T:
             raise ValueError(f"K = {k} must lie in [1, {T}]")
         zs = self.step_noises(noise.shape, generator, noise.device, noise.dtype)
-        kl = torch.zeros((), device=noise.device)
         first_grad = T - k
         with torch.no_grad():
             x = self.initial_latent(noise)
             for i in range(first_grad):
                 x, _ = self._step(i, x, prompt_index, zs[i])
         x = x.detach()
-
-        if s.method == "draft_lv":
-            return self._lv_tail(x, prompt_index, zs[T - 1], generator)
-
-        for i in range(first_grad, T):
-            x_in = x
-            x, x0 = self._grad_step(i, x_in, prompt_index, zs[i])
-            if self.reference_denoise is not None:
-                kl = kl + self._kl_term(i, x_in, x0, prompt_index) / k
-        return Rollout(latents=x, prompt_index=prompt_index, k=k, kl=kl)
-
-    def _lv_tail(self, x_last: torch.Tensor, prompt_index: torch.Tensor,
-                 z_last: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> Rollout:
-        """DRaFT-LV from the latent entering the last step (no gradient behind it)."""
-        s = self.settings
-        T = self.num_steps
-        sigma_last = self.sigmas[T - 1].to(x_last.device, x_last.dtype)
+        if s.method != "draft_lv":
+            return TailStart(x=x, prompt_index=prompt_index, first_step=first_grad, k=k,
+                             noises=zs[first_grad:])
         with torch.no_grad():
-            x_final, _ = self._step(T - 1, x_last, prompt_index, z_last)
+            x_final, _ = self._step(T - 1, x, prompt_index, zs[T - 1])
         x0 = x_final.detach()
-        starts = []
-        if s.lv_include_original:
-            starts.append(x_last)
+        sigma_last = self.sigmas[T - 1].to(x.device, x.dtype)
+        starts = [x] if s.lv_include_original else []
         for _ in range(s.lv_samples):
             eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
             starts.append(self.renoise(sigma_last.expand(x0.shape[0]), eps, x0).detach())
-        x_in = torch.cat(starts)
-        idx = prompt_index.repeat(len(starts))
-        z = None if z_last is None else z_last.repeat(len(starts), 1, 1, 1)
-        latents, x0_hat = self._grad_step(T - 1, x_in, idx, z)
-        kl = torch.zeros((), device=x_in.device)
-        if self.reference_denoise is not None:
-            kl = self._kl_term(T - 1, x_in, x0_hat, idx)
-        return Rollout(latents=latents, prompt_index=idx, k=1, kl=kl)
+        z = zs[T - 1]
+        z = None if z is None else z.repeat((len(starts),) + (1,) * (z.ndim - 1))
+        return TailStart(x=torch.cat(starts), prompt_index=prompt_index.repeat(len(starts)),
+                         first_step=T - 1, k=1, noises=[z])
+
+    def tail(self, start: "TailStart", rows=None, step_checkpoint: Optional[bool] = None) -> Rollout:
+        """The differentiated steps from ``start`` for ``rows`` (an index tensor, a slice or None
+        for all rows). ``step_checkpoint`` overrides ``settings.checkpointing`` for the per-step
+        checkpointing (callers that checkpoint the denoiser's blocks skip it for a single step,
+        where it would only add a forward)."""
+        sel = slice(None) if rows is None else rows
+        x = start.x[sel]
+        prompt_index = start.prompt_index[sel]
+        noises = [None if z is None else z[sel] for z in start.noises]
+        use_ckpt = self.settings.checkpointing if step_checkpoint is None else step_checkpoint
+        kl = torch.zeros((), device=x.device)
+        for j, i in enumerate(range(start.first_step, start.first_step + start.k)):
+            x_in = x
+            x, x0 = self._grad_step(i, x_in, prompt_index, noises[j], use_ckpt)
+            if self.reference_denoise is not None:
+                kl = kl + self._kl_term(i, x_in, x0, prompt_index) / start.k
+        return Rollout(latents=x, prompt_index=prompt_index, k=start.k, kl=kl)
+
+
+@dataclass
+class TailStart:
+    """Where a rollout's differentiated part begins (from :meth:`DifferentiableSampler.prefix`).
+
+    Attributes:
+        x: (R, C, ...) latents entering the first differentiated step, no gradient behind them;
+            R = B for DRaFT-K, ``B * samples_per_rollout`` for DRaFT-LV (sample-major rows).
+        prompt_index: (R,) prompt index of each row.
+        first_step: 0-based index of the first differentiated step.
+        k: number of differentiated steps.
+        noises: per differentiated step, the ``eta > 0`` noise (R, C, ...) or None.
+    """
+
+    x: torch.Tensor
+    prompt_index: torch.Tensor
+    first_step: int
+    k: int
+    noises: list
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
 
 
 def checkpointed(fn: Callable, *args, enabled: bool = True):
@@ -334,7 +371,8 @@ def vp_sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps) -> to
 
 
 __all__ = [
-    "Denoiser", "Renoise", "METHODS", "SamplerSettings", "Rollout", "DifferentiableSampler",
+    "Denoiser", "Renoise", "METHODS", "SamplerSettings", "Rollout", "TailStart",
+    "DifferentiableSampler",
     "ddim_step", "signal_scale", "ve_renoise", "checkpointed", "karras_sigmas",
     "vp_sigmas_from_alphas_cumprod",
 ]

@@ -14,6 +14,7 @@ Seeded and deterministic: on the CPU the same settings give bit-identical LoRA w
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .checkpointing import checkpoint_blocks
 from .lora import LoRASet
 from .sampler import DifferentiableSampler, Rollout, checkpointed
 
@@ -118,7 +120,16 @@ class DraftTrainer:
         latent_shape: ``(C, h, w)`` of one latent.
         settings: :class:`TrainSettings`.
         device: where noises and latents live.
-        regularizers: ``(weight, fn(rollout, images) -> scalar)`` pairs added to the loss.
+        regularizers: ``(weight, fn(rollout, images) -> scalar)`` pairs added to the loss (a mean
+            over the rows it is given: with ``row_by_row`` it is called per row and weighted by the
+            row's share).
+        block_units: modules (of the denoiser and the decoder) to checkpoint one by one during an
+            update (:func:`training.checkpointing.checkpoint_blocks`), restored after each update.
+        decoder_blocks_checkpointed: whether ``block_units`` include the decoder's blocks (then
+            the decode is not checkpointed as a whole).
+        row_by_row: run the differentiated tail, decode and reward one row at a time.
+        reward_statistics: optional context-manager factory under which a reward with running
+            statistics defers their update to the end of the update (``row_by_row`` only).
     """
 
     sampler: DifferentiableSampler
@@ -130,6 +141,10 @@ class DraftTrainer:
     settings: TrainSettings = field(default_factory=TrainSettings)
     device: torch.device = torch.device("cpu")
     regularizers: Sequence = ()
+    block_units: Sequence = ()
+    decoder_blocks_checkpointed: bool = False
+    row_by_row: bool = False
+    reward_statistics: Optional[Callable] = None
 
     def __post_init__(self):
         if not self.prompts:
@@ -148,6 +163,8 @@ class DraftTrainer:
         self.skipped_steps = 0
         self.history: list = []
         self.last_images: Optional[torch.Tensor] = None  # first decoded image of the last update
+        if self.reward_statistics is None and hasattr(self.reward, "deferred_statistics"):
+            self.reward_statistics = self.reward.deferred_statistics
 
     # -- helpers --------------------------------------------------------------------------------
     def _autocast(self):
@@ -159,45 +176,71 @@ class DraftTrainer:
     def _noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn((n,) + tuple(self.latent_shape), generator=generator).to(self.device)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return checkpointed(self.decode, latents, enabled=self.sampler.settings.checkpointing)
-
     def _prompts(self, index: torch.Tensor) -> list:
         return [self.prompts[int(i)] for i in index.tolist()]
 
     # -- one update -----------------------------------------------------------------------------
+    def _row_groups(self, rows: int) -> list:
+        """Index tensors of the tail rows processed together: one row at a time when
+        ``row_by_row``, else all rows at once."""
+        if not self.row_by_row or rows == 1:
+            return [None]
+        return [torch.tensor([r]) for r in range(rows)]
+
     def step(self) -> StepReport:
-        """Run one update; returns its :class:`StepReport` (also appended to ``history``)."""
+        """Run one update; returns its :class:`StepReport` (also appended to ``history``).
+
+        Per micro-batch: the no-grad part of the rollout runs batched; the differentiated tail,
+        the decode and the reward run over all rows at once, or one row (batch row, LV copy) at a
+        time when ``row_by_row``, each backpropagated before the next, so the peak memory is that of
+        one row. The loss is ``-sum(rewards) / (rows * grad_accum)`` either way, so both give the
+        same gradient.
+        """
         s = self.settings
         start = time.perf_counter()
         self.iteration += 1
         self.optimizer.zero_grad(set_to_none=True)
         rewards, total_loss, k, reason = [], 0.0, 0, ""
-        for micro in range(s.grad_accum):
-            g = derived_generator(s.seed, self.iteration, micro)
-            index = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
-            noise = self._noise(s.batch_size, g)
-            with self._autocast():
-                rollout = self.sampler.rollout(noise, index.to(self.device), generator=g)
-                images = self._decode(rollout.latents)
-                scores = self.reward(images, self._prompts(rollout.prompt_index)).float()
-                loss = -scores.mean()
-                if s.kl_coeff:
-                    loss = loss + s.kl_coeff * rollout.kl
-                for weight, fn in self.regularizers:
-                    loss = loss + weight * fn(rollout, images)
-                loss = loss / s.grad_accum
-            k = rollout.k
-            self.last_images = images.detach()[:1].float().cpu()
-            rewards += scores.detach().cpu().tolist()
-            if not torch.isfinite(loss):
-                reason = "non-finite reward or loss"
-                break
-            total_loss += float(loss.detach())
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+        step_ckpt = None  # the sampler's own setting, unless blocks are checkpointed (below)
+        with checkpoint_blocks(self.block_units), self._statistics():
+            for micro in range(s.grad_accum):
+                g = derived_generator(s.seed, self.iteration, micro)
+                index = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
+                noise = self._noise(s.batch_size, g)
+                with self._autocast():
+                    tail = self.sampler.prefix(noise, index.to(self.device), generator=g)
+                k = tail.k
+                if self.block_units:  # a single checkpointed step would only add a forward
+                    step_ckpt = self.sampler.settings.checkpointing and tail.k > 1
+                groups = self._row_groups(tail.rows)
+                for rows in groups:
+                    n_rows = tail.rows if rows is None else len(rows)
+                    with self._autocast():
+                        rollout = self.sampler.tail(tail, rows, step_checkpoint=step_ckpt)
+                        images = self._decode(rollout.latents)
+                        scores = self.reward(images, self._prompts(rollout.prompt_index)).float()
+                        share = n_rows / tail.rows  # this group's part of the micro-batch mean
+                        # -mean over the micro-batch's rows, split into per-group parts
+                        loss = -scores.sum() / tail.rows
+                        if s.kl_coeff:
+                            loss = loss + s.kl_coeff * rollout.kl * share
+                        for weight, fn in self.regularizers:
+                            loss = loss + weight * fn(rollout, images) * share
+                        loss = loss / s.grad_accum
+                    if rows is None or int(rows[0]) == 0:
+                        self.last_images = images.detach()[:1].float().cpu()
+                    rewards += scores.detach().cpu().tolist()
+                    if not torch.isfinite(loss):
+                        reason = "non-finite reward or loss"
+                        break
+                    total_loss += float(loss.detach())
+                    if self.scaler is not None:
+                        self.scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                    del rollout, images, scores, loss
+                if reason:
+                    break
 
         grad_norm = float("nan")
         if not reason:
@@ -225,6 +268,19 @@ class DraftTrainer:
                             skip_reason=reason, seconds=time.perf_counter() - start)
         self.history.append(mean_reward)
         return report
+
+    def _statistics(self):
+        """While the rows of one update are scored: a reward with running statistics (Combine's
+        standardisation) folds them in once per update, not once per row."""
+        if self.row_by_row and self.reward_statistics is not None:
+            return self.reward_statistics()
+        return contextlib.nullcontext()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        # With block-checkpointed decoder units a checkpoint around the whole decode only adds a
+        # forward; without them it keeps the decoder's activations out of the UNet's backward.
+        whole = self.sampler.settings.checkpointing and not self.decoder_blocks_checkpointed
+        return checkpointed(self.decode, latents, enabled=whole)
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()

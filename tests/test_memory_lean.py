@@ -1,0 +1,136 @@
+"""Lean memory modes change memory, never values: block checkpointing nested in step
+checkpointing, rows one at a time, and running reward statistics updated once per update."""
+import pytest
+import torch
+
+from reward_models.combine import CombinedReward
+from reward_models.image_stats import ImageStatReward
+from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
+from training.checkpointing import checkpoint_blocks, is_wrapped
+from training.sampler import karras_sigmas
+from training.toy_models import TOY_LORA_TARGETS, build_toy_model, colour_reward
+
+PROMPTS = ["a", "b", "c"]
+
+
+def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3, reward=None,
+                kl=0.0):
+    torch.manual_seed(0)
+    denoiser, decoder = build_toy_model(seed=0)
+    lora = wrap_module(denoiser, TOY_LORA_TARGETS, rank=2, alpha=2, seed=0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in lora.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ref = None
+    if kl:
+        def ref(x, s, i):
+            with lora.disabled():
+                return denoiser(x, s, i)
+    sampler = DifferentiableSampler(denoiser, karras_sigmas(6),
+                                    SamplerSettings(method=method, k=k, lv_samples=2, eta=eta),
+                                    reference_denoise=ref)
+    units = []
+    if blocks:
+        eps = denoiser.eps_net
+        units = [eps.conv_in, eps.mid, eps.conv_out, decoder.conv1, decoder.conv2]
+    trainer = DraftTrainer(sampler, decoder, reward or colour_reward, PROMPTS, lora, (4, 8, 8),
+                           TrainSettings(batch_size=batch, seed=3, kl_coeff=kl), block_units=units,
+                           decoder_blocks_checkpointed=blocks, row_by_row=row_by_row)
+    captured = []
+    trainer.optimizer.step = lambda *a, **kw: captured.append(
+        [p.grad.detach().clone() for p in trainer.params])
+    return trainer, captured, denoiser, decoder
+
+
+def one_update_grads(method, **kw):
+    trainer, captured, *_ = trainer_for(method, **kw)
+    report = trainer.step()
+    assert not report.skipped
+    return captured[0], report
+
+
+def assert_same(a, b, tol=1e-5):
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=tol, rtol=tol), (x - y).abs().max()
+    assert any(x.abs().max() > 0 for x in a)
+
+
+@pytest.mark.parametrize("method,eta", [("draft_k", 0.0), ("draft_k", 0.7), ("draft_lv", 0.0),
+                                        ("draft", 0.0)])
+def test_block_checkpointing_and_row_by_row_give_the_batched_gradient(method, eta):
+    plain, r0 = one_update_grads(method, eta=eta)
+    nested, r1 = one_update_grads(method, eta=eta, blocks=True)
+    rows, r2 = one_update_grads(method, eta=eta, row_by_row=True)
+    both, r3 = one_update_grads(method, eta=eta, blocks=True, row_by_row=True)
+    for other in (nested, rows, both):
+        assert_same(plain, other)
+    # the same per-sample rewards, in the same order
+    for r in (r1, r2, r3):
+        assert r.rewards == pytest.approx(r0.rewards, abs=1e-6)
+
+
+def test_row_by_row_with_kl_penalty_gives_the_batched_gradient():
+    plain, _ = one_update_grads("draft_k", kl=0.5, k=2)
+    rows, _ = one_update_grads("draft_k", kl=0.5, k=2, row_by_row=True, blocks=True)
+    assert_same(plain, rows)
+
+
+def test_every_module_has_its_own_forward_back_after_an_update_and_after_an_error():
+    trainer, _, denoiser, decoder = trainer_for("draft_k", blocks=True, row_by_row=True)
+    modules = list(denoiser.modules()) + list(decoder.modules())
+    calls = {"n": 0}
+
+    def inspect_then_fail(images, prompts):
+        calls["n"] += 1
+        assert is_wrapped(denoiser.eps_net.mid) and is_wrapped(decoder.conv1)
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("cancel in the middle of an update")
+        return colour_reward(images)
+
+    trainer.step()
+    assert not any("forward" in m.__dict__ for m in modules)
+    trainer.reward = inspect_then_fail
+    with pytest.raises(KeyboardInterrupt):
+        trainer.step()
+    assert calls["n"] == 2
+    assert not any("forward" in m.__dict__ for m in modules)
+
+
+def test_checkpoint_blocks_restores_an_instance_forward_it_found():
+    layer = torch.nn.Linear(2, 2)
+    own = layer.forward
+    layer.forward = own  # an instance attribute someone else set
+    with checkpoint_blocks([layer]):
+        assert is_wrapped(layer)
+    assert layer.__dict__["forward"] is own
+
+
+def test_block_checkpointing_keeps_fewer_activations():
+    """Peak live bytes of one update (the project's counter on real tensors): block checkpointing
+    nested in step checkpointing holds less than step checkpointing alone (K = 3)."""
+    from training.memory_trace import LiveBytes
+
+    def peak(blocks):
+        trainer, *_ = trainer_for("draft_k", blocks=blocks, batch=1)
+        trainer.latent_shape = (4, 32, 32)
+        counter = LiveBytes()
+        with counter:
+            trainer.step()
+        return counter.peak
+    lean, plain = peak(True), peak(False)
+    assert lean < 0.95 * plain, (lean, plain)
+
+
+def test_running_statistics_update_once_per_update_when_rows_go_one_at_a_time():
+    def combined():
+        return CombinedReward([ImageStatReward("brightness"), ImageStatReward("saturation")],
+                              [1.0, 0.5], standardize=True)
+    counts = []
+    for row_by_row in (False, True):
+        reward = combined()
+        trainer, *_ = trainer_for("draft_lv", row_by_row=row_by_row, reward=reward, batch=2)
+        trainer.step()
+        trainer.step()
+        counts.append(int(reward.num_batches))
+    assert counts == [2, 2]  # one fold per update, whether 1 call or 2 x 2 LV rows per update

@@ -1,0 +1,88 @@
+"""Block-level activation checkpointing on modules that belong to someone else.
+
+The models DRaFT trains are shared (in ComfyUI every clone of a MODEL shares one ``nn.Module``), so
+checkpointing cannot be configured on them once and for all. :func:`checkpoint_blocks` instead
+gives each chosen module an instance-level ``forward`` that runs the module's own forward under
+non-reentrant activation checkpointing while gradients are on (and as is otherwise), and removes it
+on exit -- after a normal end, an exception or a Cancel alike -- so every module has its class's
+``forward`` back.
+
+Inside a checkpointed block only the block's inputs are kept for backward; its activations are
+recomputed, one block at a time, in the backward pass. Nested inside DRaFT-K's per-step
+checkpointing (``torch.utils.checkpoint`` nests), the peak of a differentiated step becomes one
+block's activations plus the blocks' inputs, instead of the whole network's activations. Values
+and gradients are unchanged (same operations, RNG state preserved).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _checkpointed_forward(forward):
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    run.__draft_checkpointed__ = True
+    return run
+
+
+@contextlib.contextmanager
+def checkpoint_blocks(modules: Iterable[nn.Module]) -> Iterator[int]:
+    """Checkpoint each of ``modules`` (distinct, not nested in one another) while the block runs.
+
+    Yields the number of modules wrapped. A module already wrapped (re-entrant use) is skipped.
+    On exit every wrapped module's instance ``forward`` is deleted, or restored if it had one.
+    """
+    wrapped: list = []
+    try:
+        for module in modules:
+            own = module.__dict__.get("forward")
+            if own is not None and getattr(own, "__draft_checkpointed__", False):
+                continue
+            module.forward = _checkpointed_forward(module.forward)
+            wrapped.append((module, own))
+        yield len(wrapped)
+    finally:
+        for module, own in reversed(wrapped):
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    """True while ``module`` carries a checkpointing ``forward`` of :func:`checkpoint_blocks`."""
+    return getattr(module.__dict__.get("forward"), "__draft_checkpointed__", False)
+
+
+def diffusers_unet_units(unet: nn.Module) -> list:
+    """Checkpoint units of a diffusers ``UNet2DConditionModel``: every resnet, attention
+    (transformer) and down/up-sampler of its down, mid and up blocks (the modules those blocks
+    call), the same granularity as :func:`comfy`-side units (a UNet's layers inside its blocks)."""
+    units = []
+    blocks = list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks)
+    for block in blocks:
+        if block is None:
+            continue
+        for attr in ("resnets", "attentions", "downsamplers", "upsamplers"):
+            units += list(getattr(block, attr, None) or [])
+    return units
+
+
+def diffusers_decoder_units(decoder: nn.Module) -> list:
+    """Checkpoint units of a diffusers VAE ``Decoder``: the mid block's resnets and attention, every
+    up block's resnets and upsampler."""
+    units = []
+    for block in [decoder.mid_block] + list(decoder.up_blocks):
+        for attr in ("resnets", "attentions", "upsamplers"):
+            units += [m for m in (getattr(block, attr, None) or []) if m is not None]
+    return units
+
+
+__all__ = ["checkpoint_blocks", "is_wrapped", "diffusers_unet_units", "diffusers_decoder_units"]
