@@ -2,6 +2,7 @@
 #   make test    whole suite (ComfyUI tier when COMFYUI_PATH names a checkout; browser tier with Chromium)
 #   make demo    the quick-start workflow headless through real ComfyUI on a tiny generated checkpoint
 #   make bench   memory/time of DRaFT-K / DRaFT-LV vs plain sampling (not run in CI)
+#   make vram    peak memory of one update on the full-size SD1.5/SD2.1/SDXL architectures (fake tensors)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.draft-deps
 COMFY_STAMP := $(VENV)/.draft-comfyui-deps
 
-.PHONY: test demo bench deps comfyui-deps clean
+.PHONY: test demo bench vram deps comfyui-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ demo: comfyui-deps
 
 bench: deps
 	$(PY) tools/bench.py
+
+vram: deps
+	$(PY) tools/vram.py
 
 clean:
 	rm -rf .cache bench_out demo_out .pytest_cache

@@ -13,7 +13,8 @@ nothing: a full-size SDXL UNet runs forward and backward in seconds on a CPU, an
 its peak as if it had run. Tensors that existed before the block (model weights) are not counted;
 count them with :func:`tensor_bytes`.
 
-Only storages on ``device_type`` are counted (default: every device), so a weight streamed from the
+An output that shares an input's storage (a view, an in-place result) allocates nothing and is not
+counted. Only storages on ``device_type`` are counted (default: every device), so a weight streamed from the
 CPU (ComfyUI's lowvram mode) counts once its copy exists on the GPU.
 """
 from __future__ import annotations
@@ -68,9 +69,13 @@ class LiveBytes(TorchDispatchMode):
             self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            # a view or an in-place result shares an input's storage: nothing new was allocated
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
                 self._track(t)
         return out
 

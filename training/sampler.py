@@ -75,7 +75,7 @@ def signal_scale(renoise: Renoise, sigma: torch.Tensor, like: torch.Tensor) -> t
 
 def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
               a: torch.Tensor, a_next: torch.Tensor, eta: float = 0.0,
-              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+              noise: Optional[torch.Tensor] = None, last: Optional[bool] = None) -> torch.Tensor:
     """One DDIM update in sigma space (see the module docstring for the formula).
 
     Args:
@@ -84,8 +84,11 @@ def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next
         a, a_next: signal scales at ``sigma`` and ``sigma_next`` (see :func:`signal_scale`).
         eta: 0 is deterministic DDIM; 1 is DDPM-like ancestral sampling.
         noise: ``z`` for ``eta > 0``, shaped like ``x``.
+        last: whether ``sigma_next`` is 0 (read off ``sigma_next`` when not given).
     """
-    if float(sigma_next) == 0.0:
+    if last is None:
+        last = float(sigma_next) == 0.0
+    if last:
         return x0
     eps_hat = (x - a * x0) / sigma
     if eta == 0.0:
@@ -195,6 +198,7 @@ class DifferentiableSampler:
             raise ValueError("sigmas must be strictly decreasing")
         self.denoise = denoise
         self.sigmas = sigmas
+        self._sigma_values = sigmas.tolist()  # Python floats: no device sync (and fake-tensor safe)
         self.settings = settings
         self.renoise = renoise
         self.reference_denoise = reference_denoise
@@ -227,7 +231,8 @@ class DifferentiableSampler:
         x0 = self.denoise(x, sigma.expand(x.shape[0]), prompt_index)
         a = signal_scale(self.renoise, sigma, x)
         a_next = signal_scale(self.renoise, sigma_next, x)
-        return ddim_step(x, x0, sigma, sigma_next, a, a_next, self.settings.eta, noise), x0
+        return ddim_step(x, x0, sigma, sigma_next, a, a_next, self.settings.eta, noise,
+                         last=self._sigma_values[i + 1] == 0.0), x0
 
     def _grad_step(self, i, x, prompt_index, noise, use_checkpoint: Optional[bool] = None):
         if use_checkpoint is None:

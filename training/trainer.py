@@ -98,6 +98,18 @@ class StepReport:
     seconds: float = 0.0
 
 
+def _host_float(t: torch.Tensor) -> float:
+    """``float(t)``; 0.0 for a fake tensor (memory traces run the update under FakeTensorMode,
+    where values do not exist)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return 0.0 if isinstance(t, FakeTensor) else float(t)
+
+
+def _host_list(t: torch.Tensor) -> list:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return [0.0] * t.numel() if isinstance(t, FakeTensor) else t.tolist()
+
+
 def derived_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded from integers through numpy's SeedSequence (no collisions between
     e.g. (seed=1, iteration=0) and (seed=0, iteration=1))."""
@@ -229,11 +241,12 @@ class DraftTrainer:
                         loss = loss / s.grad_accum
                     if rows is None or int(rows[0]) == 0:
                         self.last_images = images.detach()[:1].float().cpu()
-                    rewards += scores.detach().cpu().tolist()
-                    if not torch.isfinite(loss):
+                    rewards += _host_list(scores.detach().cpu())
+                    loss_value = _host_float(loss.detach())
+                    if not math.isfinite(loss_value):
                         reason = "non-finite reward or loss"
                         break
-                    total_loss += float(loss.detach())
+                    total_loss += loss_value
                     if self.scaler is not None:
                         self.scaler.scale(loss).backward()
                     else:
@@ -247,7 +260,7 @@ class DraftTrainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            grad_norm = _host_float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
             if not math.isfinite(grad_norm):
                 reason = "non-finite gradient"
         if reason:
