@@ -6,8 +6,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (evaluate_node, reward_model_nodes, reward_nodes, routes, sampler_node,
-               save_lora_node, trainer_node)
+from . import (evaluate_node, memory_options_node, reward_model_nodes, reward_nodes, routes,
+               sampler_node, save_lora_node, trainer_node)
 
 
 class DraftExtension(ComfyExtension):
@@ -15,6 +15,7 @@ class DraftExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [
             sampler_node.DraftSamplerNode,
+            memory_options_node.DraftMemoryOptions,
             trainer_node.DraftTrainerNode,
             save_lora_node.DraftSaveLoRA,
             evaluate_node.DraftEvaluate,

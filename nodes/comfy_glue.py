@@ -157,13 +157,70 @@ def make_decoder(vae, inner_model):
     return decode
 
 
-def training_memory_estimate(patcher, vae, latent_shape, batch: int) -> int:
-    """Bytes to keep free beside the weights for one DRaFT update: UNet forward + recompute +
-    backward of the differentiated batch (CFG doubles it), and a differentiable VAE decode."""
-    shape = [batch * 2] + list(latent_shape)
-    unet = patcher.model.memory_required(shape)
-    decode = vae.memory_used_decode([batch] + list(latent_shape), vae.vae_dtype)
-    return int(3 * unet + 3 * decode)
+def update_memory_inputs(patcher, vae, latent_shape) -> tuple:
+    """ComfyUI's own inference estimates for this model: ``(bytes of one decode, bytes of one
+    denoiser forward of one row)``, the inputs of ``training.memory_plan``'s estimate."""
+    one = [1] + list(latent_shape)
+    decode = float(vae.memory_used_decode(one, vae.vae_dtype))
+    denoiser = float(patcher.model.memory_required(one))
+    return decode, denoiser
+
+
+# The top-level block lists of ComfyUI's diffusion models: a UNet's input/middle/output blocks
+# (TimestepEmbedSequential: their layers are what the UNet calls), a DiT's transformer blocks.
+_UNET_BLOCK_LISTS = ("input_blocks", "output_blocks")
+_DIT_BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks", "transformer_blocks")
+
+
+def denoiser_checkpoint_units(diffusion_model: torch.nn.Module) -> list:
+    """Modules of ComfyUI's diffusion model to checkpoint one by one: every layer (ResBlock,
+    SpatialTransformer, Down/Upsample) inside a UNet's input, middle and output blocks, or every
+    transformer block of a DiT."""
+    units = []
+    for name in _UNET_BLOCK_LISTS:
+        for block in getattr(diffusion_model, name, None) or []:
+            units += list(block.children())
+    middle = getattr(diffusion_model, "middle_block", None)
+    if middle is not None:
+        units += list(middle.children())
+    for name in _DIT_BLOCK_LISTS:
+        blocks = getattr(diffusion_model, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            units += list(blocks)
+    return units
+
+
+def decoder_checkpoint_units(first_stage_model: torch.nn.Module) -> list:
+    """Modules of a ComfyUI VAE's decoder to checkpoint one by one: the mid block's resnets and
+    attention and every up level's resnets, attentions and upsampler (ldm ``Decoder``), or the
+    layers of a sequential decoder (TAESD)."""
+    decoder = getattr(first_stage_model, "decoder", None)
+    if decoder is not None and hasattr(decoder, "mid") and hasattr(decoder, "up"):
+        units = [m for m in (getattr(decoder.mid, n, None) for n in ("block_1", "attn_1", "block_2"))
+                 if m is not None]
+        for level in decoder.up:
+            units += list(getattr(level, "block", []) or []) + list(getattr(level, "attn", []) or [])
+            if hasattr(level, "upsample"):
+                units.append(level.upsample)
+        return units
+    sequential = getattr(first_stage_model, "taesd_decoder", None)
+    if isinstance(sequential, torch.nn.Sequential):
+        return [m for m in sequential.children() if any(True for _ in m.parameters())]
+    return []
+
+
+def conditional_only_cfg(args: dict) -> list:
+    """``sampler_calc_cond_batch_function`` that runs the conditional branch with gradient and the
+    unconditional one without (DRaFT Memory Options' "conditional only")."""
+    import comfy.samplers
+    cond, uncond = args["conds"][0], args["conds"][1]
+    model, x, sigma, options = args["model"], args["input"], args["sigma"], args["model_options"]
+    out_cond = comfy.samplers.calc_cond_batch(model, [cond], x, sigma, options)[0]
+    if uncond is None:
+        return [out_cond, torch.zeros_like(out_cond)]
+    with torch.no_grad():
+        out_uncond = comfy.samplers.calc_cond_batch(model, [uncond], x, sigma, options)[0]
+    return [out_cond, out_uncond]
 
 
 class _ManagedWeights(torch.nn.Module):

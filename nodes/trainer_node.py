@@ -8,8 +8,10 @@ import comfy.samplers
 
 from ..training.plot import reward_curve_image
 from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
+from ..training.memory_plan import MemoryOptions
 from ..training.trainer import TrainSettings
 from . import lora_files, progress_events
+from .memory_options_node import DraftMemory
 from .comfy_glue import TARGET_SETS
 from .reward_types import DraftReward
 from .sampler_node import DraftKSampler
@@ -86,6 +88,8 @@ class DraftTrainerNode(io.ComfyNode):
                                tooltip="Continue training from a LoRA in models/loras (our files resume optimizer state and step count too)."),
                 io.Sigmas.Input("sigmas", optional=True,
                                 tooltip="Optional sigma schedule from a scheduler node (overrides steps/scheduler); must end at 0."),
+                DraftMemory.Input("memory", optional=True,
+                                  tooltip="Optional DRaFT Memory Options (default: automatic: lean settings only when the fast way does not fit the free VRAM)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
@@ -112,7 +116,7 @@ class DraftTrainerNode(io.ComfyNode):
                 steps, scheduler, cfg, width, height, iterations, batch_size, grad_accumulation,
                 learning_rate, weight_decay, grad_clip, lora_rank, lora_alpha, target_modules,
                 seed, mixed_precision, kl_coeff, save_every, preview_every, lora_name,
-                resume_lora, sigmas=None) -> io.NodeOutput:
+                resume_lora, sigmas=None, memory=None) -> io.NodeOutput:
         settings = getattr(sampler, "draft_settings", None)
         if settings is None or not isinstance(sampler, DraftKSampler):
             raise ValueError("DRaFT Trainer needs a DRaFT Sampler node in its 'sampler' input")
@@ -127,7 +131,8 @@ class DraftTrainerNode(io.ComfyNode):
             target_set=target_modules, mixed_precision=mixed_precision, save_every=save_every,
             preview_every=preview_every, lora_name=lora_name,
             resume_lora=None if resume_lora in (None, "none") else resume_lora,
-            sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label)
+            sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label,
+            memory=memory if memory is not None else MemoryOptions())
         with torch.inference_mode(False), torch.enable_grad():
             run = TrainingRun(model, vae, clip_encoder(clip), reward, config)
             result = run.run()

@@ -21,6 +21,7 @@ import comfy.sd
 import comfy.utils
 
 from ..training.lora import LoRASet
+from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan
 from ..training.plot import moving_average
 from ..training.sampler import DifferentiableSampler, SamplerSettings
 from ..training.trainer import DraftTrainer, StepReport, TrainSettings
@@ -53,6 +54,7 @@ class RunConfig:
     sigmas: Optional[torch.Tensor] = None
     node_id: Optional[str] = None
     reward_label: str = ""
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
 
 
 @dataclass
@@ -140,6 +142,27 @@ class TrainingRun:
             return lora_files.load_for_resume(cfg.resume_lora, diffusion_model, names, self.model)
         return comfy_glue.build_lora(diffusion_model, names, cfg.rank, cfg.alpha, cfg.train.seed), None
 
+    def _memory_plan(self, patcher, latent_shape) -> MemoryPlan:
+        """Fast or lean settings for this device (DRaFT Memory Options; ``auto`` by default),
+        decided before anything is loaded; fails here, not mid-run, when nothing fits."""
+        cfg = self.cfg
+        mm = comfy.model_management
+        device = patcher.load_device
+        models = [patcher, self.vae.patcher, *self.reward.patchers]
+        weights = sum(m.model_size() for m in models)
+        resident = sum(m.loaded_size() for m in models if m.current_loaded_device() == device)
+        available = mm.get_free_memory(device) + resident - weights
+        decode, denoiser_row = comfy_glue.update_memory_inputs(patcher, self.vae, latent_shape)
+        plan = choose_plan(
+            cfg.memory, rows=cfg.train.batch_size * cfg.sampler.samples_per_rollout,
+            cfg_branches=1 if cfg.cfg == 1.0 else 2, decode_bytes=decode,
+            denoiser_row_bytes=denoiser_row, available_bytes=int(available),
+            streamable_bytes=int(patcher.model_size()) if device.type != "cpu" else 0,
+            hint=f" (now {cfg.width}x{cfg.height}, batch {cfg.train.batch_size}, "
+                 f"n = {cfg.sampler.lv_samples})")
+        log.info("DRaFT memory: %s", plan.describe())
+        return plan
+
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg = self.cfg
@@ -157,16 +180,18 @@ class TrainingRun:
         latent_shape = self._latent_shape(patcher)
         rows = cfg.train.batch_size * cfg.sampler.samples_per_rollout
 
-        estimate = comfy_glue.training_memory_estimate(patcher, self.vae, latent_shape, rows)
+        plan = self._memory_plan(patcher, latent_shape)
+        if plan.cond_only:
+            patcher.set_model_sampler_calc_cond_batch_function(comfy_glue.conditional_only_cfg)
         comfy.model_management.load_models_gpu(
             [patcher, self.vae.patcher, *self.reward.patchers],
-            memory_required=estimate, minimum_memory_required=estimate)
+            memory_required=plan.estimate_bytes, minimum_memory_required=plan.lean_bytes)
 
         guider = comfy.samplers.CFGGuider(patcher)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg.cfg)
         self._state = dict(patcher=patcher, lora=lora, resume_state=resume_state,
-                           latent_shape=latent_shape, names=names)
+                           latent_shape=latent_shape, names=names, plan=plan)
         zeros = torch.zeros((rows,) + latent_shape)
         try:
             guider.sample(zeros, zeros, _OptimisationLoop(self._body), sigmas, seed=cfg.train.seed)
@@ -211,9 +236,19 @@ class TrainingRun:
 
         settings = TrainSettings(**{**cfg.train.__dict__, "mixed_precision": _resolve_precision(
             cfg.mixed_precision, st["patcher"])})
+        plan: MemoryPlan = st["plan"]
+        units = []
+        if plan.block_checkpointing:
+            units = (comfy_glue.denoiser_checkpoint_units(inner.diffusion_model)
+                     + comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model))
+            if hasattr(reward_model, "checkpoint_units"):
+                units += reward_model.checkpoint_units()
         trainer = DraftTrainer(sampler, comfy_glue.make_decoder(self.vae, inner), reward_fn,
                                cfg.prompts, lora, st["latent_shape"], settings,
-                               device=st["patcher"].load_device)
+                               device=st["patcher"].load_device, block_units=units,
+                               decoder_blocks_checkpointed=plan.block_checkpointing,
+                               row_by_row=plan.row_by_row,
+                               reward_statistics=getattr(reward_model, "deferred_statistics", None))
         if st["resume_state"] is not None:
             trainer.load_state_dict(st["resume_state"])
         result = RunResult(lora=lora, history=list(trainer.history), skipped=[],

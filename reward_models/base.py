@@ -50,6 +50,18 @@ class RewardModel(torch.nn.Module):
             raise RuntimeError(f"{self.name}: score returned {out.shape[0]} values for {batch} images")
         return out
 
+    def checkpoint_units(self) -> list:
+        """The reward's transformer blocks, for block-level activation checkpointing while it is
+        differentiated: the elements of every ``resblocks`` (open_clip) or ``layers``
+        (transformers' and ComfyUI's CLIP encoders) list inside it."""
+        units = []
+        for module in self.modules():
+            for name in ("resblocks", "layers"):
+                blocks = getattr(module, name, None)
+                if isinstance(blocks, torch.nn.ModuleList):
+                    units += list(blocks)
+        return units
+
     @contextlib.contextmanager
     def deferred_statistics(self):
         """Score several chunks of one update (e.g. one row at a time) and fold them into any

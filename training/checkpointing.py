@@ -23,9 +23,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def _frozen(value):
+    """A shallow copy of a dict argument (ComfyUI's ``transformer_options``), so the recompute in
+    the backward pass sees the values of the forward even if the caller mutates the dict later."""
+    return dict(value) if isinstance(value, dict) else value
+
+
 def _checkpointed_forward(forward):
     def run(*args, **kwargs):
         if torch.is_grad_enabled():
+            args = tuple(_frozen(a) for a in args)
+            kwargs = {k: _frozen(v) for k, v in kwargs.items()}
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
     run.__draft_checkpointed__ = True

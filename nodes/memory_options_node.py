@@ -1,0 +1,38 @@
+"""DRaFT Memory Options: how the trainer trades time for memory (optional; default automatic)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..training.memory_plan import (BLOCK_CHOICES, CFG_GRADIENT_CHOICES, ROW_CHOICES,
+                                    MemoryOptions)
+
+DraftMemory = io.Custom("DRAFT_MEMORY")
+
+
+class DraftMemoryOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DRaFTMemoryOptions",
+            display_name="DRaFT Memory Options",
+            category="DRaFT",
+            description=("Optional settings for DRaFT Trainer's memory use. 'auto' runs the fast way "
+                         "when it fits the free VRAM and the lean way (block checkpointing, one row "
+                         "at a time) when only that fits; the trainer logs what it chose and refuses "
+                         "before the first iteration when nothing fits."),
+            inputs=[
+                io.Combo.Input("block_checkpointing", options=list(BLOCK_CHOICES), default="auto",
+                               tooltip="Recompute the UNet's/DiT's, the VAE decoder's and the reward's blocks one by one in the backward pass: the peak becomes one block's activations, for about one extra forward of the differentiated step. Same gradient."),
+                io.Combo.Input("rows", options=list(ROW_CHOICES), default="auto",
+                               tooltip="Differentiate the batch rows and DRaFT-LV copies one at a time (each backpropagated before the next) or all at once. Same gradient; one at a time bounds the peak to one row."),
+                io.Combo.Input("cfg_gradient", options=list(CFG_GRADIENT_CHOICES), default="both branches",
+                               tooltip="Both branches: the exact gradient through classifier-free guidance. Conditional only: the unconditional prediction runs without gradient (less memory and time; a different gradient, as some peers do)."),
+            ],
+            outputs=[DraftMemory.Output(display_name="memory",
+                                        tooltip="Connect to DRaFT Trainer's 'memory' input.")],
+        )
+
+    @classmethod
+    def execute(cls, block_checkpointing, rows, cfg_gradient) -> io.NodeOutput:
+        return io.NodeOutput(MemoryOptions(block_checkpointing=block_checkpointing, rows=rows,
+                                           cfg_gradient=cfg_gradient))

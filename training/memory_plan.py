@@ -1,0 +1,141 @@
+"""How one DRaFT update uses memory, and the choice between the fast and the lean way to run it.
+
+Two ways to run an update (both give the same gradient, see tests/test_memory_lean.py):
+
+* **fast**: every differentiated row (batch rows x CFG branches x LV copies) at once; the step and
+  the decode checkpointed as wholes. Fewer kernel launches, more memory.
+* **lean**: the denoiser's, decoder's and reward's blocks checkpointed one by one (nested in the
+  per-step checkpointing when K > 1), and the differentiated tail, decode and reward run one row
+  at a time. About one extra block forward per differentiated step; the peak is one row through
+  one block.
+
+:func:`estimate_update_bytes` gives the peak activation bytes of either from two per-model
+figures that ComfyUI knows for every family (``model.memory_required`` for one UNet/DiT forward of
+a shape, ``vae.memory_used_decode`` for one decode), with factors measured by ``make vram`` on the
+full-size architectures (tools/vram.py; README "Memory at full size"). :func:`choose_plan` picks the
+fast way when it fits, the lean one when only that fits, and refuses before the first iteration,
+saying what to lower, when neither does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1024 ** 3
+
+BLOCK_CHOICES = ("auto", "on", "off")
+ROW_CHOICES = ("auto", "one at a time", "all at once")
+CFG_GRADIENT_CHOICES = ("both branches", "conditional only")
+
+# Measured by `make vram` (bf16, SD1.5 512 px and SDXL 1024 px, aesthetic reward): the peak a
+# differentiated update adds, over ComfyUI's inference estimates of one decode (per image) and one
+# denoiser forward (per row). Lean: the decoder's last blocks dominate (1.13 x one decode estimate
+# at both sizes); fast: the whole decoder backward plus the denoiser step, per row.
+LEAN_DECODE_FACTOR = 1.25
+LEAN_DENOISER_FACTOR = 0.5
+FAST_DECODE_FACTOR = 3.5
+FAST_DENOISER_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """What the DRaFT Memory Options node says (defaults: everything automatic, exact CFG).
+
+    Attributes:
+        block_checkpointing: ``auto`` (on when the fast way does not fit), ``on`` or ``off``.
+        rows: ``auto``, ``one at a time`` or ``all at once`` (differentiated rows).
+        cfg_gradient: ``both branches`` (exact) or ``conditional only`` (the unconditional
+            prediction without gradient: less memory and time, a different gradient).
+    """
+
+    block_checkpointing: str = "auto"
+    rows: str = "auto"
+    cfg_gradient: str = "both branches"
+
+    def __post_init__(self):
+        for value, choices, name in ((self.block_checkpointing, BLOCK_CHOICES, "block_checkpointing"),
+                                     (self.rows, ROW_CHOICES, "rows"),
+                                     (self.cfg_gradient, CFG_GRADIENT_CHOICES, "cfg_gradient")):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The resolved settings of a run and the estimates behind them (bytes)."""
+
+    block_checkpointing: bool
+    row_by_row: bool
+    cond_only: bool
+    estimate_bytes: int
+    fast_bytes: int
+    lean_bytes: int
+    available_bytes: int
+    reason: str
+
+    def describe(self) -> str:
+        return (f"block checkpointing {'on' if self.block_checkpointing else 'off'}, "
+                f"rows {'one at a time' if self.row_by_row else 'all at once'}, "
+                f"CFG gradient {'conditional only' if self.cond_only else 'both branches'}; "
+                f"estimated {self.estimate_bytes / GIB:.2f} GiB for the update beside the weights "
+                f"({self.reason})")
+
+
+class DoesNotFit(RuntimeError):
+    """Even the leanest settings need more memory than the device has."""
+
+
+def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
+                          denoiser_row_bytes: float, lean: bool) -> int:
+    """Peak activation bytes of one update beside the weights.
+
+    Args:
+        rows: differentiated rows per micro-batch (batch x LV copies).
+        cfg_branches: denoiser rows per sample under gradient (2 with CFG, 1 without or with
+            conditional-only CFG).
+        decode_bytes: ComfyUI's inference estimate of decoding one latent.
+        denoiser_row_bytes: ComfyUI's inference estimate of one denoiser forward of one row.
+        lean: block checkpointing + one row at a time.
+    """
+    if lean:
+        return int(max(LEAN_DECODE_FACTOR * decode_bytes,
+                       LEAN_DENOISER_FACTOR * cfg_branches * denoiser_row_bytes))
+    return int(rows * (FAST_DECODE_FACTOR * decode_bytes
+                       + FAST_DENOISER_FACTOR * cfg_branches * denoiser_row_bytes))
+
+
+def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_bytes: float,
+                denoiser_row_bytes: float, available_bytes: int, streamable_bytes: int = 0,
+                hint: str = "") -> MemoryPlan:
+    """Resolve ``auto`` choices against ``available_bytes`` (free device memory once the weights
+    are loaded). ``streamable_bytes``: weights ComfyUI can stream instead (lowvram partial
+    loading), which lean settings may give up. Raises :class:`DoesNotFit` naming what to lower."""
+    cond_only = options.cfg_gradient == "conditional only"
+    branches = 1 if cond_only else cfg_branches
+    kw = dict(rows=rows, cfg_branches=branches, decode_bytes=decode_bytes,
+              denoiser_row_bytes=denoiser_row_bytes)
+    fast, lean = estimate_update_bytes(lean=False, **kw), estimate_update_bytes(lean=True, **kw)
+    block = {"on": True, "off": False}.get(options.block_checkpointing)
+    row = {"one at a time": True, "all at once": False}.get(options.rows)
+    if block is None or row is None:
+        fits_fast = fast <= available_bytes
+        reason = ("the fast way fits" if fits_fast else
+                  f"the fast way needs {fast / GIB:.2f} GiB, {available_bytes / GIB:.2f} GiB free")
+        block = (not fits_fast) if block is None else block
+        row = (not fits_fast) if row is None else row
+    else:
+        reason = "as set"
+    estimate = lean if (block and row) else fast if not (block or row) else (fast + lean) // 2
+    if estimate > available_bytes + streamable_bytes:
+        raise DoesNotFit(
+            f"one DRaFT update needs about {estimate / GIB:.2f} GiB beside the weights (leanest: "
+            f"{lean / GIB:.2f} GiB) but only {(available_bytes + streamable_bytes) / GIB:.2f} GiB "
+            f"can be freed on this device. Lower the resolution, the batch size or the LV samples "
+            f"(n){hint}, or set DRaFT Memory Options to block checkpointing 'on' and rows 'one at a "
+            f"time'.")
+    return MemoryPlan(block_checkpointing=block, row_by_row=row, cond_only=cond_only,
+                      estimate_bytes=estimate, fast_bytes=fast, lean_bytes=lean,
+                      available_bytes=available_bytes, reason=reason)
+
+
+__all__ = ["MemoryOptions", "MemoryPlan", "DoesNotFit", "estimate_update_bytes", "choose_plan",
+           "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES"]
