@@ -18,6 +18,9 @@ $(PY):
 
 $(DEPS_STAMP): requirements.txt requirements-dev.txt | $(PY)
 	$(PY) -m pip install -q -r requirements-dev.txt -r requirements.txt
+	# TRL only for make bench's side-by-side with its AlignProp update: its one function we call
+	# needs diffusers and accelerate (above), not TRL's own pins (datasets ...), hence --no-deps.
+	$(PY) -m pip install -q --no-deps trl==0.23.1 accelerate
 	touch $@
 
 deps: $(DEPS_STAMP)

@@ -15,6 +15,7 @@ import os
 import torch
 from comfy_api.latest import io
 
+import comfy.model_management
 import folder_paths
 
 from ..reward_models import (AESTHETIC_HEAD, CLIP_VIT_L14_OPENAI, HPSV2, PICKSCORE, PUBLISHED,
@@ -26,7 +27,17 @@ from .reward_types import DraftReward, RewardHandle
 FOLDER = "reward_models"
 WEIGHT_EXTENSIONS = {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
 MISSING = "(missing) "
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(choice: str) -> torch.dtype:
+    """``auto``: bf16 where ComfyUI's device supports it, else fp16 on a GPU, fp32 on the CPU."""
+    if DTYPES.get(choice) is not None:
+        return DTYPES[choice]
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float16
 
 
 def register_folder() -> None:
@@ -108,8 +119,8 @@ def _handle(model, label, extra_patchers=()):
 
 
 def _dtype_input():
-    return io.Combo.Input("dtype", options=list(DTYPES), default="fp16",
-                          tooltip="Precision of the reward model (fp16/bf16 halve its VRAM; use fp32 on CPU).")
+    return io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                          tooltip="Precision of the reward model's weights: auto is bf16 where the GPU supports it, else fp16, and fp32 on the CPU (half precision halves its VRAM).")
 
 
 def _chunk_input():
@@ -149,7 +160,7 @@ class DraftAestheticReward(io.ComfyNode):
         if clip_vision is not None:
             encoder = OutputSelectingEncoder(clip_vision.model, 2, input_dtype=torch.float32)
             model = load_aesthetic(head_path, image_encoder=encoder, chunk_size=chunk_size,
-                                   dtype=DTYPES[dtype])
+                                   dtype=resolve_dtype(dtype))
             head_patcher = reward_patcher(model.head)
             return io.NodeOutput(RewardHandle(model=model, patchers=[clip_vision.patcher, head_patcher],
                                               label="aesthetic"))
@@ -160,7 +171,7 @@ class DraftAestheticReward(io.ComfyNode):
                 + download_hint(CLIP_VIT_L14_OPENAI, _folder_hint()))
         model = load_aesthetic(head_path, resolve_file(clip_weights, CLIP_VIT_L14_OPENAI),
                                architecture=resolve_architecture(architecture),
-                               chunk_size=chunk_size, dtype=DTYPES[dtype])
+                               chunk_size=chunk_size, dtype=resolve_dtype(dtype))
         return io.NodeOutput(_handle(model, "aesthetic"))
 
 
@@ -186,7 +197,7 @@ class DraftHPSv2Reward(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoint, architecture, dtype, chunk_size) -> io.NodeOutput:
         model = load_hpsv2(resolve_file(checkpoint, HPSV2), resolve_architecture(architecture),
-                           chunk_size=chunk_size, dtype=DTYPES[dtype])
+                           chunk_size=chunk_size, dtype=resolve_dtype(dtype))
         return io.NodeOutput(_handle(model, "hpsv2"))
 
 
@@ -210,7 +221,7 @@ class DraftPickScoreReward(io.ComfyNode):
     @classmethod
     def execute(cls, model_folder, dtype, chunk_size) -> io.NodeOutput:
         model = load_pickscore(resolve_file(model_folder, PICKSCORE, folder=True),
-                               chunk_size=chunk_size, dtype=DTYPES[dtype])
+                               chunk_size=chunk_size, dtype=resolve_dtype(dtype))
         return io.NodeOutput(_handle(model, "pickscore"))
 
 
@@ -238,7 +249,7 @@ class DraftClipScoreReward(io.ComfyNode):
     def execute(cls, weights, architecture, dtype, chunk_size) -> io.NodeOutput:
         model = load_clip_score(resolve_file(weights, CLIP_VIT_L14_OPENAI),
                                 resolve_architecture(architecture), chunk_size=chunk_size,
-                                dtype=DTYPES[dtype])
+                                dtype=resolve_dtype(dtype))
         return io.NodeOutput(_handle(model, "clip_score"))
 
 

@@ -93,12 +93,17 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def _resolve_precision(choice: str, patcher) -> str:
+    """``auto``: bf16 autocast where the device supports it, else fp16 with loss scaling on a GPU,
+    float32 on the CPU. The UNet, VAE decode and reward then compute in half precision while the
+    LoRA factors and AdamW's state stay float32."""
     if choice != "auto":
         return choice
-    dtype = patcher.model_dtype()
-    if patcher.load_device.type == "cpu":
+    device = patcher.load_device
+    if device.type == "cpu":
         return "no"
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+    if comfy.model_management.should_use_bf16(device):
+        return "bf16"
+    return "fp16"
 
 
 def clip_encoder(clip):

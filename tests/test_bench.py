@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_runs_and_checkpointing_cuts_saved_activations():
     cmd = [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--device", "cpu",
            "--steps", "4", "--ks", "1,4", "--resolution", "64", "--cfg", "0", "--reps", "1",
-           "--threads", "1", "--no-components", "--timeout", "300",
+           "--threads", "1", "--no-components", "--timeout", "300", "--no-peers",
            "--only", "sample,k1_ckpt,k4_ckpt,k4_nockpt,lv2_ckpt"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -31,3 +31,19 @@ def test_bench_runs_and_checkpointing_cuts_saved_activations():
     # checkpointed chain holds (its inputs only).
     assert rows["k4_nockpt"]["saved_peak_mib"] > 4 * rows["k4_ckpt"]["saved_peak_mib"], rows
     assert "full DRaFT" in proc.stdout and "plain sampling" in proc.stdout
+
+
+def test_bench_peers_against_trl_alignprop_runs_and_the_lean_update_holds_less():
+    """TRL 0.23.1's AlignProp update beside ours on the same UNet, SD VAE decoder and LoRA (4 steps,
+    64 px, one round): both run, and ours (decoder blocks checkpointed) holds less memory."""
+    cmd = [sys.executable, os.path.join(REPO, "tools", "bench_peers.py"), "--steps", "4",
+           "--resolution", "64", "--reps", "1", "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "trl_error" not in out, out
+    for key in ("mem_vs_trl_k1", "mem_vs_trl_full", "time_vs_trl_k1", "time_vs_trl_full"):
+        assert isinstance(out[key], float) and out[key] > 0, (key, out)
+    assert out["mem_vs_trl_k1"] < 1.0 and out["mem_vs_trl_full"] < 1.0, out
+    assert "COMFYUI_PATH" in out["ksampler_error"]

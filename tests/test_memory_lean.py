@@ -134,3 +134,22 @@ def test_running_statistics_update_once_per_update_when_rows_go_one_at_a_time():
         trainer.step()
         counts.append(int(reward.num_batches))
     assert counts == [2, 2]  # one fold per update, whether 1 call or 2 x 2 LV rows per update
+
+
+def test_memory_plan_is_fast_when_it_fits_lean_when_only_that_fits_and_refuses_otherwise():
+    from training.memory_plan import GIB, DoesNotFit, MemoryOptions, choose_plan
+    kw = dict(rows=2, cfg_branches=2, decode_bytes=1 * GIB, denoiser_row_bytes=0.2 * GIB)
+    roomy = choose_plan(MemoryOptions(), available_bytes=100 * GIB, **kw)
+    assert not roomy.block_checkpointing and not roomy.row_by_row
+    tight = choose_plan(MemoryOptions(), available_bytes=2 * GIB, **kw)
+    assert tight.block_checkpointing and tight.row_by_row
+    assert tight.lean_bytes < 2 * GIB < tight.fast_bytes
+    assert "the fast way needs" in tight.describe()
+    with pytest.raises(DoesNotFit, match="Lower the resolution, the batch size or the LV samples"):
+        choose_plan(MemoryOptions(), available_bytes=GIB // 2, **kw)
+    forced = choose_plan(MemoryOptions("on", "all at once"), available_bytes=100 * GIB, **kw)
+    assert forced.block_checkpointing and not forced.row_by_row
+    cond = choose_plan(MemoryOptions(cfg_gradient="conditional only"), available_bytes=100 * GIB, **kw)
+    assert cond.cond_only and cond.fast_bytes < roomy.fast_bytes
+    with pytest.raises(ValueError, match="rows must be one of"):
+        MemoryOptions(rows="sometimes")

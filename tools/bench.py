@@ -718,6 +718,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-components", dest="components", action="store_false",
                         help="skip the per-component timings of the sampling worker")
     parser.add_argument("--json-out", default="", help="also write the JSON object to this file")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="skip the comparison with TRL's AlignProp and ComfyUI's KSampler "
+                             "(tools/bench_peers.py)")
+    parser.add_argument("--peer-resolution", type=int, default=256,
+                        help="image side of the peer comparisons (SD VAE decoder at this size)")
     parser.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-time", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -841,9 +846,26 @@ def main(argv=None) -> int:
     if busy and max(busy) > 0.05:
         print(f"WARNING: other processes used up to {100 * max(busy):.0f}% of the CPU during the "
               f"bench; the timings are not reliable. Run it again on an idle machine.")
+    peers = {}
+    if args.peers:
+        import bench_peers
+        print("  peers: TRL AlignProp update and ComfyUI KSampler side by side ...", flush=True)
+        peers = bench_peers.compare(bench_peers.parse(
+            ["--steps", str(args.steps), "--resolution", str(args.peer_resolution),
+             "--ksampler-resolution", str(args.peer_resolution), "--reps", str(max(3, args.reps // 2)),
+             "--threads", str(args.threads)]))
+        for key, limit in {**bench_peers.TRL_TARGETS,
+                           "no_grad_sampling_vs_ksampler": bench_peers.KSAMPLER_TARGET}.items():
+            value = peers.get(key)
+            verdict = "not measured" if value is None else ("met" if value <= limit else "MISSED")
+            print(f"{key:40s} {fmt(value, '.3f'):>7s}  (target <= {limit})  {verdict}")
+        for key in ("trl_error", "ksampler_error"):
+            if key in peers:
+                print(f"  {key}: {str(peers[key])[:300]}")
     total = time.perf_counter() - started
     print(f"total bench time {total:.0f} s")
     out = dict(summary)
+    out.update(peers)
     out.update({
         "targets": {key: limit for key, (limit, _) in TARGETS.items()},
         "targets_met": targets_met,
