@@ -286,10 +286,30 @@ def rows_to_run(args) -> list:
         if model == "sdxl_1024" and "k1" in args.methods:
             rows.append(dict(model=model, method="k1", batch=1, mode="lean", lowvram=True,
                              steps=args.steps))
-    return rows
+    # The rows behind the targets first, the long full-DRaFT rows last (an interrupted run that
+    # is resumed with --reuse has the figures that matter most).
+    def priority(r):
+        return (r["method"] == "full", r["batch"] != 1, r["mode"] != "lean",
+                r["model"] == "sd21v_768")
+    return sorted(rows, key=priority)
+
+
+CACHE = os.path.join(REPO, ".cache", "vram")
+
+
+def _cache_name(row: dict, resolution: int) -> str:
+    return (f"{row['model']}_{row['method']}_b{row['batch']}_{row['mode']}_"
+            f"{'lowvram' if row['lowvram'] else 'full'}_s{row.get('steps')}_{resolution}.json")
 
 
 def run_row(row: dict, args) -> dict:
+    """One configuration in a fresh process; reuses the result cached under .cache/vram when
+    ``--reuse`` (rows take minutes each: an interrupted table resumes where it stopped)."""
+    res = args.resolution or MODELS[row["model"]]
+    cached = os.path.join(CACHE, _cache_name(row, res))
+    if args.reuse and os.path.exists(cached):
+        with open(cached) as f:
+            return json.load(f)
     cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(row)]
     if args.resolution:
         cmd += ["--resolution", str(args.resolution)]
@@ -338,6 +358,26 @@ def print_table(results: list) -> None:
           "tensors one update adds)")
 
 
+def print_markdown(results: list) -> None:
+    """The README's table: per configuration, the total before and after lean memory."""
+    by = {}
+    for r in results:
+        by.setdefault((r["model"], r["method"], r["batch"], r["lowvram"]), {})[r["mode"]] = r
+    names = {"lv2": "DRaFT-LV n=2", "k1": "DRaFT-1", "full": "full DRaFT (K=50)"}
+    print()
+    print("| model | update | batch | weights (GiB) | before: update / total (GiB) | lean: update / total (GiB) |")
+    print("|---|---|---|---|---|---|")
+    for (model, method, batch, lowvram), modes in sorted(by.items()):
+        any_row = next(iter(modes.values()))
+        weights = any_row["total_gib"] - any_row["peak_update_gib"]
+        cells = []
+        for mode in ("before", "lean"):
+            r = modes.get(mode)
+            cells.append("–" if r is None else f"{r['peak_update_gib']:.2f} / **{r['total_gib']:.2f}**")
+        label = f"{model}{' lowvram' if lowvram else ''}"
+        print(f"| {label} | {names[method]} | {batch} | {weights:.2f} | {cells[0]} | {cells[1]} |")
+
+
 def validate(steps: int = 3) -> dict:
     """The counter on real CPU tensors against the same update on fake tensors (a small UNet and
     VAE, float32, DRaFT-K with K = 1, both memory modes): relative difference of the peaks."""
@@ -366,6 +406,10 @@ def main(argv=None) -> int:
     parser.add_argument("--full-batches", action="store_true", help="full DRaFT at batch 4 too")
     parser.add_argument("--resolution", type=int, default=0, help="override every model's")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="measure nothing: report the rows found in .cache/vram (and list the rest)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse rows measured before (.cache/vram) instead of measuring again")
     parser.add_argument("--validate", action="store_true", help="check the counter (real vs fake)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -373,8 +417,12 @@ def main(argv=None) -> int:
     if args.one:
         row = json.loads(args.one)
         res = args.resolution or MODELS[row["model"]]
-        print(json.dumps(measure(row["model"], row["method"], row["batch"], row["mode"],
-                                 row["lowvram"], row.get("steps", args.steps), res)))
+        result = measure(row["model"], row["method"], row["batch"], row["mode"], row["lowvram"],
+                         row.get("steps", args.steps), res)
+        os.makedirs(CACHE, exist_ok=True)
+        with open(os.path.join(CACHE, _cache_name(row, res)), "w") as f:
+            json.dump(result, f)
+        print(json.dumps(result))
         return 0
     if args.validate:
         result = validate()
@@ -382,11 +430,24 @@ def main(argv=None) -> int:
         return 0 if all(v["relative_difference"] <= 0.02 for v in result.values()) else 1
 
     rows = rows_to_run(args)
-    print(f"make vram: {len(rows)} configurations on fake tensors, {args.jobs} at a time",
-          flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda r: run_row(r, args), rows))
+    if args.cached_only:
+        results, missing = [], []
+        for row in rows:
+            path = os.path.join(CACHE, _cache_name(row, args.resolution or MODELS[row["model"]]))
+            if os.path.exists(path):
+                with open(path) as f:
+                    results.append(json.load(f))
+            else:
+                missing.append(key_of(row))
+        print(f"make vram (cached rows only): {len(results)} measured, not measured: "
+              f"{', '.join(missing) or 'none'}")
+    else:
+        print(f"make vram: {len(rows)} configurations on fake tensors, {args.jobs} at a time",
+              flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(lambda r: run_row(r, args), rows))
     print_table(results)
+    print_markdown(results)
     summary = summarise(results)
     for key, check in summary["targets"].items():
         print(f"target {key}: {check['value']} (limit {check['limit']}) "
