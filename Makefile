@@ -3,6 +3,7 @@
 #   make demo    the quick-start workflow headless through real ComfyUI on a tiny generated checkpoint
 #   make bench   memory/time of DRaFT-K / DRaFT-LV vs plain sampling (not run in CI)
 #   make vram    peak memory of one update on the full-size SD1.5/SD2.1/SDXL architectures (fake tensors)
+#   make fidelity  DRaFT variants on a diffusion model trained on real digits -> docs/fidelity.md (not in CI)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.draft-deps
 COMFY_STAMP := $(VENV)/.draft-comfyui-deps
 
-.PHONY: test demo bench vram deps comfyui-deps clean
+.PHONY: test demo bench vram fidelity deps comfyui-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,9 @@ bench: deps
 
 vram: deps
 	$(PY) tools/vram.py
+
+fidelity: deps
+	$(PY) -m tools.fidelity.run
 
 clean:
 	rm -rf .cache bench_out demo_out .pytest_cache
