@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .report import LABELS, _curve
+import os
+
+from .report import LABELS
+
+NOTES = "notes.md"  # optional hand-written observations next to the figures, kept by --redoc
 
 CLAIMS = {
     "small_k_beats_full": "Small K beats full backpropagation per update (DRaFT-K, K=1, vs K=T)",
@@ -21,7 +25,7 @@ def _f(x, spec=".3f"):
     return format(x, spec)
 
 
-def markdown(results: dict, claims: dict, figures: list) -> str:
+def markdown(results: dict, claims: dict, figures: list, fig_dir: str = "") -> str:
     b = results["budget"]
     cfg = results["config"]
     base = results["base"]
@@ -95,7 +99,8 @@ def markdown(results: dict, claims: dict, figures: list) -> str:
     w("Samples after training (seed 0, first 16 held-out seeds), one row per method in the order "
       + ", ".join(LABELS[k] for k in results["runs"]) + ":\n")
     w("![samples per method](fidelity/samples_methods.png)\n")
-    w("DRaFT-LV n=2 after training, the same 64 held-out seeds as the base grid above:\n")
+    w(f"DRaFT-LV n=2 after training (seed 0), the same {b['eval_seeds']} held-out seeds as the "
+      f"base grid above:\n")
     w("![after LV](fidelity/samples_after_lv2.png)\n")
     w("## Gradient variance and gradient norm\n")
     gv = results["grad_variance"]
@@ -138,6 +143,23 @@ def markdown(results: dict, claims: dict, figures: list) -> str:
     w("\n![hacking](fidelity/hacking.png)\n")
     w("Samples at the end of each long run (one row per KL coefficient, in the order above):\n")
     w("![long runs](fidelity/samples_long_runs.png)\n")
+    notes = os.path.join(fig_dir, NOTES)
+    if fig_dir and os.path.exists(notes):
+        w("## Observations (written by hand after looking at this run's grids and numbers)\n")
+        with open(notes) as f:
+            w(f.read().strip() + "\n")
+    w("## Caveats\n")
+    w("* The reward classifier is confident: a clear non-target digit scores about -20 to -30, "
+      "so the mean reward is dominated by the samples that are not yet the target; the judged "
+      "fraction is the easier number to read.")
+    w(f"* T = {b['steps']} DDIM steps (not the paper's 50) to fit the CPU budget; K = "
+      f"{b['steps']} is full backpropagation. The denoiser clips its x0 prediction to [-1, 1] "
+      "(DDPM's `clip_sample`), which zeroes the gradient of clipped pixels.")
+    w("* Gradient variance and norm are measured at the base model with a fresh LoRA (`up` = 0), "
+      "so the gradient lives on the `up` factors only; it is the gradient of the first update.")
+    w("* One model, one reward, one target digit, 3 seeds: a spread over seeds, not a "
+      "confidence interval. Wall times depend on the load of the machine (see below).")
+    w("")
     w("## The run\n")
     w(f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} threads; "
       f"load average at the end {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}. "

@@ -44,19 +44,19 @@ class Budget:
     """Sizes of every measurement (``full`` for ``make fidelity``, ``tiny`` for the CI smoke)."""
 
     steps: int = 15                 # DDIM sampling steps T
-    updates: int = 40               # optimizer updates per method run
+    updates: int = 60               # optimizer updates per method run
     eval_every: int = 10            # updates between held-out evaluations
     eval_seeds: int = 32            # held-out noise seeds per evaluation
     batch_size: int = 4             # samples per update (the paper's small setting)
-    learning_rate: float = 1e-3
+    learning_rate: float = 4e-4       # the paper's small-run setting (TrainSettings default)
     rank: int = 4
     seeds: tuple = (0, 1, 2)
     var_draws: int = 24             # noise draws for the gradient variance
     var_batch: int = 1              # samples per gradient in the variance measurement
     norm_ks: tuple = (1, 2, 5, 10, 15)
     norm_draws: int = 6
-    long_updates: int = 160         # the reward-hacking run
-    long_eval_every: int = 20
+    long_updates: int = 300         # the reward-hacking run
+    long_eval_every: int = 30
     kl_coeffs: tuple = (0.0, 10.0)
     strengths: tuple = (0.0, 0.25, 0.5, 1.0, 1.5)
     strength_method: str = "draft_lv2"

@@ -6,7 +6,9 @@
   penultimate layer.
 * :class:`SigmaDenoiser` -- the UNet as the engine's denoiser: ``(x, sigma (B,), idx) -> x0`` with
   ``x0 = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma))`` (a VP/EPS model in sigma space, like
-  ComfyUI's ``ModelSamplingDiscrete``; ``t`` is the nearest of the 1000 training timesteps).
+  ComfyUI's ``ModelSamplingDiscrete``; ``t`` is the nearest of the 1000 training timesteps), ``x0``
+  clipped to the data range [-1, 1] as DDPM/DDIM pixel-space samplers do (``clip_sample``; without
+  it about one sample in six ends as speckle noise).
 * ``train_denoiser`` / ``train_classifier`` -- seeded training, cached as ``.pt`` files.
 """
 from __future__ import annotations
@@ -108,7 +110,8 @@ def lora_targets(unet: TinyUNet) -> list:
 class SigmaDenoiser(nn.Module):
     """The EPS UNet as the engine's ``(x, sigma (B,), prompt_index (B,)) -> x0`` (see module doc).
 
-    The prompt index is ignored: the model is unconditional."""
+    The prompt index is ignored: the model is unconditional. ``x0`` is clipped to [-1, 1] (zero
+    gradient where a pixel is clipped)."""
 
     def __init__(self, unet: TinyUNet):
         super().__init__()
@@ -120,7 +123,7 @@ class SigmaDenoiser(nn.Module):
         s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
         t = (sigma.float().log()[None, :] - self.log_sigmas[:, None]).abs().argmin(dim=0)
         eps = self.unet(x / torch.sqrt(1.0 + s ** 2), t)
-        return x - s * eps
+        return (x - s * eps).clamp(-1.0, 1.0)
 
 
 def vp_initial_latent(sigma_max: float):

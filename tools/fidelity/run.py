@@ -57,6 +57,19 @@ def build_models(cfg: dict, cache: str, sp: dict) -> tuple:
                                      "judge": t_judge}, c1 and c2 and c3
 
 
+def redoc(out: str) -> int:
+    """Re-render the report and plots of a finished run (no training); prints the JSON line."""
+    fig_dir = os.path.join(out, "fidelity")
+    with open(os.path.join(fig_dir, "results.json")) as f:
+        results = json.load(f)
+    claims = results["claims"]
+    figures = plots(results, fig_dir)
+    with open(os.path.join(out, "fidelity.md"), "w") as f:
+        f.write(markdown(results, claims, figures, fig_dir))
+    print(json.dumps(summary(results, claims)), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CI smoke budget (seconds)")
@@ -67,7 +80,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: these small ops gain little from 2, and lose a lot on a "
                         "shared machine)")
+    p.add_argument("--redoc", action="store_true",
+                   help="only re-render <out>/fidelity.md and the plots from the saved results.json")
     args = p.parse_args(argv)
+    if args.redoc:
+        return redoc(args.out)
     torch.set_num_threads(args.threads)
     cfg = TINY if args.tiny else FULL
     budget: Budget = cfg["budget"]
@@ -166,7 +183,7 @@ def main(argv=None) -> int:
     write_json(os.path.join(fig_dir, "results.json"), results)
     figures = plots(results, fig_dir)
     with open(os.path.join(args.out, "fidelity.md"), "w") as f:
-        f.write(markdown(results, claims, figures))
+        f.write(markdown(results, claims, figures, fig_dir))
     for name, c in claims.items():
         log(f"  {name}: {c['verdict']} -- {c['numbers']}")
     log(f"[total {phases['total']:.0f}s]")
