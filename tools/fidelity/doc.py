@@ -21,10 +21,6 @@ CLAIMS = {
 VERDICT = {"held": "**held**", "not": "**did not hold**", "unclear": "**unclear**"}
 
 
-def _f(x, spec=".3f"):
-    return format(x, spec)
-
-
 def markdown(results: dict, claims: dict, figures: list, fig_dir: str = "") -> str:
     b = results["budget"]
     cfg = results["config"]

@@ -17,8 +17,6 @@ import json
 import math
 import os
 import time
-from typing import Optional
-
 import torch
 from torch import nn
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
@@ -25,7 +25,7 @@ if REPO not in sys.path:
 from tools.fidelity.data import splits, to_unit  # noqa: E402
 from tools.fidelity.doc import markdown  # noqa: E402
 from tools.fidelity.experiments import METHODS, Budget, Lab  # noqa: E402
-from tools.fidelity.metrics import grid_image, judge_scores, nn_distance  # noqa: E402
+from tools.fidelity.metrics import grid_image, nn_distance  # noqa: E402
 from tools.fidelity.models import (DigitClassifier, TinyUNet, accuracy, cached,  # noqa: E402
                                    train_classifier, train_denoiser)
 from tools.fidelity.report import decide_claims, plots, summary, write_json  # noqa: E402
