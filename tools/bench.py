@@ -173,6 +173,7 @@ class Setup:
         self.context = torch.randn(len(self.prompts), 77, dim, generator=g).to(device)
         self.uncond = torch.randn(1, 77, dim, generator=g).to(device)
         self.cfg = float(args.cfg)
+        self.cond_only = bool(getattr(args, "cond_only", False))
         setup = self
 
         class Denoiser(nn.Module):
@@ -184,6 +185,13 @@ class Setup:
                 # ComfyUI's ModelSamplingDiscrete.timestep: nearest log-sigma of the 1000.
                 t = (sigma.float().log()[None, :] - setup.log_sigmas[:, None]).abs().argmin(dim=0)
                 ctx = setup.context[prompt_index]
+                if setup.cfg > 0 and setup.cond_only:  # unconditional branch without gradient
+                    eps_c = setup.unet(x_in, t, encoder_hidden_states=ctx, return_dict=False)[0]
+                    with torch.no_grad():
+                        eps_u = setup.unet(x_in, t, encoder_hidden_states=setup.uncond.expand(
+                            x.shape[0], -1, -1), return_dict=False)[0]
+                    eps = eps_u + setup.cfg * (eps_c - eps_u)
+                    return x - s * eps.to(x.dtype)
                 if setup.cfg > 0:
                     x_in, t = torch.cat([x_in, x_in]), torch.cat([t, t])
                     ctx = torch.cat([setup.uncond.expand(x.shape[0], -1, -1), ctx])
