@@ -21,6 +21,7 @@ import folder_paths
 from ..reward_models import (AESTHETIC_HEAD, CLIP_VIT_L14_OPENAI, HPSV2, PICKSCORE, PUBLISHED,
                              MissingWeightsFileError, OutputSelectingEncoder, download, download_hint,
                              load_aesthetic, load_clip_score, load_hpsv2, load_pickscore)
+from . import validation
 from .comfy_glue import reward_patcher
 from .reward_types import DraftReward, RewardHandle
 
@@ -155,6 +156,10 @@ class DraftAestheticReward(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
+
+    @classmethod
     def execute(cls, head, clip_weights, architecture, dtype, chunk_size, clip_vision=None) -> io.NodeOutput:
         head_path = resolve_file(head, AESTHETIC_HEAD)
         if clip_vision is not None:
@@ -195,6 +200,10 @@ class DraftHPSv2Reward(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
+
+    @classmethod
     def execute(cls, checkpoint, architecture, dtype, chunk_size) -> io.NodeOutput:
         model = load_hpsv2(resolve_file(checkpoint, HPSV2), resolve_architecture(architecture),
                            chunk_size=chunk_size, dtype=resolve_dtype(dtype))
@@ -217,6 +226,10 @@ class DraftPickScoreReward(io.ComfyNode):
             ],
             outputs=[DraftReward.Output(display_name="reward", tooltip="The PickScore reward (needs prompts).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, model_folder, dtype, chunk_size) -> io.NodeOutput:
@@ -246,6 +259,10 @@ class DraftClipScoreReward(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
+
+    @classmethod
     def execute(cls, weights, architecture, dtype, chunk_size) -> io.NodeOutput:
         model = load_clip_score(resolve_file(weights, CLIP_VIT_L14_OPENAI),
                                 resolve_architecture(architecture), chunk_size=chunk_size,
@@ -272,6 +289,10 @@ class DraftDownloadRewardWeights(io.ComfyNode):
             outputs=[io.String.Output(display_name="path", tooltip="Where the files were written.")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, weights, i_want_to_download) -> io.NodeOutput:

@@ -31,9 +31,9 @@ class DraftSaveLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename_prefix):
+    def validate_inputs(cls, **kwargs):
         # Checked when the prompt is queued, not after the trainer upstream has run for hours.
-        return validation.lora_name_check(filename_prefix)
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, lora, filename_prefix, precision, also_diffusers_folder, model=None) -> io.NodeOutput:

@@ -96,7 +96,7 @@ class DraftTrainerNode(io.ComfyNode):
                 DraftHistory.Output(display_name="history", tooltip="Reward per iteration (NaN for skipped steps) and run details."),
                 io.Image.Output(display_name="reward_curve", tooltip="The reward curve with its moving average, labelled axes."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -105,10 +105,9 @@ class DraftTrainerNode(io.ComfyNode):
         return lora_files.file_fingerprint(resume_lora)
 
     @classmethod
-    def validate_inputs(cls, lora_name):
-        # Only lora_name is declared: ComfyUI checks every other input's range and choices itself
-        # (nodes/validation.py says why); the rest is checked at the start of execute.
-        return validation.lora_name_check(lora_name)
+    def validate_inputs(cls, **kwargs):
+        # Every input, once, when queued; the rest at the start of execute (nodes/validation.py).
+        return validation.check_queued(cls, kwargs)
 
     @classmethod
     def execute(cls, model, vae, clip, reward, sampler, prompt_set, prompts, negative_prompt,
@@ -117,7 +116,8 @@ class DraftTrainerNode(io.ComfyNode):
                 seed, mixed_precision, kl_coeff, save_every, preview_every, lora_name,
                 resume_lora, sigmas=None, memory=None) -> io.NodeOutput:
         values = dict(locals())
-        checked = validation.check_trainer(cls, values, model, vae, sampler, sigmas)
+        checked = validation.check_trainer(cls, values, model, vae, sampler, sigmas,
+                                           prompt=cls.hidden.prompt, node_id=cls.hidden.unique_id)
         settings = sampler.draft_settings
         train = TrainSettings(iterations=iterations, batch_size=batch_size,
                               grad_accum=grad_accumulation, learning_rate=learning_rate,

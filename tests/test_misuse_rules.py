@@ -10,8 +10,8 @@ import torch
 
 from training import SamplerSettings
 from training import lora_io, safe_files
-from training.input_rules import (rank_problem, resume_iteration_problem, resume_mismatch,
-                                  schedule_problem)
+from training.input_rules import (lora_ranks_alphas, rank_problem, resume_iteration_problem,
+                                  resume_mismatch, schedule_problem)
 from training.lora import LoRADelta, LoRASet
 from training.toy_models import colour_reward
 
@@ -157,9 +157,10 @@ def test_rank_and_resume_rules():
     widths = {"narrow": (4, 64), "wide": (64, 64)}
     assert rank_problem(4, widths) is None
     assert "at most 4" in rank_problem(5, widths) and "narrow" in rank_problem(5, widths)
-    lora = _lora()  # rank 2, alpha 2
-    assert resume_mismatch(lora, 2, 2.0) is None
-    assert "rank 2" in resume_mismatch(lora, 8, 2.0)
-    assert "alpha 2" in resume_mismatch(lora, 2, 8.0)
+    ranks, alphas = lora_ranks_alphas(_lora())  # rank 2, alpha 2
+    assert resume_mismatch(ranks, alphas, 2, 2.0) is None
+    assert "rank 2" in resume_mismatch(ranks, alphas, 8, 2.0)
+    assert "alpha 2" in resume_mismatch(ranks, alphas, 2, 8.0)
+    assert "2..4" in resume_mismatch([2, 4], [2.0, 2.0], 2, 2.0)
     assert resume_iteration_problem(3, 5) is None
     assert "above 5" in resume_iteration_problem(5, 5)

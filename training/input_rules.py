@@ -60,13 +60,15 @@ def rank_problem(rank: int, widths: dict) -> Optional[str]:
             f"layer: use at most {narrowest}")
 
 
-def resume_mismatch(lora: LoRASet, rank: int, alpha: float) -> Optional[str]:
-    """The rank/alpha a resume file was trained with, when they differ from the widgets' ones.
+def resume_mismatch(ranks, alphas, rank: int, alpha: float) -> Optional[str]:
+    """The ranks/alphas a resume file's layers were trained with, when they differ from the
+    widgets' ``rank``/``alpha``.
 
     A resumed LoRA keeps the file's factors, so a different rank or alpha in the settings would
     be silently ignored: refuse it instead."""
-    ranks = sorted({d.rank for _, d in lora.items()})
-    alphas = sorted({float(d.alpha) for _, d in lora.items()})
+    ranks, alphas = sorted({int(r) for r in ranks}), sorted({float(a) for a in alphas})
+    if not ranks:
+        return "the file holds no LoRA layers"
     if ranks != [int(rank)] or not all(math.isclose(a, float(alpha), rel_tol=1e-6) for a in alphas):
         shown_r = ranks[0] if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
         shown_a = f"{alphas[0]:g}" if len(alphas) == 1 else f"{alphas[0]:g}..{alphas[-1]:g}"
@@ -74,6 +76,11 @@ def resume_mismatch(lora: LoRASet, rank: int, alpha: float) -> Optional[str]:
                 f"lora_rank {rank}, lora_alpha {float(alpha):g}: set them to the file's values to "
                 "resume, or choose resume_lora 'none' to start a new LoRA")
     return None
+
+
+def lora_ranks_alphas(lora: LoRASet) -> tuple:
+    """``(ranks, alphas)`` of a LoRASet's layers, for :func:`resume_mismatch`."""
+    return [d.rank for _, d in lora.items()], [float(d.alpha) for _, d in lora.items()]
 
 
 def resume_iteration_problem(done: int, total: int) -> Optional[str]:
