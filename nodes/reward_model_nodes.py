@@ -305,3 +305,38 @@ class DraftDownloadRewardWeights(io.ComfyNode):
 
 NODES = [DraftAestheticReward, DraftHPSv2Reward, DraftPickScoreReward, DraftClipScoreReward,
          DraftDownloadRewardWeights]
+
+
+# -- checked when the prompt is queued (nodes/validation.py): missing files say what to put where --
+def _file_rule(*inputs):
+    """A queue-time rule: each ``(input, spec, is_folder)`` must name a file that is there."""
+    def rule(values: dict) -> list:
+        out = []
+        for name, spec, is_folder in inputs:
+            if isinstance(values.get(name), str):
+                try:
+                    resolve_file(values[name], spec, folder=is_folder)
+                except MissingWeightsFileError as e:
+                    out.append((name, str(e)))
+        return out
+    return rule
+
+
+def _aesthetic_rule(values: dict) -> list:
+    out = _file_rule(("head", AESTHETIC_HEAD, False))(values)
+    clip = values.get("clip_weights")
+    if isinstance(clip, str) and clip.startswith("(") and "clip_vision" not in values:
+        out.append(("clip_weights", "no CLIP ViT-L/14 backbone: connect a CLIP_VISION "
+                    "(CLIPVisionLoader with clip-vit-large-patch14) or pick open_clip weights. "
+                    + download_hint(CLIP_VIT_L14_OPENAI, _folder_hint())))
+    elif isinstance(clip, str) and not clip.startswith("(") and "clip_vision" not in values:
+        out += _file_rule(("clip_weights", CLIP_VIT_L14_OPENAI, False))(values)
+    return out
+
+
+validation.NODE_RULES.update({
+    "DRaFTAestheticReward": _aesthetic_rule,
+    "DRaFTHPSv2Reward": _file_rule(("checkpoint", HPSV2, False)),
+    "DRaFTPickScoreReward": _file_rule(("model_folder", PICKSCORE, True)),
+    "DRaFTClipScoreReward": _file_rule(("weights", CLIP_VIT_L14_OPENAI, False)),
+})

@@ -202,8 +202,9 @@ def other_node_problems(prompt, own_id) -> list:
         if str(nid) == str(own_id) or not kind.startswith("DRaFT") or node_cls is None \
                 or not hasattr(node_cls, "define_schema"):
             continue
-        values = {k: (v["__value__"] if isinstance(v, dict) and "__value__" in v else v)
-                  for k, v in node.get("inputs", {}).items() if not isinstance(v, list)}
+        values = {k: None if isinstance(v, list)  # a link, as validate_inputs sees it
+                  else v["__value__"] if isinstance(v, dict) and "__value__" in v else v
+                  for k, v in node.get("inputs", {}).items()}
         try:
             check_queued(node_cls, values)
         except InputError as e:
