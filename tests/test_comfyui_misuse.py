@@ -2,7 +2,6 @@
 (marker ``comfyui``): every bad input is refused before a model is loaded or an iteration runs,
 once, naming the input; every LoRA file says exactly how many updates its weights hold."""
 import json
-import math
 import os
 import time
 import urllib.error
