@@ -13,7 +13,7 @@ import torch
 
 import folder_paths
 
-from ..training import lora_io
+from ..training import lora_io, safe_files
 from ..training.lora import LoRADelta, LoRASet
 from .lora_keys import lora_file_facts
 
@@ -43,6 +43,10 @@ def safe_lora_path(prefix: str, suffix: str) -> str:
     if prefix.startswith("/") or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"LoRA name {prefix!r} must be a plain name inside models/loras "
                          "(sub-folders allowed; no absolute paths, '..' or empty parts)")
+    problem = safe_files.portable_name_problem(prefix)
+    if problem:
+        raise ValueError(f"LoRA name {prefix!r}: {problem}; choose another name (letters, digits, "
+                         "'-', '_', '.', sub-folders with '/')")
     root = os.path.realpath(loras_root())
     path = os.path.realpath(os.path.join(root, *parts[:-1], parts[-1] + suffix))
     if os.path.commonpath([root, path]) != root:
@@ -171,7 +175,8 @@ def load_for_resume(name: str, diffusion_model, names, model):
     """(LoRASet over ``names`` in their order, trainer state or None) from a file in models/loras.
 
     The file must hold exactly the target layers (strict: a LoRA of other targets or another
-    architecture is refused). Optimizer state (our side file) is restored when it is there.
+    architecture is refused). Optimizer state (our side file) is restored when it is there;
+    without it, :func:`state_from_metadata` continues the step count with a fresh optimizer.
     """
     path = folder_paths.get_full_path("loras", name)
     if not path:
@@ -180,5 +185,22 @@ def load_for_resume(name: str, diffusion_model, names, model):
     shapes = {n: tuple(modules[n].weight.shape) for n in names}
     lora = lora_io.load_kohya(path, lora_file_facts(model)["name_map"], shapes)
     state_file = lora_io.state_path_for(path)
-    state = lora_io.load_training_state(state_file, lora) if os.path.exists(state_file) else None
-    return lora, state
+    if os.path.exists(state_file):
+        return lora, lora_io.load_training_state(state_file, lora)
+    return lora, state_from_metadata(path)
+
+
+def state_from_metadata(path: str) -> dict:
+    """Trainer state for a LoRA without its side file: the step count its metadata records
+    (``draft_iteration``; 0 for a file from another trainer), no optimizer state (a fresh AdamW),
+    unknown (NaN) rewards for the earlier updates. ``"fresh_optimizer": True`` marks it."""
+    from safetensors import safe_open
+    with safe_open(path, "pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+    try:
+        done = max(0, int(meta.get("draft_iteration", "0")))
+        skipped = max(0, int(meta.get("draft_skipped_steps", "0")))
+    except ValueError:
+        done, skipped = 0, 0
+    return {"iteration": done, "skipped_steps": skipped, "history": [float("nan")] * done,
+            "optimizer": None, "scaler": None, "fresh_optimizer": True}

@@ -41,6 +41,15 @@ def set_summary(node, text: str) -> None:
         state["text"] = text
 
 
+def node_text(node, text: str) -> None:
+    """Show ``text`` on the node now (ComfyUI's progress text), e.g. a warning at the start of a run."""
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, str(node))
+    except Exception:  # no server, or a ComfyUI without progress text
+        pass
+
+
 class RunEvents:
     """Sends one event per iteration for trainer node ``node`` and keeps its state for reloads."""
 

@@ -21,6 +21,7 @@ import folder_paths
 from ..reward_models import (AESTHETIC_HEAD, CLIP_VIT_L14_OPENAI, HPSV2, PICKSCORE, PUBLISHED,
                              MissingWeightsFileError, OutputSelectingEncoder, download, download_hint,
                              load_aesthetic, load_clip_score, load_hpsv2, load_pickscore)
+from . import validation
 from .comfy_glue import reward_patcher
 from .reward_types import DraftReward, RewardHandle
 
@@ -155,6 +156,10 @@ class DraftAestheticReward(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
+
+    @classmethod
     def execute(cls, head, clip_weights, architecture, dtype, chunk_size, clip_vision=None) -> io.NodeOutput:
         head_path = resolve_file(head, AESTHETIC_HEAD)
         if clip_vision is not None:
@@ -195,6 +200,10 @@ class DraftHPSv2Reward(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
+
+    @classmethod
     def execute(cls, checkpoint, architecture, dtype, chunk_size) -> io.NodeOutput:
         model = load_hpsv2(resolve_file(checkpoint, HPSV2), resolve_architecture(architecture),
                            chunk_size=chunk_size, dtype=resolve_dtype(dtype))
@@ -217,6 +226,10 @@ class DraftPickScoreReward(io.ComfyNode):
             ],
             outputs=[DraftReward.Output(display_name="reward", tooltip="The PickScore reward (needs prompts).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, model_folder, dtype, chunk_size) -> io.NodeOutput:
@@ -244,6 +257,10 @@ class DraftClipScoreReward(io.ComfyNode):
             ],
             outputs=[DraftReward.Output(display_name="reward", tooltip="The CLIP score reward (needs prompts).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, weights, architecture, dtype, chunk_size) -> io.NodeOutput:
@@ -274,6 +291,10 @@ class DraftDownloadRewardWeights(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
+
+    @classmethod
     def execute(cls, weights, i_want_to_download) -> io.NodeOutput:
         spec = PUBLISHED[weights]
         folder = _folder_hint()
@@ -284,3 +305,38 @@ class DraftDownloadRewardWeights(io.ComfyNode):
 
 NODES = [DraftAestheticReward, DraftHPSv2Reward, DraftPickScoreReward, DraftClipScoreReward,
          DraftDownloadRewardWeights]
+
+
+# -- checked when the prompt is queued (nodes/validation.py): missing files say what to put where --
+def _file_rule(*inputs):
+    """A queue-time rule: each ``(input, spec, is_folder)`` must name a file that is there."""
+    def rule(values: dict) -> list:
+        out = []
+        for name, spec, is_folder in inputs:
+            if isinstance(values.get(name), str):
+                try:
+                    resolve_file(values[name], spec, folder=is_folder)
+                except MissingWeightsFileError as e:
+                    out.append((name, str(e)))
+        return out
+    return rule
+
+
+def _aesthetic_rule(values: dict) -> list:
+    out = _file_rule(("head", AESTHETIC_HEAD, False))(values)
+    clip = values.get("clip_weights")
+    if isinstance(clip, str) and clip.startswith("(") and "clip_vision" not in values:
+        out.append(("clip_weights", "no CLIP ViT-L/14 backbone: connect a CLIP_VISION "
+                    "(CLIPVisionLoader with clip-vit-large-patch14) or pick open_clip weights. "
+                    + download_hint(CLIP_VIT_L14_OPENAI, _folder_hint())))
+    elif isinstance(clip, str) and not clip.startswith("(") and "clip_vision" not in values:
+        out += _file_rule(("clip_weights", CLIP_VIT_L14_OPENAI, False))(values)
+    return out
+
+
+validation.NODE_RULES.update({
+    "DRaFTAestheticReward": _aesthetic_rule,
+    "DRaFTHPSv2Reward": _file_rule(("checkpoint", HPSV2, False)),
+    "DRaFTPickScoreReward": _file_rule(("model_folder", PICKSCORE, True)),
+    "DRaFTClipScoreReward": _file_rule(("weights", CLIP_VIT_L14_OPENAI, False)),
+})

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..reward_models import STATISTICS, CombinedReward, ImageStatReward
+from . import validation
 from .reward_types import DraftReward, RewardHandle
 
 COMBINE_SLOTS = 4
@@ -29,6 +30,10 @@ class DraftImageStatReward(io.ComfyNode):
             ],
             outputs=[DraftReward.Output(display_name="reward", tooltip="The reward, for DRaFT Trainer, Combine or Evaluate.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, statistic, goal, target) -> io.NodeOutput:
@@ -60,6 +65,10 @@ class DraftCombineRewards(io.ComfyNode):
             inputs=inputs,
             outputs=[DraftReward.Output(display_name="reward", tooltip="The combined reward.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs):
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, reward_1, weight_1, weight_2=1.0, weight_3=1.0, weight_4=1.0,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from . import lora_files
+from . import lora_files, validation
 
 
 class DraftSaveLoRA(io.ComfyNode):
@@ -31,6 +31,12 @@ class DraftSaveLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **kwargs):
+        # Checked when the prompt is queued, not after the trainer upstream has run for hours.
+        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
+
+    @classmethod
     def execute(cls, lora, filename_prefix, precision, also_diffusers_folder, model=None) -> io.NodeOutput:
+        validation.check_save_lora(filename_prefix)
         path = lora_files.save_final(lora, filename_prefix, precision, also_diffusers_folder, model)
         return io.NodeOutput(path, ui=ui.PreviewText(f"saved models/loras/{path}"))

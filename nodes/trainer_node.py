@@ -7,14 +7,13 @@ from comfy_api.latest import io, ui
 import comfy.samplers
 
 from ..training.plot import reward_curve_image
-from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
+from ..training.prompt_sets import PROMPT_SETS
 from ..training.memory_plan import MemoryOptions
 from ..training.trainer import TrainSettings
-from . import lora_files, progress_events
+from . import lora_files, progress_events, validation
 from .memory_options_node import DraftMemory
 from .comfy_glue import TARGET_SETS
 from .reward_types import DraftReward
-from .sampler_node import DraftKSampler
 from .training_run import RunConfig, TrainingRun, clip_encoder
 
 DraftHistory = io.Custom("DRAFT_HISTORY")
@@ -97,7 +96,7 @@ class DraftTrainerNode(io.ComfyNode):
                 DraftHistory.Output(display_name="history", tooltip="Reward per iteration (NaN for skipped steps) and run details."),
                 io.Image.Output(display_name="reward_curve", tooltip="The reward curve with its moving average, labelled axes."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -106,10 +105,9 @@ class DraftTrainerNode(io.ComfyNode):
         return lora_files.file_fingerprint(resume_lora)
 
     @classmethod
-    def validate_inputs(cls, resume_lora="none", **kwargs):
-        if resume_lora not in (None, "none") and resume_lora not in lora_files.resume_choices():
-            return f"resume LoRA '{resume_lora}' not found in models/loras"
-        return True
+    def validate_inputs(cls, **kwargs):
+        # Every input, once, when queued; the rest at the start of execute (nodes/validation.py).
+        return validation.check_queued(cls, kwargs)
 
     @classmethod
     def execute(cls, model, vae, clip, reward, sampler, prompt_set, prompts, negative_prompt,
@@ -117,15 +115,16 @@ class DraftTrainerNode(io.ComfyNode):
                 learning_rate, weight_decay, grad_clip, lora_rank, lora_alpha, target_modules,
                 seed, mixed_precision, kl_coeff, save_every, preview_every, lora_name,
                 resume_lora, sigmas=None, memory=None) -> io.NodeOutput:
-        settings = getattr(sampler, "draft_settings", None)
-        if settings is None or not isinstance(sampler, DraftKSampler):
-            raise ValueError("DRaFT Trainer needs a DRaFT Sampler node in its 'sampler' input")
+        values = dict(locals())
+        checked = validation.check_trainer(cls, values, model, vae, sampler, sigmas,
+                                           prompt=cls.hidden.prompt, node_id=cls.hidden.unique_id)
+        settings = sampler.draft_settings
         train = TrainSettings(iterations=iterations, batch_size=batch_size,
                               grad_accum=grad_accumulation, learning_rate=learning_rate,
                               weight_decay=weight_decay, grad_clip=grad_clip, kl_coeff=kl_coeff,
                               seed=seed)
         config = RunConfig(
-            prompts=resolve_prompts(prompt_set, prompts), negative_prompt=negative_prompt,
+            prompts=checked["prompts"], negative_prompt=negative_prompt,
             sampler=settings, steps=steps, scheduler=scheduler, cfg=cfg, width=width,
             height=height, train=train, rank=lora_rank, alpha=lora_alpha,
             target_set=target_modules, mixed_precision=mixed_precision, save_every=save_every,
@@ -149,6 +148,7 @@ class DraftTrainerNode(io.ComfyNode):
                 if finite else "no finite reward")
         if result.skipped:
             text += f", {len(result.skipped)} skipped (non-finite)"
+        text = "\n".join([text, *result.notes])
         progress_events.set_summary(cls.hidden.unique_id, text)
         return io.NodeOutput(model_out, lora_out, history, _pil_to_image(curve),
                              ui=ui.PreviewText(text))

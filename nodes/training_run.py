@@ -65,6 +65,7 @@ class RunResult:
     saved: list = field(default_factory=list)
     iteration: int = 0
     metadata: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # things the user should know (shown on the node)
 
 
 class _OptimisationLoop(comfy.samplers.Sampler):
@@ -258,6 +259,13 @@ class TrainingRun:
             trainer.load_state_dict(st["resume_state"])
         result = RunResult(lora=lora, history=list(trainer.history), skipped=[],
                            iteration=trainer.iteration)
+        if st["resume_state"] is not None and st["resume_state"].get("fresh_optimizer"):
+            note = (f"resumed {cfg.resume_lora} without its .draft_state side file: continuing "
+                    f"from iteration {trainer.iteration} with a fresh optimizer (AdamW moments "
+                    "restart, so the run is not bit-identical to an uninterrupted one)")
+            log.warning("DRaFT: %s", note)
+            result.notes.append(note)
+            progress_events.node_text(cfg.node_id, note)
         self.result = result
         self._loop(trainer, result)
 
@@ -319,8 +327,18 @@ class TrainingRun:
                          trainer.iteration, total, report.reward, ma, report.seconds,
                          " SKIPPED" if report.skipped else "")
         except comfy.model_management.InterruptProcessingException:
+            # trainer.iteration counts finished updates only: the interrupted one left no trace.
+            if trainer.iteration == events.start_iteration:
+                note = (f"cancelled before update {trainer.iteration + 1} finished: nothing saved "
+                        "(no update of this run is in the weights)")
+                log.info("DRaFT: %s", note)
+                events.finished(interrupted=True, saved=None)
+                progress_events.set_summary(cfg.node_id, note)
+                raise
             path = self._save(trainer, result, partial=True, tag=f"step{trainer.iteration:05d}_partial")
             events.finished(interrupted=True, saved=path)
+            progress_events.set_summary(cfg.node_id, f"cancelled after {trainer.iteration} updates; "
+                                                     f"saved {lora_files.relative_to_loras(path)}")
             raise
         events.finished(interrupted=False, saved=result.saved[-1] if result.saved else None)
         result.metadata = self._metadata(trainer, partial=False)

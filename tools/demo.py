@@ -1,12 +1,14 @@
 """``make demo``: run the quick-start template headless through the real ComfyUI engine.
 
-* ComfyUI: ``COMFYUI_PATH``, or the ComfyUI this folder is installed in (``custom_nodes/..``).
+* ComfyUI: ``COMFYUI_PATH``, or the ComfyUI this folder is installed in (``custom_nodes/..``),
+  or else a clone of ``COMFYUI_GIT_URL`` at ``COMFYUI_REF`` (default: the official repository
+  at v0.3.64) in ``.cache/ComfyUI`` with its requirements minus torch (tools/comfyui_bootstrap.py).
 * Checkpoint: ``CKPT=/path/to/model.safetensors`` for a real one (the template's settings are used
   as they are); otherwise a tiny random SD1.5 checkpoint is generated and the template is shrunk
   to 64 px, 10 steps, so the demo takes a couple of minutes on a CPU.
 * Prints the reward per iteration and, as its last line, one JSON object:
   ``{"reward_before": mean over 8 held-out samples, "reward_after": ..., "lora": file written}``.
-* Exit status: 0 on success, 1 on any failure, 2 when ComfyUI cannot be found.
+* Exit status: 0 on success, 1 on any failure, 2 when ComfyUI cannot be found or set up.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from comfy_server import ComfyServer, tiny_checkpoint  # noqa: E402
+from comfyui_bootstrap import BootstrapError, ensure_comfyui  # noqa: E402
 from workflow_api import to_api  # noqa: E402
 
 TEMPLATE = os.path.join(REPO, "example_workflows", "draft_quickstart.json")
@@ -31,16 +34,6 @@ TINY_OVERRIDES = {
     "KSampler": dict(steps=10, cfg=3.0),
     "EmptyLatentImage": dict(width=64, height=64),
 }
-
-
-def find_comfyui():
-    path = os.environ.get("COMFYUI_PATH")
-    if path and os.path.isfile(os.path.join(path, "main.py")):
-        return os.path.abspath(path)
-    parent = os.path.dirname(os.path.dirname(REPO))
-    if os.path.basename(os.path.dirname(REPO)) == "custom_nodes" and os.path.isfile(os.path.join(parent, "main.py")):
-        return parent
-    return None
 
 
 def watch(srv: ComfyServer, node: str, stop: threading.Event):
@@ -64,12 +57,10 @@ def watch(srv: ComfyServer, node: str, stop: threading.Event):
 
 
 def main() -> int:
-    comfyui = find_comfyui()
-    if comfyui is None:
-        print("make demo needs ComfyUI (0.3.64 or newer). Either install this pack into "
-              "ComfyUI/custom_nodes/ and run it from there, or point COMFYUI_PATH at a ComfyUI "
-              "checkout:  git clone https://github.com/comfyanonymous/ComfyUI && "
-              "COMFYUI_PATH=$PWD/ComfyUI make demo", file=sys.stderr)
+    try:
+        comfyui = ensure_comfyui()
+    except BootstrapError as e:
+        print(f"make demo could not set up ComfyUI: {e}", file=sys.stderr)
         return 2
     real_ckpt = os.environ.get("CKPT")
     if real_ckpt and not os.path.isfile(real_ckpt):

@@ -35,13 +35,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import safe_files
 from .lora import LoRADelta, LoRASet
 
 KOHYA_PREFIX = "lora_unet_"
@@ -138,7 +138,9 @@ def _base_model_from_unet_config(cfg: Mapping) -> str | None:
 # -- writing --------------------------------------------------------------------------------------
 def atomic_save(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None,
                 overwrite: bool = False) -> str:
-    """``safetensors`` ``save_file`` through a hidden temporary file in the same folder.
+    """``safetensors`` ``save_file`` through a hidden temporary file in the same folder
+    (:func:`training.safe_files.temp_path_for`; left-overs of saves killed mid-write in that
+    folder are removed first).
 
     The temporary file is flushed to disk, then moved into place: with ``os.replace`` when
     ``overwrite``, else with ``os.link`` (atomic: fails if ``path`` appeared meanwhile). An
@@ -150,15 +152,15 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mappin
     os.makedirs(folder, exist_ok=True)
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    safe_files.remove_leftovers(folder)  # temporary files of saves killed mid-write
+    tmp = safe_files.temp_path_for(path)
     try:
         save_file(dict(tensors), tmp, metadata=dict(metadata or {}))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a models folder is shared
+        os.chmod(tmp, 0o666 & ~umask)  # a models folder is shared: plain umask permissions
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -174,6 +176,7 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mappin
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        safe_files.release_temp(tmp)
     return path
 
 

@@ -77,7 +77,8 @@ class StepReport:
     """What one update did.
 
     Attributes:
-        iteration: number of updates attempted so far (1-based; skipped ones count).
+        iteration: number of updates finished so far, this one included (1-based; skipped ones
+            count).
         reward: mean reward over the update's samples (NaN if the reward was not finite).
         rewards: per-sample rewards, in sample order.
         loss: the update's total loss (sum over micro-batches).
@@ -207,16 +208,20 @@ class DraftTrainer:
         time when ``row_by_row``, each backpropagated before the next, so the peak memory is that of
         one row. The loss is ``-sum(rewards) / (rows * grad_accum)`` either way, so both give the
         same gradient.
+
+        ``iteration`` counts finished updates: it moves only once this one has finished (taken
+        or skipped), so an exception inside it (a Cancel) leaves the counter, the weights and the
+        optimizer as they were after the last finished update, and a retry draws the same noise.
         """
         s = self.settings
         start = time.perf_counter()
-        self.iteration += 1
+        iteration = self.iteration + 1  # the update being run (1-based); counted once finished
         self.optimizer.zero_grad(set_to_none=True)
         rewards, total_loss, k, reason = [], 0.0, 0, ""
         step_ckpt = None  # the sampler's own setting, unless blocks are checkpointed (below)
         with checkpoint_blocks(self.block_units), self._statistics():
             for micro in range(s.grad_accum):
-                g = derived_generator(s.seed, self.iteration, micro)
+                g = derived_generator(s.seed, iteration, micro)
                 index = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
                 noise = self._noise(s.batch_size, g)
                 with self._autocast():
@@ -276,6 +281,7 @@ class DraftTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         mean_reward = float(np.mean(rewards)) if rewards else float("nan")
+        self.iteration = iteration
         report = StepReport(iteration=self.iteration, reward=mean_reward, rewards=rewards,
                             loss=total_loss, grad_norm=grad_norm, k=k, skipped=bool(reason),
                             skip_reason=reason, seconds=time.perf_counter() - start)

@@ -1,0 +1,282 @@
+"""Every input of the DRaFT nodes checked before a model is loaded onto the device or an
+iteration runs; all problems of a node are reported together, once, one line each naming its input.
+
+Two moments, because of what ComfyUI 0.3.64 does when a prompt is queued (``execution.py``,
+``validate_inputs``; seen by experiment through ``/prompt``):
+
+* it never checks a V3 combo's value against its options (a V3 combo's type is ``"COMBO"``, not
+  the list the check looks for), and it skips its own min/max checks for every input a node's
+  ``validate_inputs`` declares (all of them with ``**kwargs``);
+* a ``validate_inputs`` that *returns* a message gets it attached to *every* declared input (one
+  missing resume file was 29 red inputs); one that *raises* gets one error for the node.
+
+So each DRaFT node's ``validate_inputs(cls, **kwargs)`` calls :func:`check_queued`: every widget's
+range, finiteness and choices from the node's own schema, plus the node's own rules
+(:data:`NODE_RULES`: file names, prompts, the resume file's rank/alpha/step, k_min <= k_max), and
+raises one :class:`InputError` listing every problem, whether the graph came from the frontend
+or straight to ``/prompt``. ComfyUI shows it as one error on the node.
+
+What needs the connected objects is checked at the start of the trainer's execute
+(:func:`check_trainer`), before prompts are encoded, models are loaded to the device or an
+iteration runs: the DRaFT Sampler's K against the schedule (steps or SIGMAS), width/height against
+the VAE, the LoRA rank against the layers, the resume file against the model's layers and the
+target modules (plus everything above once more, for callers that bypass ``/prompt``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..training import input_rules
+from ..training.lora_io import LoRAFileError, state_path_for
+from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
+from . import comfy_glue, lora_files
+
+
+class InputError(ValueError):
+    """One or more DRaFT node inputs cannot be used; the message names each of them."""
+
+
+# -- generic: the node's own schema -----------------------------------------------------------------
+def schema_problems(node_cls, values: dict) -> list:
+    """``(input, problem)`` for values outside the widget's range or choices, or not finite.
+    Inputs absent from ``values`` or None (linked from another node) are not checked here."""
+    problems = []
+    for inp in node_cls.define_schema().inputs:
+        name = inp.id
+        if name not in values or values[name] is None:
+            continue
+        v = values[name]
+        if isinstance(inp, (io.Int.Input, io.Float.Input)):
+            bad = input_rules.not_finite(v) or input_rules.out_of_range(
+                v, getattr(inp, "min", None), getattr(inp, "max", None))
+            if bad:
+                problems.append((name, bad))
+        elif isinstance(inp, io.Combo.Input) and inp.options is not None and v not in inp.options:
+            shown = list(inp.options) if len(inp.options) <= 12 else f"the {len(inp.options)} choices of the list"
+            problems.append((name, f"{v!r} is not one of {shown}"))
+    return problems
+
+
+def _raise(title: str, problems: list, tail: str = "nothing was run") -> None:
+    if problems:
+        lines = "\n".join(f"- {name}: {text}" for name, text in problems)
+        n = len(problems)
+        raise InputError(f"{title}: {n} input{'s' if n > 1 else ''} to fix ({tail}):\n{lines}")
+
+
+def check_queued(node_cls, values: dict):
+    """A DRaFT node's ``validate_inputs``: True, or raises :class:`InputError` listing every
+    problem (see the module docstring for why it raises rather than returns)."""
+    schema = node_cls.define_schema()
+    rules = NODE_RULES.get(schema.node_id)
+    problems = rules(values) if rules is not None else []  # their words for files say more
+    named = {name for name, _ in problems}
+    problems += [(n, t) for n, t in schema_problems(node_cls, values) if n not in named]
+    order = {inp.id: i for i, inp in enumerate(schema.inputs)}
+    problems.sort(key=lambda p: order.get(p[0], len(order)))
+    _raise(schema.display_name or schema.node_id, problems)
+    return True
+
+
+# -- node rules (values of linked inputs are None) -------------------------------------------------
+def name_problem(name) -> Optional[str]:
+    """Why ``name`` cannot be a file prefix inside models/loras, or None (no file is touched)."""
+    try:
+        lora_files.safe_lora_path(name if isinstance(name, str) else "", ".safetensors")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def resume_header(path: str) -> dict:
+    """What a resume file says without loading it: ``ranks``, ``alphas`` (per layer), ``step``
+    (the side file's, else the metadata's ``draft_iteration``, else 0) and ``side_file``."""
+    from safetensors import safe_open
+    ranks, alphas = [], []
+    with safe_open(path, "pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+        for key in f.keys():
+            if key.endswith("lora_down.weight") or key.endswith("lora_A.weight"):
+                ranks.append(f.get_slice(key).get_shape()[0])
+            elif key.endswith(".alpha"):
+                alphas.append(float(f.get_tensor(key).float().item()))
+    if not alphas:
+        alphas = list(ranks)  # kohya's default
+    side = state_path_for(path)
+    step = None
+    if os.path.exists(side):
+        with safe_open(side, "pt", device="cpu") as f:
+            step = (f.metadata() or {}).get("draft_state.step")
+    if step is None:
+        step = meta.get("draft_iteration", "0")
+    return {"ranks": ranks, "alphas": alphas, "step": int(step), "side_file": os.path.exists(side)}
+
+
+def _trainer_rules(v: dict) -> list:
+    out = []
+    if v.get("prompt_set") in ("custom", *PROMPT_SETS) and v.get("prompts") is not None:
+        try:
+            resolve_prompts(v["prompt_set"], v["prompts"])
+        except ValueError as e:
+            out.append(("prompts", str(e)))
+    if v.get("lora_name") is not None:
+        problem = name_problem(v["lora_name"])
+        if problem:
+            out.append(("lora_name", problem))
+    resume = v.get("resume_lora")
+    if resume not in (None, "none"):
+        path = folder_paths.get_full_path("loras", resume)
+        if not path:
+            out.append(("resume_lora", f"{resume!r} is not in models/loras ({lora_files.loras_root()})"))
+            return out
+        try:
+            head = resume_header(path)
+        except Exception as e:  # unreadable: the loader says exactly why at execute time
+            out.append(("resume_lora", f"{resume!r} is not a readable LoRA file ({e})"))
+            return out
+        if v.get("lora_rank") is not None and v.get("lora_alpha") is not None:
+            bad = input_rules.resume_mismatch(head["ranks"], head["alphas"], v["lora_rank"], v["lora_alpha"])
+            if bad:
+                out.append(("resume_lora", bad))
+        if v.get("iterations") is not None:
+            bad = input_rules.resume_iteration_problem(head["step"], int(v["iterations"]))
+            if bad:
+                out.append(("iterations", bad))
+    return out
+
+
+def _sampler_rules(v: dict) -> list:
+    if v.get("k_min") is not None and v.get("k_max") is not None and v["k_min"] > v["k_max"]:
+        return [("k_min", f"{v['k_min']} is above k_max {v['k_max']}")]
+    return []
+
+
+def _save_rules(v: dict) -> list:
+    problem = name_problem(v["filename_prefix"]) if v.get("filename_prefix") is not None else None
+    return [("filename_prefix", problem)] if problem else []
+
+
+NODE_RULES: dict[str, Callable[[dict], list]] = {
+    "DRaFTTrainer": _trainer_rules,
+    "DRaFTSampler": _sampler_rules,
+    "DRaFTSaveLoRA": _save_rules,
+}
+
+
+# -- execute time: the trainer with its connected objects ------------------------------------------
+def _num_steps(values: dict, sigmas) -> tuple:
+    """(steps of the schedule, problem or None) from SIGMAS if connected, else steps."""
+    if sigmas is not None:
+        s = sigmas.detach().float().flatten().cpu()
+        if s.numel() < 2 or float(s[-1]) != 0.0:
+            return 0, ("sigmas", "DRaFT needs a full sampling schedule that ends at sigma 0 "
+                       "(a scheduler node with denoise = 1)")
+        if not torch.isfinite(s).all():
+            return 0, ("sigmas", "the schedule holds NaN or Inf")
+        return s.numel() - 1, None
+    return int(values["steps"]), None
+
+
+def _layer_widths(diffusion_model, names) -> dict:
+    modules = dict(diffusion_model.named_modules())
+    return {n: (int(modules[n].weight.shape[0]), int(math.prod(modules[n].weight.shape[1:])))
+            for n in names}
+
+
+def other_node_problems(prompt, own_id) -> list:
+    """``(node, problem)`` for the other DRaFT nodes of the queued ``prompt`` whose widgets fail
+    :func:`check_queued`. ComfyUI runs a prompt's valid outputs and drops the invalid ones, so a
+    bad Save LoRA prefix would otherwise let the trainer run for hours and its result be lost."""
+    import nodes as comfy_nodes  # ComfyUI's node registry
+    out = []
+    for nid, node in (prompt or {}).items():
+        kind = node.get("class_type", "") if isinstance(node, dict) else ""
+        node_cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(kind)
+        if str(nid) == str(own_id) or not kind.startswith("DRaFT") or node_cls is None \
+                or not hasattr(node_cls, "define_schema"):
+            continue
+        values = {k: None if isinstance(v, list)  # a link, as validate_inputs sees it
+                  else v["__value__"] if isinstance(v, dict) and "__value__" in v else v
+                  for k, v in node.get("inputs", {}).items()}
+        try:
+            check_queued(node_cls, values)
+        except InputError as e:
+            first, _, rest = str(e).partition("\n")
+            out.append((f"node {nid}", first + " " + "; ".join(line[2:] for line in rest.splitlines())))
+    return out
+
+
+def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prompt=None,
+                  node_id=None) -> dict:
+    """DRaFT Trainer's checks at the start of execute; raises :class:`InputError` listing every
+    problem (one line each, ``input: what is wrong``). Nothing is loaded to the device.
+    ``prompt`` (the queued graph) adds the other DRaFT nodes' problems (:func:`other_node_problems`).
+
+    Returns what it worked out on the way: ``{"prompts": [...], "steps": int}``.
+    """
+    problems = schema_problems(node_cls, values) + other_node_problems(prompt, node_id)
+    bad_inputs = {name for name, _ in problems}
+
+    def add(name, text):
+        if name not in bad_inputs:
+            problems.append((name, text))
+            bad_inputs.add(name)
+
+    for name, text in _trainer_rules(values):
+        add(name, text)
+    settings = getattr(sampler, "draft_settings", None)
+    if settings is None:
+        add("sampler", "connect a DRaFT Sampler node (a plain ComfyUI sampler has no gradients)")
+
+    steps, sched_problem = _num_steps(values, sigmas)
+    if sched_problem:
+        add(*sched_problem)
+    elif settings is not None and "steps" not in bad_inputs:
+        bad = input_rules.schedule_problem(settings, steps)
+        if bad:
+            add("sampler", bad)
+
+    if vae is not None and not {"width", "height"} & bad_inputs:
+        down = vae.spacial_compression_encode()
+        for side in ("width", "height"):
+            if int(values[side]) % down:
+                add(side, f"{values[side]} is not a multiple of {down}, the VAE's downscale factor")
+
+    diffusion_model = model.model.diffusion_model
+    names = []
+    if "target_modules" not in bad_inputs:
+        try:
+            names = comfy_glue.target_module_names(diffusion_model, values["target_modules"])
+        except ValueError as e:
+            add("model", str(e))
+    resume = values.get("resume_lora")
+    if names and "lora_rank" not in bad_inputs and resume in (None, "none"):
+        bad = input_rules.rank_problem(int(values["lora_rank"]), _layer_widths(diffusion_model, names))
+        if bad:
+            add("lora_rank", bad)
+    if resume not in (None, "none") and names and not {"resume_lora", "iterations"} & bad_inputs:
+        try:
+            lora_files.load_for_resume(resume, diffusion_model, names, model)
+        except (LoRAFileError, OSError) as e:
+            text = str(e)
+            if "target layers" in text or "matches no target layer" in text:
+                text += (f" -- target_modules is {values['target_modules']!r}: choose the target "
+                         "set the file was trained with")
+            add("resume_lora", text)
+
+    _raise("DRaFT Trainer", problems, "nothing was loaded or trained")
+    return {"prompts": resolve_prompts(values["prompt_set"], values["prompts"]), "steps": steps}
+
+
+def check_save_lora(filename_prefix) -> None:
+    """DRaFT Save LoRA at execute time (validate_inputs has said the same when queued)."""
+    problem = name_problem(filename_prefix)
+    if problem:
+        raise InputError(f"DRaFT Save LoRA: filename_prefix: {problem}")
