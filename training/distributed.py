@@ -110,11 +110,15 @@ class DataParallel:
         self._collective("barrier", dist.barrier)
 
 
-def current() -> Optional[DataParallel]:
+def current(check=None) -> Optional[DataParallel]:
     """The :class:`DataParallel` of the process group this process has joined (``torchrun`` +
-    ``init_process_group``), or None outside a data-parallel job (a normal ComfyUI server)."""
+    ``init_process_group``), or None outside a data-parallel job (a normal ComfyUI server).
+
+    ``check``: a reward module to pass through :func:`check_supported` when data-parallel."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
+    if check is not None and dist.get_world_size() > 1:
+        check_supported(check)
     backend = dist.get_backend()
     device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
               else torch.device("cpu"))
