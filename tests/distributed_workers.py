@@ -69,6 +69,15 @@ def train_configs(rank, world, init_file, out_dir):
                         "grad_norms": [r.grad_norm for r in reports]})
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
+
+    def nan_in_rank_1(images, prompts):  # a non-finite reward in one process, at update 2
+        scores = colour_reward(images, prompts)
+        return scores * float("nan") if rank == 1 and trainer.iteration == 2 else scores
+
+    trainer = toy_trainer("draft_k", 0.0, False, 1, 1, parallel=parallel, reward=nan_in_rank_1)
+    reports = [trainer.step() for _ in range(3)]
+    torch.save({"skipped": [(r.skipped, r.skip_reason) for r in reports],
+                "weights": lora_weights(trainer)}, os.path.join(out_dir, f"nan{rank}.pt"))
     dist.destroy_process_group()
 
 

@@ -2,6 +2,7 @@
 
 * N = 2 processes with batch b give the LoRA (and reward history) of one process with batch 2b,
   for DRaFT-LV, random K with eta noises and row-by-row tails, and DRaFT-K with accumulation;
+* a non-finite reward in one process skips that update in both, which stay identical;
 * the state rank 0 holds after update 2 resumes in ONE process to the same update 3 (resume across
   a different number of processes);
 * a process that dies mid-update makes the survivor stop with a clear PeerFailure, and the last
@@ -47,7 +48,9 @@ def two_process_results():
     with tempfile.TemporaryDirectory() as out:
         codes = _run(W.train_configs, 2, out)
         assert codes == [0, 0], codes
-        yield torch.load(os.path.join(out, "results.pt"), weights_only=False)
+        results = torch.load(os.path.join(out, "results.pt"), weights_only=False)
+        results.append([torch.load(os.path.join(out, f"nan{r}.pt")) for r in range(2)])
+        yield results
 
 
 @pytest.mark.parametrize("i", range(len(W.CONFIGS)), ids=[c[0] for c in W.CONFIGS])
@@ -69,6 +72,15 @@ def test_two_processes_equal_one_process_with_twice_the_batch(two_process_result
     # the norm is the global gradient's, and clipping (at 2e-4) acted on it
     assert [r.grad_norm for r in reports] == pytest.approx(dp["grad_norms"], rel=1e-5)
     assert max(r.grad_norm for r in reports) > single.settings.grad_clip
+
+
+def test_a_non_finite_reward_in_one_process_skips_the_update_in_all(two_process_results):
+    rank0, rank1 = two_process_results[-1]
+    assert rank1["skipped"] == [(False, ""), (True, "non-finite reward or loss"), (False, "")]
+    assert rank0["skipped"] == [(False, ""), (True, "non-finite reward or loss in another process"),
+                                (False, "")]
+    for a, b in zip(rank0["weights"], rank1["weights"]):  # the processes stay in step
+        assert torch.equal(a, b)
 
 
 def test_state_of_two_processes_resumes_in_one(two_process_results):
