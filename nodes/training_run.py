@@ -20,6 +20,7 @@ import comfy.samplers
 import comfy.sd
 import comfy.utils
 
+from ..training import distributed
 from ..training.lora import LoRASet
 from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan
 from ..training.plot import moving_average
@@ -254,7 +255,8 @@ class TrainingRun:
                                device=st["patcher"].load_device, block_units=units,
                                decoder_blocks_checkpointed=plan.block_checkpointing,
                                row_by_row=plan.row_by_row,
-                               reward_statistics=getattr(reward_model, "deferred_statistics", None))
+                               reward_statistics=getattr(reward_model, "deferred_statistics", None),
+                               parallel=distributed.current(check=self.reward.model))
         if st["resume_state"] is not None:
             trainer.load_state_dict(st["resume_state"])
         result = RunResult(lora=lora, history=list(trainer.history), skipped=[],
@@ -287,9 +289,12 @@ class TrainingRun:
             "kl_coeff": cfg.train.kl_coeff, "target_modules": cfg.target_set,
             "partial": partial, "skipped_steps": trainer.skipped_steps,
             "base_model_fingerprint": self._base_fingerprint,
+            **distributed.metadata(trainer.parallel, cfg.train.batch_size),
         }
 
-    def _save(self, trainer: DraftTrainer, result: RunResult, partial: bool, tag: str) -> str:
+    def _save(self, trainer: DraftTrainer, result: RunResult, partial: bool, tag: str):
+        if trainer.parallel is not None and not trainer.parallel.is_main:
+            return None  # data-parallel: rank 0 writes the files
         path = lora_files.save_training_lora(
             self.cfg.lora_name, tag, result.lora, self.model, self._metadata(trainer, partial),
             trainer=trainer)

@@ -91,13 +91,15 @@ def test_gradient_accumulation_matches_larger_batch_gradient():
     trainer.step()
     accumulated = captured[0]
     # Recompute each micro-batch's gradient alone, with the same derived generators.
-    from training.trainer import derived_generator
+    from training.trainer import ROW_STREAM, derived_generator
     per_micro = []
     for micro in range(2):
         g = derived_generator(0, 1, micro)
-        index = torch.randint(len(PROMPTS), (1,), generator=g)
-        noise = torch.randn((1, 4, 8, 8), generator=g)
-        out = trainer.sampler.rollout(noise, index, generator=g)
+        row = derived_generator(0, 1, micro, ROW_STREAM, 0)  # the micro-batch's one row
+        index = torch.randint(len(PROMPTS), (1,), generator=row)
+        noise = torch.randn((1, 4, 8, 8), generator=row)
+        out = trainer.sampler.tail(trainer.sampler.prefix(noise, index, generator=g,
+                                                          row_generators=[row]))
         loss = -colour_reward(trainer.decode(out.latents)).mean()
         per_micro.append(torch.autograd.grad(loss, lora.trainable_parameters()))
     for acc, g0, g1 in zip(accumulated, *per_micro):

@@ -37,7 +37,7 @@ backward pass, so activation memory does not grow with ``K``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -216,12 +216,22 @@ class DifferentiableSampler:
         sigma = self.sigmas[0].to(noise.device, noise.dtype).expand(noise.shape[0])
         return self.renoise(sigma, noise, torch.zeros_like(noise))
 
-    def step_noises(self, shape, generator: Optional[torch.Generator], device, dtype) -> list:
-        """Per-step ``z`` for ``eta > 0`` (drawn up front so recomputation sees the same noise)."""
+    def step_noises(self, shape, generator: Optional[torch.Generator], device, dtype,
+                    row_generators: Optional[Sequence[torch.Generator]] = None) -> list:
+        """Per-step ``z`` for ``eta > 0`` (drawn up front so recomputation sees the same noise).
+
+        With ``row_generators`` (one per batch row), row ``j``'s noises come from its own
+        generator (all T steps in order), so they do not depend on which other rows share the batch.
+        """
         if self.settings.eta == 0.0:
             return [None] * self.num_steps
-        return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-                for _ in range(self.num_steps)]
+        if row_generators is None:
+            return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+                    for _ in range(self.num_steps)]
+        per_row = [[torch.randn((1,) + tuple(shape[1:]), generator=g) for _ in range(self.num_steps)]
+                   for g in _check_rows(row_generators, shape[0])]
+        return [torch.cat([row[i] for row in per_row]).to(device=device, dtype=dtype)
+                for i in range(self.num_steps)]
 
     def _step(self, i: int, x: torch.Tensor, prompt_index: torch.Tensor,
               noise: Optional[torch.Tensor]):
@@ -273,19 +283,26 @@ class DifferentiableSampler:
                          step_checkpoint=step_checkpoint)
 
     def prefix(self, noise: torch.Tensor, prompt_index: torch.Tensor,
-               generator: Optional[torch.Generator] = None, k: Optional[int] = None) -> "TailStart":
+               generator: Optional[torch.Generator] = None, k: Optional[int] = None,
+               row_generators: Optional[Sequence[torch.Generator]] = None) -> "TailStart":
         """Everything of a rollout that carries no gradient, batched: the chain up to the first
         differentiated step (DRaFT-K) or the whole chain and the ``n`` re-noised copies (DRaFT-LV).
 
         All random draws of the rollout happen here, so the differentiated tail can then run over
         any subset of rows (one at a time, to bound memory) with exactly the batched values.
+        ``generator`` draws what is shared by the batch (K for ``random_k``) and, without
+        ``row_generators``, everything else too. ``row_generators`` (one per row of ``noise``) draw
+        each row's own noises (the ``eta > 0`` step noises, then the ``n`` LV re-noising noises),
+        so a row's rollout is the same whichever rows share its batch (data-parallel ranks).
         """
         s = self.settings
         T = self.num_steps
+        if row_generators is not None:
+            _check_rows(row_generators, noise.shape[0])
         k = s.truncation(T, generator) if k is None else int(k)
         if not 1 <= k <= T:
             raise ValueError(f"K = {k} must lie in [1, {T}]")
-        zs = self.step_noises(noise.shape, generator, noise.device, noise.dtype)
+        zs = self.step_noises(noise.shape, generator, noise.device, noise.dtype, row_generators)
         first_grad = T - k
         with torch.no_grad():
             x = self.initial_latent(noise)
@@ -301,7 +318,12 @@ class DifferentiableSampler:
         sigma_last = self.sigmas[T - 1].to(x.device, x.dtype)
         starts = [x] if s.lv_include_original else []
         for _ in range(s.lv_samples):
-            eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+            if row_generators is None:
+                eps = torch.randn(x0.shape, generator=generator)
+            else:
+                eps = torch.cat([torch.randn((1,) + tuple(x0.shape[1:]), generator=g)
+                                 for g in row_generators])
+            eps = eps.to(x0.device, x0.dtype)
             starts.append(self.renoise(sigma_last.expand(x0.shape[0]), eps, x0).detach())
         z = zs[T - 1]
         z = None if z is None else z.repeat((len(starts),) + (1,) * (z.ndim - 1))
@@ -349,6 +371,12 @@ class TailStart:
     @property
     def rows(self) -> int:
         return self.x.shape[0]
+
+
+def _check_rows(row_generators: Sequence[torch.Generator], rows: int) -> Sequence[torch.Generator]:
+    if len(row_generators) != rows:
+        raise ValueError(f"{len(row_generators)} row generators for {rows} rows")
+    return row_generators
 
 
 def checkpointed(fn: Callable, *args, enabled: bool = True):

@@ -2,12 +2,17 @@
 
 One update (DRAFT_METHOD.md, "Loop"):
 
-1. for each of ``grad_accum`` micro-batches: draw ``batch_size`` prompt indices and initial noises
-   from a generator seeded by ``(seed, iteration, micro-batch)``;
+1. for each of ``grad_accum`` micro-batches: row ``j`` draws its prompt index, initial noise and its
+   own rollout noises (eta noises, LV re-noising) from a generator seeded by ``(seed, iteration,
+   micro-batch, ROW_STREAM, j)``, batch-wide draws (random K) from ``(seed, iteration, micro-batch)``;
+   so a row's sample does not depend on the other rows of its batch, and ``N`` data-parallel
+   processes with batch ``b`` (rows ``rank * b ...``) draw what one process with batch ``N * b`` does;
 2. roll the sampler out (no-grad prefix, differentiated tail per the method);
 3. decode the final latents (checkpointed), score them, ``loss = -mean(reward) / grad_accum``
    (+ ``kl_coeff * kl`` and any weighted regularisers), backward;
-4. if the loss or any gradient is NaN/Inf: skip the update (weights and optimizer state untouched),
+4. data-parallel (``parallel`` set, :mod:`training.distributed`): average the gradients, the loss
+   and the skip decision over the processes, gather every process's rewards;
+5. if the loss or any gradient is NaN/Inf: skip the update (weights and optimizer state untouched),
    count and report it; else clip the gradient norm and take an AdamW step.
 
 Seeded and deterministic: on the CPU the same settings give bit-identical LoRA weights.
@@ -111,9 +116,12 @@ def _host_list(t: torch.Tensor) -> list:
     return [0.0] * t.numel() if isinstance(t, FakeTensor) else t.tolist()
 
 
+ROW_STREAM = 0x524F57  # tags per-row generators: SeedSequence([a, b, c]) == SeedSequence([a, b, c, 0])
+
+
 def derived_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded from integers through numpy's SeedSequence (no collisions between
-    e.g. (seed=1, iteration=0) and (seed=0, iteration=1))."""
+    e.g. (seed=1, iteration=0) and (seed=0, iteration=1); but trailing zero keys do collide)."""
     state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)
     g = torch.Generator()
     g.manual_seed(int(state[0] >> np.uint64(1)))
@@ -143,6 +151,10 @@ class DraftTrainer:
         row_by_row: run the differentiated tail, decode and reward one row at a time.
         reward_statistics: optional context-manager factory under which a reward with running
             statistics defers their update to the end of the update (``row_by_row`` only).
+        parallel: data-parallel partner (:class:`training.distributed.DataParallel`): this
+            process's rank and the world size (its rows are ``rank * batch_size ...`` of each
+            global micro-batch of ``world_size * batch_size`` rows) and the collectives that make
+            the update the one over the global batch. None: one process.
     """
 
     sampler: DifferentiableSampler
@@ -158,6 +170,7 @@ class DraftTrainer:
     decoder_blocks_checkpointed: bool = False
     row_by_row: bool = False
     reward_statistics: Optional[Callable] = None
+    parallel: Optional[object] = None
 
     def __post_init__(self):
         if not self.prompts:
@@ -221,11 +234,13 @@ class DraftTrainer:
         step_ckpt = None  # the sampler's own setting, unless blocks are checkpointed (below)
         with checkpoint_blocks(self.block_units), self._statistics():
             for micro in range(s.grad_accum):
-                g = derived_generator(s.seed, iteration, micro)
-                index = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
-                noise = self._noise(s.batch_size, g)
+                g, rows_g = self._generators(micro, iteration)
+                index = torch.cat([torch.randint(len(self.prompts), (1,), generator=r)
+                                   for r in rows_g])
+                noise = torch.cat([self._noise(1, r) for r in rows_g])
                 with self._autocast():
-                    tail = self.sampler.prefix(noise, index.to(self.device), generator=g)
+                    tail = self.sampler.prefix(noise, index.to(self.device), generator=g,
+                                               row_generators=rows_g)
                 k = tail.k
                 if self.block_units:  # a single checkpointed step would only add a forward
                     step_ckpt = self.sampler.settings.checkpointing and tail.k > 1
@@ -260,6 +275,13 @@ class DraftTrainer:
                 if reason:
                     break
 
+        if self.parallel is not None:  # every process takes part, even one that failed
+            total_loss, failed_elsewhere = self.parallel.reduce_update(
+                self.params, total_loss, failed=bool(reason))
+            if failed_elsewhere and not reason:
+                reason = "non-finite reward or loss in another process"
+            rewards = self.parallel.gather_rewards(
+                rewards, (s.grad_accum, self.sampler.settings.samples_per_rollout, s.batch_size))
         grad_norm = float("nan")
         if not reason:
             if self.scaler is not None:
@@ -287,6 +309,16 @@ class DraftTrainer:
                             skip_reason=reason, seconds=time.perf_counter() - start)
         self.history.append(mean_reward)
         return report
+
+    def _generators(self, micro: int, iteration: int):
+        """``(batch generator, [row generator per local row])`` of micro-batch ``micro`` of update
+        ``iteration`` (1-based); rows are numbered globally (``rank * batch_size + local row``)
+        when data-parallel."""
+        s = self.settings
+        first = self.parallel.rank * s.batch_size if self.parallel is not None else 0
+        return (derived_generator(s.seed, iteration, micro),
+                [derived_generator(s.seed, iteration, micro, ROW_STREAM, first + r)
+                 for r in range(s.batch_size)])
 
     def _statistics(self):
         """While the rows of one update are scored: a reward with running statistics (Combine's
