@@ -72,7 +72,8 @@ def train_configs(rank, world, init_file, out_dir):
 
     def nan_in_rank_1(images, prompts):  # a non-finite reward in one process, at update 2
         scores = colour_reward(images, prompts)
-        return scores * float("nan") if rank == 1 and trainer.iteration == 2 else scores
+        # during update 2 one update has finished (the counter moves once an update ends)
+        return scores * float("nan") if rank == 1 and trainer.iteration == 1 else scores
 
     trainer = toy_trainer("draft_k", 0.0, False, 1, 1, parallel=parallel, reward=nan_in_rank_1)
     reports = [trainer.step() for _ in range(3)]
@@ -90,7 +91,7 @@ def die_in_update_two(rank, world, init_file, out_dir):
     parallel = _join(rank, world, init_file)
 
     def reward(images, prompts):
-        if rank == 1 and trainer.iteration == 2:
+        if rank == 1 and trainer.iteration == 1:  # inside update 2 (one update has finished)
             os._exit(3)
         return colour_reward(images, prompts)
 
