@@ -12,7 +12,6 @@ Everything here works around or reuses ComfyUI internals (../shared/COMFYUI_NOTE
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,14 +21,10 @@ import comfy.model_management
 import comfy.model_patcher
 
 from ..training.lora import LoRADelta, LoRASet
+from . import architectures
 
-# Target sets, as regular expressions over ldm module names under ``diffusion_model``.
-_ATTN = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-TARGET_SETS = {
-    "attention": re.compile(rf"(^|\.){_ATTN}$"),
-    # kohya sd-scripts' default UNet targets: every Linear/1x1 conv inside a SpatialTransformer.
-    "kohya default": re.compile(rf"(^|\.)({_ATTN}|proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$"),
-}
+# The target-set names every family offers (the patterns per family: architectures.FAMILIES).
+TARGET_SETS = architectures.TARGET_SET_NAMES
 
 
 def de_inference_(module: torch.nn.Module) -> int:
@@ -64,21 +59,23 @@ def clone_tensors(obj):
     return obj
 
 
-def target_module_names(diffusion_model: torch.nn.Module, target_set: str) -> list:
+def target_module_names(model, target_set: str) -> list:
     """Names (relative to ``diffusion_model``) of the layers a LoRA of ``target_set`` wraps.
 
-    Only ComfyUI-cast layers (those with ``weight_function``) of 2+ dimensional weight qualify.
+    ``model`` is a MODEL (ModelPatcher) or BaseModel; its family's patterns come from
+    ``architectures.FAMILIES`` (an unsupported family raises ``UnsupportedModelError`` listing the
+    supported ones). Only ComfyUI-cast layers (those with ``weight_function``) of 2+ dimensional
+    weight qualify.
     """
-    if target_set not in TARGET_SETS:
-        raise ValueError(f"unknown target modules {target_set!r}; choose one of {list(TARGET_SETS)}")
-    pattern = TARGET_SETS[target_set]
-    names = [n for n, m in diffusion_model.named_modules()
-             if pattern.search(n) and hasattr(m, "weight_function")
-             and getattr(m, "weight", None) is not None and m.weight.ndim >= 2]
+    diffusion_model = getattr(model, "model", model).diffusion_model
+    names = architectures.select_targets(
+        model, diffusion_model, target_set,
+        qualifies=lambda m: hasattr(m, "weight_function") and getattr(m, "weight", None) is not None
+        and m.weight.ndim >= 2)
     if not names:
-        raise ValueError(
-            f"this model has no layers matching the '{target_set}' LoRA targets (SD1.x/SD2.x/SDXL "
-            "UNet attention layers); DRaFT Trainer supports UNet models only for now")
+        family = architectures.family_of(model)
+        raise ValueError(f"this {family.name} model has no layers matching the '{target_set}' LoRA "
+                         f"targets ({family.targets[target_set]})")
     return names
 
 

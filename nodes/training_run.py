@@ -179,7 +179,7 @@ class TrainingRun:
 
         patcher = self.model.clone()
         diffusion_model = patcher.model.diffusion_model
-        names = comfy_glue.target_module_names(diffusion_model, cfg.target_set)
+        names = comfy_glue.target_module_names(patcher, cfg.target_set)
         lora, resume_state = self._initial_lora(diffusion_model, names)
         comfy_glue.attach_lora(patcher, lora)
         sigmas = self._sigmas(patcher)

@@ -52,12 +52,25 @@ EXACT_ALPHA_KEY = "draft_alpha_exact"  # alphas that float32 cannot hold exactly
 # Spellings follow kohya sd-scripts (library/sai_model_spec.py, train_util.py); "sd_v2" alone is
 # ambiguous (512 eps or 768 v-prediction): :func:`base_model_entry` resolves it.
 _GENERATIVE_MODELS = "https://github.com/Stability-AI/generative-models"
+_BFL_FLUX = "https://github.com/black-forest-labs/flux"
 BASE_MODELS = {
     "sd_v1": ("sd_v1", "stable-diffusion-v1/lora", "diffusers"),
     "sd_v2_512": ("sd_v2", "stable-diffusion-v2-512/lora", "diffusers"),
     "sd_v2_768_v": ("sd_v2", "stable-diffusion-v2-768-v/lora", "diffusers"),
     "sdxl_base_v1-0": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", _GENERATIVE_MODELS),
     "sdxl_refiner_v1-0": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner/lora", _GENERATIVE_MODELS),
+    # DiT families. kohya sd-scripts: ss_base_model_version is what its loader returns (flux_utils
+    # MODEL_VERSION_FLUX_V1 "flux1", "chroma"; sd3_utils' MMDiT model_type "medium", "5-medium",
+    # "5-large"); architecture "stable-diffusion-3-<model_type>", "flux-1-dev", "flux-1-schnell",
+    # "chroma" + "/lora"; implementation per determine_implementation (SD3 LoRA: "diffusers").
+    # Qwen-Image is not in sd-scripts; musubi-tuner names its architecture "Qwen-Image".
+    "sd3_medium": ("medium", "stable-diffusion-3-medium/lora", "diffusers"),
+    "sd3_5_medium": ("5-medium", "stable-diffusion-3-5-medium/lora", "diffusers"),
+    "sd3_5_large": ("5-large", "stable-diffusion-3-5-large/lora", "diffusers"),
+    "flux1_dev": ("flux1", "flux-1-dev/lora", _BFL_FLUX),
+    "flux1_schnell": ("flux1", "flux-1-schnell/lora", _BFL_FLUX),
+    "chroma": ("chroma", "chroma/lora", "https://huggingface.co/lodestones/Chroma"),
+    "qwen_image": ("qwen_image", "Qwen-Image/lora", "https://github.com/QwenLM/Qwen-Image"),
 }
 ARCHITECTURES = {k: v[1] for k, v in BASE_MODELS.items()}
 
