@@ -67,6 +67,7 @@ def target_module_names(model, target_set: str) -> list:
     supported ones). Only ComfyUI-cast layers (those with ``weight_function``) of 2+ dimensional
     weight qualify.
     """
+    architectures.family_of(model)  # an unsupported family is refused before anything else
     diffusion_model = getattr(model, "model", model).diffusion_model
     names = architectures.select_targets(
         model, diffusion_model, target_set,
@@ -147,10 +148,18 @@ class PromptBatcher:
 
 
 def make_decoder(vae, inner_model):
-    """``latent (model space) -> images (B,3,H,W) in [0,1]``, differentiable, on the VAE's device."""
+    """``latent (model space) -> images (B,3,H,W) in [0,1]``, differentiable, on the VAE's device.
+
+    Latents with a time axis ``(B,C,1,h,w)`` (Qwen-Image, decoded by its video VAE) give
+    ``(B,3,1,H,W)`` from the VAE; the single frame is returned."""
     def decode(latent: torch.Tensor) -> torch.Tensor:
         z = inner_model.process_latent_out(latent).to(vae.device, vae.vae_dtype)
-        return vae.process_output(vae.first_stage_model.decode(z).float())
+        images = vae.process_output(vae.first_stage_model.decode(z).float())
+        if images.ndim == 5:
+            if images.shape[2] != 1:
+                raise ValueError(f"expected one decoded frame, got {images.shape[2]}")
+            images = images[:, :, 0]
+        return images
     return decode
 
 
