@@ -54,6 +54,7 @@ QWEN_TARGETS = {
     "kohya default": rf"^transformer_blocks\.\d+\.({_QWEN_ATTN}|(img|txt)_mlp\.net\.(0\.proj|2))$",
 }
 TARGET_SET_NAMES = ("attention", "kohya default")
+TARGET_SETS = TARGET_SET_NAMES
 TARGET_SET_HELP = ("attention: the attention projections inside the blocks; kohya default: "
                    "attention plus the blocks' MLPs (UNets: also proj_in/proj_out), what kohya "
                    "sd-scripts trains by default")

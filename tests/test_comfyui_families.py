@@ -308,3 +308,32 @@ def test_family_resumes_from_a_periodic_save(kind, comfy, pack, loras_dir):
     assert resumed.history[:2] == first.history
     for name, d in straight.lora.items():
         assert torch.allclose(resumed.lora[name].up, d.up, atol=1e-5)
+
+
+def test_flux_guidance_reaches_the_model_and_cfg_above_1_warns(comfy, pack, loras_dir, caplog):
+    from reward_models import ImageStatReward
+    rc = pack["training_run"]
+    model = D.tiny_model("flux_dev").clone()
+    seen = []
+
+    def record(apply_model, args):  # ComfyUI's unet wrapper hook sees the model's conds
+        seen.append((tuple(args["cond_or_uncond"]), sorted(set(args["c"]["guidance"].tolist()))))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    model.set_model_unet_function_wrapper(record)
+    reward = pack["reward_types"].RewardHandle(ImageStatReward("brightness"), [], "brightness")
+    with caplog.at_level(logging.WARNING), torch.inference_mode(False), torch.enable_grad():
+        run = rc.TrainingRun(model, D.tiny_vae("flux_dev"), D.conditioning("flux_dev"), reward,
+                             _run_config(rc, "flux_dev", 1, guidance=2.0))
+        run.run()
+    assert run.guidance == 2.0 and run.cfg_scale == 1.0
+    assert seen and all(g == [2.0] for _, g in seen)
+    assert "guidance-distilled" not in caplog.text
+    assert all(branches == (0,) for branches, _ in seen)  # cfg 1: no negative (uncond) branch
+    seen.clear()
+    with caplog.at_level(logging.WARNING), torch.inference_mode(False), torch.enable_grad():
+        run = rc.TrainingRun(model, D.tiny_vae("flux_dev"), D.conditioning("flux_dev"), reward,
+                             _run_config(rc, "flux_dev", 1, cfg=3.0))
+        run.run()
+    assert run.guidance == 3.5 and run.cfg_scale == 3.0  # the table's default guidance
+    assert "guidance-distilled" in caplog.text
+    assert all(set(branches) == {0, 1} for branches, _ in seen)  # now cond and uncond
