@@ -82,6 +82,9 @@ class Family:
             model has a guidance input and the conditioning carries none; None: no such input.
         block_lists: names of the top-level ``nn.ModuleList`` attributes of ``diffusion_model``
             (or modules) holding the repeated blocks, in execution order.
+        diffusers_layout: the ComfyUI map from diffusers names for the optional diffusers/PEFT
+            folder: ``"unet"`` (``comfy.utils.unet_to_diffusers``), ``"flux"``
+            (``flux_to_diffusers``), ``"mmdit"`` (``mmdit_to_diffusers``), or None (no folder).
     """
 
     name: str
@@ -94,6 +97,7 @@ class Family:
     guidance_distilled: bool = False
     guidance: Optional[float] = None
     block_lists: tuple = ()
+    diffusers_layout: Optional[str] = None
     patterns: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -118,19 +122,19 @@ _UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
-           block_lists=_UNET_BLOCKS),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet"),
     Family("SD2.x", ("SD20", "SD21UnclipL", "SD21UnclipH"), UNET_TARGETS, "diffusers", "sd_v2",
-           block_lists=_UNET_BLOCKS),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet"),
     Family("SDXL", ("SDXL", "SDXL_instructpix2pix"), UNET_TARGETS, "diffusers", "sdxl_base_v1-0",
-           block_lists=_UNET_BLOCKS),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet"),
     Family("SDXL refiner", ("SDXLRefiner",), UNET_TARGETS, "diffusers", "sdxl_refiner_v1-0",
-           block_lists=_UNET_BLOCKS),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet"),
     Family("SD3 / SD3.5", ("SD3",), MMDIT_TARGETS, "native", _sd3_base_model, default_cfg=4.5,
-           block_lists=("joint_blocks",)),
+           block_lists=("joint_blocks",), diffusers_layout="mmdit"),
     Family("FLUX.1 dev", ("Flux",), FLUX_TARGETS, "native", "flux1_dev", default_cfg=1.0,
-           guidance_distilled=True, guidance=3.5, block_lists=_FLUX_BLOCKS),
+           guidance_distilled=True, guidance=3.5, block_lists=_FLUX_BLOCKS, diffusers_layout="flux"),
     Family("FLUX.1 schnell", ("FluxSchnell",), FLUX_TARGETS, "native", "flux1_schnell",
-           default_cfg=1.0, guidance_distilled=True, block_lists=_FLUX_BLOCKS),
+           default_cfg=1.0, guidance_distilled=True, block_lists=_FLUX_BLOCKS, diffusers_layout="flux"),
     Family("Chroma", ("Chroma",), FLUX_TARGETS, "native", "chroma", default_cfg=4.0,
            block_lists=_FLUX_BLOCKS),
     Family("Qwen-Image", ("QwenImage",), QWEN_TARGETS, "native", "qwen_image",

@@ -117,3 +117,54 @@ def lora_file_facts(model_patcher_or_model) -> dict:
                 if naming == "diffusers" else None)
     return {"name_map": name_map or None,
             "base_model": base_model_version(model), "v_prediction": is_v_prediction(model)}
+
+
+def _diffusers_slices(key_map: dict) -> dict:
+    """``{native module: [(diffusers module, row offset, rows)]}`` from ComfyUI's
+    ``flux_to_diffusers`` / ``mmdit_to_diffusers`` (diffusers tensor key -> native key, or
+    ``(native key, (dim, offset, size))`` for a slice of a fused weight). Entries that transform
+    the weight (a function as third element: adaLN scale/shift swaps) are left out: no LoRA target
+    maps through them."""
+    out: dict = {}
+    for diffusers_key, target in key_map.items():
+        if not diffusers_key.endswith(".weight"):
+            continue
+        path = diffusers_key[: -len(".weight")]
+        if isinstance(target, str):
+            out.setdefault(target[: -len(".weight")], []).append((path, 0, None))
+        elif len(target) == 2 and target[1] is not None and target[1][0] == 0:
+            _, offset, rows = target[1]
+            out.setdefault(target[0][: -len(".weight")], []).append((path, offset, rows))
+    return out
+
+
+def diffusers_folder_facts(model_patcher_or_model) -> dict | None:
+    """``{"name_map", "prefix"}`` for ``training.lora_io.save_diffusers_folder``, from the family's
+    ``diffusers_layout`` (architectures table): the UNet map (prefix ``unet``), or FLUX / MMDiT
+    slices of fused layers from ComfyUI's own maps (prefix ``transformer``); None when the family
+    has no diffusers layout here."""
+    model = _base_model(model_patcher_or_model)
+    try:
+        layout = architectures.family_of(model.model_config).diffusers_layout
+    except architectures.UnsupportedModelError:
+        layout = "unet"
+    config = model.model_config.unet_config
+    if layout == "unet":
+        names = ldm_to_diffusers_module_names(config)
+        return {"name_map": names, "prefix": "unet"} if names else None
+    if layout not in ("flux", "mmdit"):
+        return None
+    convert = comfy.utils.flux_to_diffusers if layout == "flux" else comfy.utils.mmdit_to_diffusers
+    slices = _diffusers_slices(convert(config))
+    shapes = {n: m.weight.shape[0] for n, m in model.diffusion_model.named_modules()
+              if n in slices and getattr(m, "weight", None) is not None}
+    name_map = {}
+    for native, parts in slices.items():
+        if native not in shapes:
+            continue
+        if len(parts) == 1 and parts[0][2] is None:
+            name_map[native] = parts[0][0]
+        else:
+            name_map[native] = sorted(((p, o, r if r is not None else shapes[native] - o)
+                                       for p, o, r in parts), key=lambda t: t[1])
+    return {"name_map": name_map, "prefix": "transformer"}

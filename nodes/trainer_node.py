@@ -142,7 +142,8 @@ class DraftTrainerNode(io.ComfyNode):
             result.lora.to("cpu").requires_grad_(False)  # release VRAM; outputs are cached
         lora_out = lora_files.DraftLoRA(lora_sd, lora_set=result.lora,
                                         facts=lora_files.lora_file_facts(model),
-                                        metadata=result.metadata)
+                                        metadata=result.metadata,
+                                        diffusers=lora_files.diffusers_folder_facts(model))
         history = {"reward": list(result.history), "skipped": list(result.skipped),
                    "iterations": result.iteration, "saved": list(result.saved)}
         curve = reward_curve_image(result.history, title=f"DRaFT reward: {reward.label}")
