@@ -82,6 +82,10 @@ class Family:
             model has a guidance input and the conditioning carries none; None: no such input.
         block_lists: names of the top-level ``nn.ModuleList`` attributes of ``diffusion_model``
             (or modules) holding the repeated blocks, in execution order.
+        module_classes: class names of the family's ``diffusion_model`` module (ComfyUI's
+            ``UNetModel``, ``OpenAISignatureMMDITWrapper``, ``Flux``, ...), for callers that hold
+            only the diffusion model (the first family listed for a class wins; families sharing
+            a class share its patterns).
         diffusers_layout: the ComfyUI map from diffusers names for the optional diffusers/PEFT
             folder: ``"unet"`` (``comfy.utils.unet_to_diffusers``), ``"flux"``
             (``flux_to_diffusers``), ``"mmdit"`` (``mmdit_to_diffusers``), or None (no folder).
@@ -98,6 +102,7 @@ class Family:
     guidance: Optional[float] = None
     block_lists: tuple = ()
     diffusers_layout: Optional[str] = None
+    module_classes: tuple = ()
     patterns: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -122,25 +127,32 @@ _UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
-           block_lists=_UNET_BLOCKS, diffusers_layout="unet"),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
     Family("SD2.x", ("SD20", "SD21UnclipL", "SD21UnclipH"), UNET_TARGETS, "diffusers", "sd_v2",
-           block_lists=_UNET_BLOCKS, diffusers_layout="unet"),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
     Family("SDXL", ("SDXL", "SDXL_instructpix2pix"), UNET_TARGETS, "diffusers", "sdxl_base_v1-0",
-           block_lists=_UNET_BLOCKS, diffusers_layout="unet"),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
     Family("SDXL refiner", ("SDXLRefiner",), UNET_TARGETS, "diffusers", "sdxl_refiner_v1-0",
-           block_lists=_UNET_BLOCKS, diffusers_layout="unet"),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
     Family("SD3 / SD3.5", ("SD3",), MMDIT_TARGETS, "native", _sd3_base_model, default_cfg=4.5,
-           block_lists=("joint_blocks",), diffusers_layout="mmdit"),
+           block_lists=("joint_blocks",), diffusers_layout="mmdit",
+           module_classes=("OpenAISignatureMMDITWrapper", "MMDiT")),
     Family("FLUX.1 dev", ("Flux",), FLUX_TARGETS, "native", "flux1_dev", default_cfg=1.0,
-           guidance_distilled=True, guidance=3.5, block_lists=_FLUX_BLOCKS, diffusers_layout="flux"),
+           guidance_distilled=True, guidance=3.5, block_lists=_FLUX_BLOCKS, diffusers_layout="flux",
+           module_classes=("Flux",)),
     Family("FLUX.1 schnell", ("FluxSchnell",), FLUX_TARGETS, "native", "flux1_schnell",
            default_cfg=1.0, guidance_distilled=True, block_lists=_FLUX_BLOCKS, diffusers_layout="flux"),
     Family("Chroma", ("Chroma",), FLUX_TARGETS, "native", "chroma", default_cfg=4.0,
-           block_lists=_FLUX_BLOCKS),
+           block_lists=_FLUX_BLOCKS, module_classes=("Chroma",)),
     Family("Qwen-Image", ("QwenImage",), QWEN_TARGETS, "native", "qwen_image",
-           latent_dimensions=3, default_cfg=2.5, block_lists=("transformer_blocks",)),
+           latent_dimensions=3, default_cfg=2.5, block_lists=("transformer_blocks",),
+           module_classes=("QwenImageTransformer2DModel",)),
 )
 _BY_CLASS = {c: f for f in FAMILIES for c in f.config_classes}
+_BY_MODULE: dict = {}
+for _family in FAMILIES:
+    for _name in _family.module_classes:
+        _BY_MODULE.setdefault(_name, _family)
 
 
 class UnsupportedModelError(ValueError):
@@ -158,13 +170,17 @@ def _model_config(model):
 
 
 def family_of(model) -> Family:
-    """The :class:`Family` of a ComfyUI MODEL (ModelPatcher), BaseModel or model_config.
+    """The :class:`Family` of a ComfyUI MODEL (ModelPatcher), BaseModel or model_config (or of a
+    bare ``diffusion_model`` module, by its class: patterns and block lists only; metadata and
+    defaults of families sharing a module class, FLUX dev/schnell, need the model).
 
     Raises UnsupportedModelError naming the model's class and the supported families."""
     config = _model_config(model)
     for cls in type(config).__mro__:
         if cls.__name__ in _BY_CLASS:
             return _BY_CLASS[cls.__name__]
+    if config is model and type(model).__name__ in _BY_MODULE:  # a bare diffusion_model
+        return _BY_MODULE[type(model).__name__]
     raise UnsupportedModelError(
         f"DRaFT does not support this model family yet ({type(config).__name__}); supported: "
         f"{supported_families()}")
@@ -204,7 +220,8 @@ def block_lists(model) -> tuple:
     """``((name, nn.ModuleList or module), ...)`` of the model's top-level blocks in execution
     order, for block-level checkpointing (UNet ``input_blocks``/``middle_block``/``output_blocks``,
     FLUX ``double_blocks``/``single_blocks``, MMDiT ``joint_blocks``, Qwen ``transformer_blocks``)."""
-    diffusion_model = getattr(getattr(model, "model", model), "diffusion_model")
+    inner = getattr(model, "model", model)
+    diffusion_model = getattr(inner, "diffusion_model", inner)
     return tuple((name, getattr(diffusion_model, name)) for name in family_of(model).block_lists
                  if getattr(diffusion_model, name, None) is not None)
 

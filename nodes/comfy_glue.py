@@ -62,13 +62,14 @@ def clone_tensors(obj):
 def target_module_names(model, target_set: str) -> list:
     """Names (relative to ``diffusion_model``) of the layers a LoRA of ``target_set`` wraps.
 
-    ``model`` is a MODEL (ModelPatcher) or BaseModel; its family's patterns come from
-    ``architectures.FAMILIES`` (an unsupported family raises ``UnsupportedModelError`` listing the
-    supported ones). Only ComfyUI-cast layers (those with ``weight_function``) of 2+ dimensional
-    weight qualify.
+    ``model`` is a MODEL (ModelPatcher), a BaseModel or its ``diffusion_model``; its family's
+    patterns come from ``architectures.FAMILIES`` (an unsupported family raises
+    ``UnsupportedModelError`` listing the supported ones). Only ComfyUI-cast layers (those with
+    ``weight_function``) of 2+ dimensional weight qualify.
     """
     architectures.family_of(model)  # an unsupported family is refused before anything else
-    diffusion_model = getattr(model, "model", model).diffusion_model
+    inner = getattr(model, "model", model)
+    diffusion_model = getattr(inner, "diffusion_model", inner)
     names = architectures.select_targets(
         model, diffusion_model, target_set,
         qualifies=lambda m: hasattr(m, "weight_function") and getattr(m, "weight", None) is not None

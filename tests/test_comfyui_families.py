@@ -86,6 +86,10 @@ def test_table_selects_the_listed_layers_of_each_dit_family(kind, pack):
     attention, broad, family, base = EXPECTED[kind]
     assert sorted(glue.target_module_names(patcher, "attention")) == attention
     assert sorted(glue.target_module_names(patcher, "kohya default")) == broad
+    # the bare diffusion model (its class names the family's patterns) selects the same
+    assert sorted(glue.target_module_names(patcher.model.diffusion_model, "kohya default")) == broad
+    assert [n for n, _ in arch.block_lists(patcher.model.diffusion_model)] == \
+        list(arch.family_of(patcher).block_lists)
     assert arch.family_of(patcher).name == family
     assert pack["lora_keys"].base_model_version(patcher) == base
     assert pack["lora_keys"].lora_file_facts(patcher)["name_map"] is None  # native kohya names
