@@ -3,7 +3,7 @@
 #   make demo    the quick-start workflow headless through real ComfyUI on a tiny generated checkpoint
 #                (no COMFYUI_PATH: clones ComfyUI v0.3.64 into .cache/ComfyUI; COMFYUI_GIT_URL, COMFYUI_REF)
 #   make bench   memory/time of DRaFT-K / DRaFT-LV vs plain sampling (not run in CI)
-#   make vram    peak memory of one update on the full-size SD1.5/SD2.1/SDXL architectures (fake tensors)
+#   make vram    peak memory of one update on the full-size SD1.5/SD2.1/SDXL/FLUX.1-dev/SD3.5-medium architectures (fake tensors)
 #   make fidelity  DRaFT variants on a diffusion model trained on real digits -> docs/fidelity.md (not in CI)
 SHELL := /bin/bash
 PYTHON ?= python3

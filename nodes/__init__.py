@@ -6,8 +6,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (evaluate_node, memory_options_node, reward_model_nodes, reward_nodes, routes,
-               sampler_node, save_lora_node, trainer_node)
+from . import (evaluate_node, guidance_node, memory_options_node, reward_model_nodes,
+               reward_nodes, routes, sampler_node, save_lora_node, trainer_node)
 
 
 class DraftExtension(ComfyExtension):
@@ -19,6 +19,7 @@ class DraftExtension(ComfyExtension):
             trainer_node.DraftTrainerNode,
             save_lora_node.DraftSaveLoRA,
             evaluate_node.DraftEvaluate,
+            guidance_node.DraftGuidanceNode,
             *reward_nodes.NODES,
             *reward_model_nodes.NODES,
         ]

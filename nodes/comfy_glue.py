@@ -12,7 +12,6 @@ Everything here works around or reuses ComfyUI internals (../shared/COMFYUI_NOTE
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,14 +21,10 @@ import comfy.model_management
 import comfy.model_patcher
 
 from ..training.lora import LoRADelta, LoRASet
+from . import architectures
 
-# Target sets, as regular expressions over ldm module names under ``diffusion_model``.
-_ATTN = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-TARGET_SETS = {
-    "attention": re.compile(rf"(^|\.){_ATTN}$"),
-    # kohya sd-scripts' default UNet targets: every Linear/1x1 conv inside a SpatialTransformer.
-    "kohya default": re.compile(rf"(^|\.)({_ATTN}|proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$"),
-}
+# The target-set names every family offers (the patterns per family: architectures.FAMILIES).
+TARGET_SETS = architectures.TARGET_SET_NAMES
 
 
 def de_inference_(module: torch.nn.Module) -> int:
@@ -64,21 +59,25 @@ def clone_tensors(obj):
     return obj
 
 
-def target_module_names(diffusion_model: torch.nn.Module, target_set: str) -> list:
+def target_module_names(model, target_set: str) -> list:
     """Names (relative to ``diffusion_model``) of the layers a LoRA of ``target_set`` wraps.
 
-    Only ComfyUI-cast layers (those with ``weight_function``) of 2+ dimensional weight qualify.
+    ``model`` is a MODEL (ModelPatcher), a BaseModel or its ``diffusion_model``; its family's
+    patterns come from ``architectures.FAMILIES`` (an unsupported family raises
+    ``UnsupportedModelError`` listing the supported ones). Only ComfyUI-cast layers (those with
+    ``weight_function``) of 2+ dimensional weight qualify.
     """
-    if target_set not in TARGET_SETS:
-        raise ValueError(f"unknown target modules {target_set!r}; choose one of {list(TARGET_SETS)}")
-    pattern = TARGET_SETS[target_set]
-    names = [n for n, m in diffusion_model.named_modules()
-             if pattern.search(n) and hasattr(m, "weight_function")
-             and getattr(m, "weight", None) is not None and m.weight.ndim >= 2]
+    architectures.family_of(model)  # an unsupported family is refused before anything else
+    inner = getattr(model, "model", model)
+    diffusion_model = getattr(inner, "diffusion_model", inner)
+    names = architectures.select_targets(
+        model, diffusion_model, target_set,
+        qualifies=lambda m: hasattr(m, "weight_function") and getattr(m, "weight", None) is not None
+        and m.weight.ndim >= 2)
     if not names:
-        raise ValueError(
-            f"this model has no layers matching the '{target_set}' LoRA targets (SD1.x/SD2.x/SDXL "
-            "UNet attention layers); DRaFT Trainer supports UNet models only for now")
+        family = architectures.family_of(model)
+        raise ValueError(f"this {family.name} model has no layers matching the '{target_set}' LoRA "
+                         f"targets ({family.targets[target_set]})")
     return names
 
 
@@ -150,10 +149,18 @@ class PromptBatcher:
 
 
 def make_decoder(vae, inner_model):
-    """``latent (model space) -> images (B,3,H,W) in [0,1]``, differentiable, on the VAE's device."""
+    """``latent (model space) -> images (B,3,H,W) in [0,1]``, differentiable, on the VAE's device.
+
+    Latents with a time axis ``(B,C,1,h,w)`` (Qwen-Image, decoded by its video VAE) give
+    ``(B,3,1,H,W)`` from the VAE; the single frame is returned."""
     def decode(latent: torch.Tensor) -> torch.Tensor:
         z = inner_model.process_latent_out(latent).to(vae.device, vae.vae_dtype)
-        return vae.process_output(vae.first_stage_model.decode(z).float())
+        images = vae.process_output(vae.first_stage_model.decode(z).float())
+        if images.ndim == 5:
+            if images.shape[2] != 1:
+                raise ValueError(f"expected one decoded frame, got {images.shape[2]}")
+            images = images[:, :, 0]
+        return images
     return decode
 
 

@@ -15,18 +15,19 @@ import folder_paths
 
 from ..training import lora_io, safe_files
 from ..training.lora import LoRADelta, LoRASet
-from .lora_keys import lora_file_facts
+from .lora_keys import diffusers_folder_facts, lora_file_facts
 
 
 class DraftLoRA(dict):
     """ComfyUI's ``LORA_MODEL`` (a dict of ``diffusion_model.<name>.lora_up.weight`` ... tensors,
     usable by the stock LoraModelLoader) that also carries what a portable export needs."""
 
-    def __init__(self, sd, lora_set=None, facts=None, metadata=None):
+    def __init__(self, sd, lora_set=None, facts=None, metadata=None, diffusers=None):
         super().__init__(sd)
         self.lora_set = lora_set
         self.facts = facts  # lora_keys.lora_file_facts of the model it was trained on
         self.metadata = metadata or {}
+        self.diffusers = diffusers  # lora_keys.diffusers_folder_facts of that model (or None)
 
 
 # -- paths ----------------------------------------------------------------------------------------
@@ -154,12 +155,20 @@ def save_final(lora_dict, prefix: str, precision: str, also_diffusers: bool, mod
     """Save LoRA node: a new file ``<prefix>_NNNNN_.safetensors``; returns it relative to loras."""
     facts = getattr(lora_dict, "facts", None)
     lora = getattr(lora_dict, "lora_set", None)
+    folder = getattr(lora_dict, "diffusers", None)
     if lora is None or facts is None:
         if model is None:
             raise ValueError("this LoRA did not come from DRaFT Trainer: connect the model it was "
                              "trained on to Save LoRA's 'model' input so module names can be mapped")
         facts = lora_file_facts(model)
         lora = lora_set_from_comfy_dict(lora_dict, model.model.diffusion_model)
+        folder = None
+    if also_diffusers and folder is None:
+        folder = diffusers_folder_facts(model) if model is not None else (
+            {"name_map": facts["name_map"], "prefix": "unet"} if facts.get("name_map") else None)
+        if folder is None:
+            raise ValueError("no diffusers/PEFT layout for this model family (available for SD "
+                             "UNets, FLUX.1 and SD3); switch also_diffusers_folder off")
     path = next_free_path(prefix)
     meta = dict(getattr(lora_dict, "metadata", {}) or {})
     metadata = _metadata(meta, model, bool(meta.get("partial", False)), os.path.basename(path))
@@ -167,7 +176,7 @@ def save_final(lora_dict, prefix: str, precision: str, also_diffusers: bool, mod
                        dtype=torch.float16 if precision == "fp16" else torch.float32, **facts)
     if also_diffusers:
         lora_io.save_diffusers_folder(path[: -len(".safetensors")] + "_diffusers", lora,
-                                      facts["name_map"], metadata=metadata)
+                                      folder["name_map"], metadata=metadata, prefix=folder["prefix"])
     return relative_to_loras(path)
 
 

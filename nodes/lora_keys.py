@@ -1,4 +1,4 @@
-"""UNet module names and base-model facts from ComfyUI, for the portable LoRA files.
+"""Module names and base-model facts from ComfyUI, for the portable LoRA files.
 
 Thin glue: the maps come from ComfyUI itself (``comfy.utils.unet_to_diffusers``, the model classes);
 the file format lives in ``training/lora_io.py``, which takes these results as plain values.
@@ -9,6 +9,7 @@ import comfy.model_base
 import comfy.utils
 
 from ..training.lora_io import base_model_version_from_config  # noqa: F401  (re-exported)
+from . import architectures
 
 _SUFFIXES = (".weight", ".bias")
 # ComfyUI's map sends both diffusers class_embedding.* and add_embedding.* to ldm label_emb.0.*;
@@ -66,24 +67,23 @@ def _base_model(model_patcher_or_model):
 
 
 def base_model_version(model_patcher_or_model) -> str | None:
-    """kohya's ``ss_base_model_version`` of a ComfyUI model: ``sd_v1``, ``sd_v2``,
-    ``sdxl_base_v1-0``, ``sdxl_refiner_v1-0``, or None when the family has no such name.
+    """The ``training.lora_io.BASE_MODELS`` key of a ComfyUI model (``sd_v1``, ``sd_v2``,
+    ``sdxl_base_v1-0``, ``sd3_5_large``, ``flux1_dev``, ``qwen_image``, ...), or None when the
+    family has no such name.
 
-    Decided by the ``model_config`` class (``SD15``, ``SD20``, ``SD21UnclipL/H``, ``SDXL``,
-    ``SDXLRefiner``, ...), then by the exact ``comfy.model_base`` class (``SD21UNCLIP``, ``SDXL``,
-    ``SDXLRefiner``) for configs without a known class, then by the UNet config of a plain
-    ``BaseModel``. SSD-1B, Segmind Vega, KOALA and other distilled SDXL variants give None: their
-    LoRAs do not fit SDXL tools.
+    Decided by the ``model_config`` class through ``architectures.FAMILIES``; a subclass variant
+    of a family (SSD-1B, Segmind Vega, KOALA: SDXL subclasses) gives None, their LoRAs do not fit
+    SDXL tools. Configs of no known class fall back to the exact ``comfy.model_base`` class
+    (``SD21UNCLIP``, ``SDXL``, ``SDXLRefiner``), then to the UNet config of a plain ``BaseModel``.
     """
     model = _base_model(model_patcher_or_model)
     config = getattr(model, "model_config", None)
-    name = type(config).__name__ if config is not None else ""
-    version = base_model_version_from_config(name)
-    if version is not None:
-        return version
-    if config is not None and any(base_model_version_from_config(c.__name__)
-                                  for c in type(config).__mro__[1:]):
-        return None  # a variant of a known family (SSD1B, Segmind_Vega, KOALA_*: SDXL subclasses)
+    if config is not None:
+        try:
+            architectures.family_of(config)
+            return architectures.base_model(config)  # None for a variant (subclass)
+        except architectures.UnsupportedModelError:
+            pass
     exact = {comfy.model_base.SD21UNCLIP: "sd_v2", comfy.model_base.SDXL: "sdxl_base_v1-0",
              comfy.model_base.SDXLRefiner: "sdxl_refiner_v1-0"}
     if type(model) in exact:
@@ -102,7 +102,69 @@ def is_v_prediction(model_patcher_or_model) -> bool:
 
 def lora_file_facts(model_patcher_or_model) -> dict:
     """``{"name_map", "base_model", "v_prediction"}``: the keyword arguments that
-    ``training.lora_io.save_kohya`` needs from a ComfyUI model (pass ``**facts``)."""
+    ``training.lora_io.save_kohya`` needs from a ComfyUI model (pass ``**facts``).
+
+    ``name_map`` follows the family's file naming (``architectures.Family.naming``): the
+    ``{ldm: diffusers}`` UNet map for SD UNets, None for DiT families, whose kohya keys carry the
+    native module path (``lora_unet_double_blocks_0_img_attn_qkv``, as kohya sd-scripts writes).
+    """
     model = _base_model(model_patcher_or_model)
-    return {"name_map": ldm_to_diffusers_module_names(model.model_config.unet_config),
+    try:
+        naming = architectures.family_of(model.model_config).naming
+    except architectures.UnsupportedModelError:
+        naming = "diffusers"
+    name_map = (ldm_to_diffusers_module_names(model.model_config.unet_config)
+                if naming == "diffusers" else None)
+    return {"name_map": name_map or None,
             "base_model": base_model_version(model), "v_prediction": is_v_prediction(model)}
+
+
+def _diffusers_slices(key_map: dict) -> dict:
+    """``{native module: [(diffusers module, row offset, rows)]}`` from ComfyUI's
+    ``flux_to_diffusers`` / ``mmdit_to_diffusers`` (diffusers tensor key -> native key, or
+    ``(native key, (dim, offset, size))`` for a slice of a fused weight). Entries that transform
+    the weight (a function as third element: adaLN scale/shift swaps) are left out: no LoRA target
+    maps through them."""
+    out: dict = {}
+    for diffusers_key, target in key_map.items():
+        if not diffusers_key.endswith(".weight"):
+            continue
+        path = diffusers_key[: -len(".weight")]
+        if isinstance(target, str):
+            out.setdefault(target[: -len(".weight")], []).append((path, 0, None))
+        elif len(target) == 2 and target[1] is not None and target[1][0] == 0:
+            _, offset, rows = target[1]
+            out.setdefault(target[0][: -len(".weight")], []).append((path, offset, rows))
+    return out
+
+
+def diffusers_folder_facts(model_patcher_or_model) -> dict | None:
+    """``{"name_map", "prefix"}`` for ``training.lora_io.save_diffusers_folder``, from the family's
+    ``diffusers_layout`` (architectures table): the UNet map (prefix ``unet``), or FLUX / MMDiT
+    slices of fused layers from ComfyUI's own maps (prefix ``transformer``); None when the family
+    has no diffusers layout here."""
+    model = _base_model(model_patcher_or_model)
+    try:
+        layout = architectures.family_of(model.model_config).diffusers_layout
+    except architectures.UnsupportedModelError:
+        layout = "unet"
+    config = model.model_config.unet_config
+    if layout == "unet":
+        names = ldm_to_diffusers_module_names(config)
+        return {"name_map": names, "prefix": "unet"} if names else None
+    if layout not in ("flux", "mmdit"):
+        return None
+    convert = comfy.utils.flux_to_diffusers if layout == "flux" else comfy.utils.mmdit_to_diffusers
+    slices = _diffusers_slices(convert(config))
+    shapes = {n: m.weight.shape[0] for n, m in model.diffusion_model.named_modules()
+              if n in slices and getattr(m, "weight", None) is not None}
+    name_map = {}
+    for native, parts in slices.items():
+        if native not in shapes:
+            continue
+        if len(parts) == 1 and parts[0][2] is None:
+            name_map[native] = parts[0][0]
+        else:
+            name_map[native] = sorted(((p, o, r if r is not None else shapes[native] - o)
+                                       for p, o, r in parts), key=lambda t: t[1])
+    return {"name_map": name_map, "prefix": "transformer"}

@@ -11,8 +11,9 @@ from ..training.prompt_sets import PROMPT_SETS
 from ..training.memory_plan import MemoryOptions
 from ..training.trainer import TrainSettings
 from . import lora_files, progress_events, validation
+from .architectures import TARGET_SET_HELP, TARGET_SETS
+from .guidance_node import DraftGuidance
 from .memory_options_node import DraftMemory
-from .comfy_glue import TARGET_SETS
 from .reward_types import DraftReward
 from .training_run import RunConfig, TrainingRun, clip_encoder
 
@@ -35,7 +36,7 @@ class DraftTrainerNode(io.ComfyNode):
                          "reward, by backpropagating through the last sampling steps (DRaFT, "
                          "arXiv 2309.17400). Watch the reward curve; stop early if it reward-hacks."),
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL). It is not modified: the LoRA is trained on a clone."),
+                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image). It is not modified: the LoRA is trained on a clone."),
                 io.Vae.Input("vae", tooltip="Decodes samples for the reward; gradients flow through it."),
                 io.Clip.Input("clip", tooltip="Text encoder for the prompts."),
                 DraftReward.Input("reward", tooltip="What to maximise (a DRaFT reward node, or Combine)."),
@@ -50,8 +51,8 @@ class DraftTrainerNode(io.ComfyNode):
                              tooltip="Sampling steps per rollout (paper: DDIM 50). Ignored when SIGMAS are connected."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
                                tooltip="Sigma schedule (ddim_uniform = the paper's DDIM timesteps). Ignored when SIGMAS are connected."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance scale during training (paper: 7.5 for SD)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale during training; 0 = the model family's default (7.5 for SD1.x/2.x/SDXL as in the paper, 4.5 SD3, 1 for guidance-distilled FLUX.1: no negative branch)."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Training image width in pixels."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Training image height in pixels."),
                 io.Int.Input("iterations", default=200, min=1, max=100000,
@@ -70,7 +71,7 @@ class DraftTrainerNode(io.ComfyNode):
                 io.Float.Input("lora_alpha", default=8.0, min=0.01, max=1024.0, step=0.5,
                                tooltip="LoRA alpha; the update is scaled by alpha / rank (kohya convention)."),
                 io.Combo.Input("target_modules", options=list(TARGET_SETS), default="attention",
-                               tooltip="Layers that get a LoRA: attention projections only, or kohya's default (attention + proj_in/out + feed-forward)."),
+                               tooltip="Layers that get a LoRA (inside the model's blocks): " + TARGET_SET_HELP + "."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds LoRA init, prompts, noises; same seed and settings give the same LoRA."),
                 io.Combo.Input("mixed_precision", options=["auto", "no", "bf16", "fp16"], default="auto",
@@ -89,6 +90,8 @@ class DraftTrainerNode(io.ComfyNode):
                                 tooltip="Optional sigma schedule from a scheduler node (overrides steps/scheduler); must end at 0."),
                 DraftMemory.Input("memory", optional=True,
                                   tooltip="Optional DRaFT Memory Options (default: automatic: lean settings only when the fast way does not fit the free VRAM)."),
+                DraftGuidance.Input("guidance", optional=True,
+                                    tooltip="Optional DRaFT Guidance node: FLUX.1 dev's embedded guidance (default 3.5 without it)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
@@ -114,7 +117,7 @@ class DraftTrainerNode(io.ComfyNode):
                 steps, scheduler, cfg, width, height, iterations, batch_size, grad_accumulation,
                 learning_rate, weight_decay, grad_clip, lora_rank, lora_alpha, target_modules,
                 seed, mixed_precision, kl_coeff, save_every, preview_every, lora_name,
-                resume_lora, sigmas=None, memory=None) -> io.NodeOutput:
+                resume_lora, sigmas=None, memory=None, guidance=None) -> io.NodeOutput:
         values = dict(locals())
         checked = validation.check_trainer(cls, values, model, vae, sampler, sigmas,
                                            prompt=cls.hidden.prompt, node_id=cls.hidden.unique_id)
@@ -131,7 +134,7 @@ class DraftTrainerNode(io.ComfyNode):
             preview_every=preview_every, lora_name=lora_name,
             resume_lora=None if resume_lora in (None, "none") else resume_lora,
             sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label,
-            memory=memory if memory is not None else MemoryOptions())
+            memory=memory if memory is not None else MemoryOptions(), guidance=guidance)
         with torch.inference_mode(False), torch.enable_grad():
             run = TrainingRun(model, vae, clip_encoder(clip), reward, config)
             result = run.run()
@@ -139,7 +142,8 @@ class DraftTrainerNode(io.ComfyNode):
             result.lora.to("cpu").requires_grad_(False)  # release VRAM; outputs are cached
         lora_out = lora_files.DraftLoRA(lora_sd, lora_set=result.lora,
                                         facts=lora_files.lora_file_facts(model),
-                                        metadata=result.metadata)
+                                        metadata=result.metadata,
+                                        diffusers=lora_files.diffusers_folder_facts(model))
         history = {"reward": list(result.history), "skipped": list(result.skipped),
                    "iterations": result.iteration, "saved": list(result.saved)}
         curve = reward_curve_image(result.history, title=f"DRaFT reward: {reward.label}")

@@ -19,6 +19,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.sd
 import comfy.utils
+import node_helpers
 
 from ..training import distributed
 from ..training.lora import LoRASet
@@ -26,7 +27,7 @@ from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan
 from ..training.plot import moving_average
 from ..training.sampler import DifferentiableSampler, SamplerSettings
 from ..training.trainer import DraftTrainer, StepReport, TrainSettings
-from . import comfy_glue, lora_files, progress_events
+from . import architectures, comfy_glue, lora_files, progress_events
 
 log = logging.getLogger("ComfyUI-DRaFT")
 
@@ -56,6 +57,7 @@ class RunConfig:
     node_id: Optional[str] = None
     reward_label: str = ""
     memory: MemoryOptions = field(default_factory=MemoryOptions)
+    guidance: Optional[float] = None  # embedded guidance (FluxGuidance's); None: the family's default
 
 
 @dataclass
@@ -137,11 +139,29 @@ class TrainingRun:
         return sigmas
 
     def _latent_shape(self, patcher) -> tuple:
+        """``(C, h, w)``, or ``(C, 1, h, w)`` for families with a time axis (Qwen-Image)."""
         channels = patcher.model.latent_format.latent_channels
         down = self.vae.spacial_compression_encode()
         if self.cfg.width % down or self.cfg.height % down:
             raise ValueError(f"width and height must be multiples of {down}")
-        return (channels, self.cfg.height // down, self.cfg.width // down)
+        spatial = (self.cfg.height // down, self.cfg.width // down)
+        time = (1,) * (architectures.family_of(patcher).latent_dimensions - 2)
+        return (channels, *time, *spatial)
+
+    def _guidance_cfg(self) -> tuple:
+        """``(cfg scale, embedded guidance or None)`` for this model's family: cfg 0 means the
+        family's default (1 for guidance-distilled FLUX); the guidance value goes on the
+        conditioning the way ComfyUI's FluxGuidance node puts it there."""
+        family = architectures.family_of(self.model)
+        cfg = self.cfg.cfg if self.cfg.cfg else family.default_cfg
+        if family.guidance_distilled and cfg > 1.0:
+            log.warning("DRaFT: cfg %.2f on %s, a guidance-distilled model: the negative branch "
+                        "doubles the cost and over-saturates; cfg 1 (or 0 = auto) is usual",
+                        cfg, family.name)
+        guidance = architectures.guidance_value(self.model)
+        if guidance is not None and self.cfg.guidance is not None:
+            guidance = float(self.cfg.guidance)
+        return cfg, guidance
 
     def _initial_lora(self, diffusion_model, names):
         cfg = self.cfg
@@ -162,7 +182,7 @@ class TrainingRun:
         decode, denoiser_row = comfy_glue.update_memory_inputs(patcher, self.vae, latent_shape)
         plan = choose_plan(
             cfg.memory, rows=cfg.train.batch_size * cfg.sampler.samples_per_rollout,
-            cfg_branches=1 if cfg.cfg == 1.0 else 2, decode_bytes=decode,
+            cfg_branches=1 if self.cfg_scale == 1.0 else 2, decode_bytes=decode,
             denoiser_row_bytes=denoiser_row, available_bytes=int(available),
             streamable_bytes=int(patcher.model_size()) if device.type != "cpu" else 0,
             hint=f" (now {cfg.width}x{cfg.height}, batch {cfg.train.batch_size}, "
@@ -173,14 +193,23 @@ class TrainingRun:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg = self.cfg
+        cfg_scale, guidance = self._guidance_cfg()
+
+        def encode(text):
+            cond = self.encode(text)
+            if guidance is not None:  # what FluxGuidance does
+                cond = node_helpers.conditioning_set_values(cond, {"guidance": guidance})
+            return cond
+
         positive = []
         for p in cfg.prompts:
-            positive += self.encode(p)
-        negative = self.encode(cfg.negative_prompt)
+            positive += encode(p)
+        negative = encode(cfg.negative_prompt)
+        self.cfg_scale, self.guidance = cfg_scale, guidance
 
         patcher = self.model.clone()
         diffusion_model = patcher.model.diffusion_model
-        names = comfy_glue.target_module_names(diffusion_model, cfg.target_set)
+        names = comfy_glue.target_module_names(patcher, cfg.target_set)
         lora, resume_state = self._initial_lora(diffusion_model, names)
         comfy_glue.attach_lora(patcher, lora)
         sigmas = self._sigmas(patcher)
@@ -196,7 +225,7 @@ class TrainingRun:
 
         guider = comfy.samplers.CFGGuider(patcher)
         guider.set_conds(positive, negative)
-        guider.set_cfg(cfg.cfg)
+        guider.set_cfg(cfg_scale)
         self._state = dict(patcher=patcher, lora=lora, resume_state=resume_state,
                            latent_shape=latent_shape, names=names, plan=plan)
         zeros = torch.zeros((rows,) + latent_shape)
@@ -281,7 +310,7 @@ class TrainingRun:
             "lv_samples": s.lv_samples, "eta": s.eta, "reward": cfg.reward_label,
             "steps": len(cfg.sigmas) - 1 if cfg.sigmas is not None else cfg.steps,
             "scheduler": cfg.scheduler if cfg.sigmas is None else "custom sigmas",
-            "cfg": cfg.cfg, "iterations": cfg.train.iterations, "iteration": trainer.iteration,
+            "cfg": self.cfg_scale, "guidance": self.guidance, "iterations": cfg.train.iterations, "iteration": trainer.iteration,
             "learning_rate": cfg.train.learning_rate, "weight_decay": cfg.train.weight_decay,
             "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
             "seed": cfg.train.seed, "prompts": json.dumps(cfg.prompts),

@@ -53,7 +53,7 @@ def train_forward(env, lowvram: bool):
     glue = env["glue"]
     patcher = env["model"].clone()
     dm = patcher.model.diffusion_model
-    names = glue.target_module_names(dm, "kohya default")
+    names = glue.target_module_names(patcher, "kohya default")
     lora = glue.build_lora(dm, names, rank=4, alpha=4.0, seed=1)
     with torch.no_grad():
         for _, d in lora.items():

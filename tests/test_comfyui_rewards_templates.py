@@ -82,8 +82,29 @@ def test_every_template_runs_through_prompt(server):
     assert len(ran) == len(names)
 
 
+def _single_file_loaders_to_tiny_checkpoint(api, ckpt):
+    """A template's separate diffusion-model / text-encoder / VAE loaders (FLUX: UNETLoader,
+    DualCLIPLoader, VAELoader) replaced by the tiny checkpoint's MODEL, CLIP and VAE: ComfyUI's
+    loaders detect FLUX and T5-XXL only at full size, so the graph's DRaFT part is what runs."""
+    loaders = {"UNETLoader": 0, "DualCLIPLoader": 1, "CLIPLoader": 1, "VAELoader": 2}
+    found = {k: v["class_type"] for k, v in api.items() if v["class_type"] in loaders}
+    if not found:
+        return
+    ckpt_id = next(k for k, t in found.items() if t == "UNETLoader")
+    for node_id, class_type in found.items():
+        slot = loaders[class_type]
+        for node in api.values():
+            for name, value in node["inputs"].items():
+                if isinstance(value, list) and len(value) == 2 and value[0] == node_id:
+                    node["inputs"][name] = [ckpt_id, slot]
+        if node_id != ckpt_id:
+            del api[node_id]
+    api[ckpt_id] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}
+
+
 def shrink_for_tiny_model(api, ckpt, lora_file):
     """Same graph, tiny settings: the tiny checkpoint, 64 px, few steps and iterations."""
+    _single_file_loaders_to_tiny_checkpoint(api, ckpt)
     for node in api.values():
         inp, t = node["inputs"], node["class_type"]
         if t == "CheckpointLoaderSimple":
@@ -93,7 +114,8 @@ def shrink_for_tiny_model(api, ckpt, lora_file):
         if t == "KSampler":
             inp["steps"] = 6
         if t == "DRaFTTrainer":
-            inp.update(width=64, height=64, steps=6, iterations=3, batch_size=1, save_every=0)
+            inp.update(width=64, height=64, steps=6, iterations=3, batch_size=1, save_every=0,
+                       mixed_precision="auto")
         if t == "LoraLoader" and lora_file:
             inp["lora_name"] = lora_file
 

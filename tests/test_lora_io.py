@@ -90,8 +90,8 @@ def test_unknown_base_model_claims_no_architecture_and_mixed_ranks_are_dynamic()
     lora = make_lora(rank=2, alpha=1.0, targets=TARGETS[:4])
     for n, d in make_lora(rank=8, alpha=8.0, targets=TARGETS[4:]).items():
         lora.add(n, d)
-    meta = lora_io.kohya_metadata(lora, "flux1_dev")
-    assert meta["ss_base_model_version"] == "flux1_dev" and "modelspec.architecture" not in meta
+    meta = lora_io.kohya_metadata(lora, "hidream_i1")
+    assert meta["ss_base_model_version"] == "hidream_i1" and "modelspec.architecture" not in meta
     assert meta["ss_network_dim"] == "Dynamic" and meta["ss_network_alpha"] == "Dynamic"
     assert lora_io.base_model_version_from_config("SD15") == "sd_v1"
     assert lora_io.base_model_version_from_config("SSD1B") is None

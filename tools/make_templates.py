@@ -106,7 +106,7 @@ def quickstart(info) -> dict:
     reward = g.add("DRaFTImageStatReward", (0, 520), statistic="saturation", size=(320, 100))
     sampler = g.add("DRaFTSampler", (0, 680), method="DRaFT-LV", size=(320, 260))
     trainer = g.add("DRaFTTrainer", (760, 0), prompts=QUICKSTART_PROMPTS, iterations=100,
-                    steps=50, lora_name="draft/quickstart", size=(360, 1100))
+                    steps=50, cfg=7.5, lora_name="draft/quickstart", size=(360, 1100))
     for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
         g.link(ckpt, out, trainer, inp)
     g.link(reward, "reward", trainer, "reward")
@@ -170,7 +170,7 @@ def aesthetic_draft_k(info) -> dict:
                    clip_weights="clip_vit_l14_openai/open_clip_model.safetensors", size=(360, 200))
     sampler = g.add("DRaFTSampler", (0, 380), method="DRaFT-K", k=1, size=(320, 260))
     trainer = g.add("DRaFTTrainer", (420, 0), prompt_set="simple animals", iterations=2000,
-                    batch_size=4, lora_name="draft/aesthetic", save_every=200, size=(360, 1100))
+                    cfg=7.5, batch_size=4, lora_name="draft/aesthetic", save_every=200, size=(360, 1100))
     for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
         g.link(ckpt, out, trainer, inp)
     g.link(reward, "reward", trainer, "reward")
@@ -182,10 +182,42 @@ def aesthetic_draft_k(info) -> dict:
     return g.workflow()
 
 
+def flux_lv(info) -> dict:
+    """FLUX.1-dev (fp8 base weights), DRaFT-LV on HPSv2.1: cfg 1 (guidance-distilled), the
+    embedded guidance from DRaFT Guidance, ComfyUI's resolution-aware ModelSamplingFlux shift."""
+    g = Graph(info)
+    unet = g.add("UNETLoader", (0, 0), unet_name="flux1-dev.safetensors", weight_dtype="fp8_e4m3fn",
+                 size=(320, 110))
+    clip = g.add("DualCLIPLoader", (0, 150), clip_name1="clip_l.safetensors",
+                 clip_name2="t5xxl_fp8_e4m3fn.safetensors", type="flux", size=(320, 130))
+    vae = g.add("VAELoader", (0, 320), vae_name="ae.safetensors", size=(320, 80))
+    shift = g.add("ModelSamplingFlux", (0, 440), width=1024, height=1024, size=(320, 150))
+    g.link(unet, "MODEL", shift, "model")
+    reward = g.add("DRaFTHPSv2Reward", (0, 630), checkpoint="HPS_v2.1_compressed.pt", size=(360, 150))
+    sampler = g.add("DRaFTSampler", (0, 820), method="DRaFT-LV", size=(320, 260))
+    guidance = g.add("DRaFTGuidance", (0, 1120), guidance=3.5, size=(320, 80))
+    trainer = g.add("DRaFTTrainer", (420, 0), prompt_set="custom", prompts=QUICKSTART_PROMPTS,
+                    steps=28, scheduler="simple", cfg=1.0, width=1024, height=1024, iterations=400,
+                    learning_rate=2e-4, lora_rank=16, lora_alpha=16.0, mixed_precision="bf16",
+                    lora_name="draft/flux_dev_hps", save_every=100, size=(360, 1100))
+    g.link(shift, "MODEL", trainer, "model")
+    g.link(vae, "VAE", trainer, "vae")
+    g.link(clip, "CLIP", trainer, "clip")
+    g.link(reward, "reward", trainer, "reward")
+    g.link(sampler, "sampler", trainer, "sampler")
+    g.link(guidance, "guidance", trainer, "guidance")
+    save = g.add("DRaFTSaveLoRA", (820, 0), filename_prefix="draft/flux_dev_hps", size=(320, 160))
+    g.link(trainer, "lora", save, "lora")
+    curve = g.add("PreviewImage", (820, 220), title="Reward curve", size=(320, 260))
+    g.link(trainer, "reward_curve", curve, "images")
+    return g.workflow()
+
+
 TEMPLATES = {
     "draft_quickstart": quickstart,
     "draft_lora_strength_sweep": strength_sweep,
     "draft_aesthetic_draft_k": aesthetic_draft_k,
+    "draft_flux_lv": flux_lv,
 }
 
 
@@ -199,8 +231,9 @@ def main():
     with ComfyServer(comfyui) as srv:
         info = srv.get("/object_info")
     for name, build in TEMPLATES.items():
-        if name == "draft_aesthetic_draft_k" and "DRaFTAestheticReward" not in info:
-            print(f"skipped {name}: DRaFTAestheticReward is not installed")
+        needs = {"draft_aesthetic_draft_k": "DRaFTAestheticReward", "draft_flux_lv": "DRaFTHPSv2Reward"}
+        if name in needs and needs[name] not in info:
+            print(f"skipped {name}: {needs[name]} is not installed")
             continue
         path = os.path.join(out_dir, f"{name}.json")
         with open(path, "w") as f:

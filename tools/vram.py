@@ -52,7 +52,11 @@ METHODS = {"lv2": ("draft_lv", 1), "k1": ("draft_k", 1), "full": ("draft", None)
 MODELS = {  # name: resolution (px)
     "sd15_512": 512, "sd21v_768": 768, "sdxl_1024": 1024,
 }
+DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024}  # tools/vram_dit.py
+DIT_ROWS = [("flux_dev_1024", "k1"), ("sd35m_1024", "lv2")]
 TARGETS = {  # key: (limit GiB or ratio, what)
+    "flux_dev_1024_k1_gib": (22.0, "FLUX.1-dev 1024 px fp8 base weights DRaFT-1, batch 1"),
+    "sd35m_1024_lv2_gib": (12.0, "SD3.5-medium 1024 px DRaFT-LV n=2, batch 1"),
     "sd15_512_lv2_gib": (4.0, "SD1.5 512 px DRaFT-LV n=2, batch 1"),
     "sdxl_1024_k1_gib": (12.0, "SDXL 1024 px DRaFT-1, batch 1"),
     "sdxl_1024_lv2_gib": (12.0, "SDXL 1024 px DRaFT-LV n=2, batch 1"),
@@ -274,7 +278,12 @@ def rows_to_run(args) -> list:
     peak of the 50-step update (checked: ``--check-steps``). Full DRaFT runs all ``--full-steps``
     (50) differentiated, at batch 1 (its memory is flat in K; batch 4 is 4 x the time)."""
     rows = []
-    models = args.only or list(MODELS)
+    models = args.only or list(MODELS) + list(DIT_MODELS)
+    for model, method in DIT_ROWS:  # tools/vram_dit.py: lean mode, batch 1
+        if model in models:
+            rows.append(dict(model=model, method=method, batch=1, mode="lean", lowvram=False,
+                             steps=args.steps))
+    models = [m for m in models if m in MODELS]
     for model in models:
         for method in args.methods:
             batches = [b for b in args.batches if method != "full" or b == 1 or args.full_batches]
@@ -395,7 +404,8 @@ def validate(steps: int = 3) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="*", choices=list(MODELS), help="models (default: all)")
+    parser.add_argument("--only", nargs="*", choices=list(MODELS) + list(DIT_MODELS),
+                        help="models (default: all)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 4])
     parser.add_argument("--modes", nargs="*", default=["before", "lean"],
@@ -416,6 +426,12 @@ def main(argv=None) -> int:
 
     if args.one:
         row = json.loads(args.one)
+        if row["model"] in DIT_MODELS:
+            from vram_dit import measure_dit
+            res = args.resolution or DIT_MODELS[row["model"]]
+            print(json.dumps(measure_dit(row["model"], row["method"], row["batch"],
+                                         row.get("steps", args.steps), res)))
+            return 0
         res = args.resolution or MODELS[row["model"]]
         result = measure(row["model"], row["method"], row["batch"], row["mode"], row["lowvram"],
                          row.get("steps", args.steps), res)

@@ -52,12 +52,25 @@ EXACT_ALPHA_KEY = "draft_alpha_exact"  # alphas that float32 cannot hold exactly
 # Spellings follow kohya sd-scripts (library/sai_model_spec.py, train_util.py); "sd_v2" alone is
 # ambiguous (512 eps or 768 v-prediction): :func:`base_model_entry` resolves it.
 _GENERATIVE_MODELS = "https://github.com/Stability-AI/generative-models"
+_BFL_FLUX = "https://github.com/black-forest-labs/flux"
 BASE_MODELS = {
     "sd_v1": ("sd_v1", "stable-diffusion-v1/lora", "diffusers"),
     "sd_v2_512": ("sd_v2", "stable-diffusion-v2-512/lora", "diffusers"),
     "sd_v2_768_v": ("sd_v2", "stable-diffusion-v2-768-v/lora", "diffusers"),
     "sdxl_base_v1-0": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", _GENERATIVE_MODELS),
     "sdxl_refiner_v1-0": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner/lora", _GENERATIVE_MODELS),
+    # DiT families. kohya sd-scripts: ss_base_model_version is what its loader returns (flux_utils
+    # MODEL_VERSION_FLUX_V1 "flux1", "chroma"; sd3_utils' MMDiT model_type "medium", "5-medium",
+    # "5-large"); architecture "stable-diffusion-3-<model_type>", "flux-1-dev", "flux-1-schnell",
+    # "chroma" + "/lora"; implementation per determine_implementation (SD3 LoRA: "diffusers").
+    # Qwen-Image is not in sd-scripts; musubi-tuner names its architecture "Qwen-Image".
+    "sd3_medium": ("medium", "stable-diffusion-3-medium/lora", "diffusers"),
+    "sd3_5_medium": ("5-medium", "stable-diffusion-3-5-medium/lora", "diffusers"),
+    "sd3_5_large": ("5-large", "stable-diffusion-3-5-large/lora", "diffusers"),
+    "flux1_dev": ("flux1", "flux-1-dev/lora", _BFL_FLUX),
+    "flux1_schnell": ("flux1", "flux-1-schnell/lora", _BFL_FLUX),
+    "chroma": ("chroma", "chroma/lora", "https://huggingface.co/lodestones/Chroma"),
+    "qwen_image": ("qwen_image", "Qwen-Image/lora", "https://github.com/QwenLM/Qwen-Image"),
 }
 ARCHITECTURES = {k: v[1] for k, v in BASE_MODELS.items()}
 
@@ -350,29 +363,47 @@ def save_kohya(path: str, lora: LoRASet, name_map: Mapping[str, str] | None,
     return atomic_save(tensors, path, meta, overwrite)
 
 
-def diffusers_state_dict(lora: LoRASet, name_map: Mapping[str, str],
+def diffusers_state_dict(lora: LoRASet, name_map: Mapping[str, object],
                          dtype: torch.dtype = torch.float32, prefix: str = "unet") -> dict:
-    """The PEFT layout diffusers' ``load_lora_weights`` reads: ``unet.<diffusers module>.lora_A.weight``
+    """The PEFT layout diffusers' ``load_lora_weights`` reads: ``<prefix>.<diffusers module>.lora_A.weight``
     (down: ``(rank, in)`` or ``(rank, in, kh, kw)``) and ``.lora_B.weight`` (up: ``(out, rank)`` or
     ``(out, rank, 1, 1)``) with ``alpha / rank`` folded into ``lora_B``: with no alphas in a file
     diffusers uses PEFT scale 1 for every layer (all diffusers versions), so the update is exact up
-    to one float rounding of ``lora_B``."""
+    to one float rounding of ``lora_B``.
+
+    ``name_map`` values are a diffusers module name (one-to-one, SD UNets), or for fused layers
+    (FLUX ``img_attn.qkv``, ``linear1``; MMDiT ``attn.qkv``) a list of ``(diffusers module, row
+    offset, rows)`` slices of the fused weight's output rows (as ComfyUI's ``flux_to_diffusers`` /
+    ``mmdit_to_diffusers`` map them): each slice gets the same ``lora_A`` and its rows of
+    ``lora_B``, so the slices' updates together are exactly the fused layer's update. Prefix
+    ``transformer`` for DiT pipelines."""
     if name_map is None:
         raise LoRAFileError("the diffusers layout needs the {ldm name: diffusers name} map")
+    missing = [n for n in lora.names() if n not in name_map]
+    if missing:
+        raise LoRAFileError(f"no diffusers name for {len(missing)} LoRA layer(s), e.g. {missing[:3]}")
     sd = {}
-    for name, path in _export_names(lora, name_map):
-        delta = lora[name]
+    for name in lora.names():
+        delta, target = lora[name], name_map[name]
         _check_alpha(name, delta.alpha)
         down, up = _factors(delta)
         up = up.detach().float() * delta.scale
-        sd[f"{prefix}.{path}.lora_A.weight"] = _cast_factor(down, dtype, f"{name}.down")
-        sd[f"{prefix}.{path}.lora_B.weight"] = _cast_factor(up, dtype, f"{name}.up * alpha/rank")
+        slices = [(target, 0, up.shape[0])] if isinstance(target, str) else list(target)
+        covered = sorted((int(o), int(o) + int(n)) for _, o, n in slices)
+        if covered[0][0] != 0 or covered[-1][1] != up.shape[0] or any(
+                a[1] != b[0] for a, b in zip(covered, covered[1:])):
+            raise LoRAFileError(f"the diffusers slices of {name!r} do not tile its {up.shape[0]} rows")
+        for path, offset, rows in slices:
+            part = up[int(offset): int(offset) + int(rows)]
+            # own storage per slice: safetensors refuses tensors that share memory
+            sd[f"{prefix}.{path}.lora_A.weight"] = _cast_factor(down, dtype, f"{name}.down").clone()
+            sd[f"{prefix}.{path}.lora_B.weight"] = _cast_factor(part, dtype, f"{name}.up * alpha/rank").clone()
     return sd
 
 
-def save_diffusers_folder(folder: str, lora: LoRASet, name_map: Mapping[str, str],
+def save_diffusers_folder(folder: str, lora: LoRASet, name_map: Mapping[str, object],
                           metadata: Mapping | None = None, dtype: torch.dtype = torch.float32,
-                          overwrite: bool = False) -> str:
+                          overwrite: bool = False, prefix: str = "unet") -> str:
     """Write ``folder/pytorch_lora_weights.safetensors`` (:func:`diffusers_state_dict`), which
     ``pipeline.load_lora_weights(folder)`` reads directly; returns ``folder``.
 
@@ -381,7 +412,7 @@ def save_diffusers_folder(folder: str, lora: LoRASet, name_map: Mapping[str, str
     """
     meta = {k: v for k, v in _metadata_strings(metadata).items() if not k.startswith("ss_network")}
     meta["format"] = "pt"
-    atomic_save(diffusers_state_dict(lora, name_map, dtype),
+    atomic_save(diffusers_state_dict(lora, name_map, dtype, prefix),
                 os.path.join(folder, DIFFUSERS_WEIGHT_NAME), meta, overwrite)
     return folder
 

@@ -1,0 +1,239 @@
+"""The model families DRaFT trains, in one table keyed by ComfyUI's model classes.
+
+Every fact the pack needs about a family lives here and nowhere else: which layers get a LoRA
+(per target set), how the LoRA file names them, the base-model metadata other tools read, the
+latent layout, the default CFG, whether the model is guidance-distilled, and the names of its
+top-level block lists (for block checkpointing). Other modules ask :func:`family_of` and read
+the :class:`Family` fields; they never test model classes themselves.
+
+A model's family is found from its ``model_config`` class (``comfy.supported_models``: ``SD15``,
+``SD20``, ``SDXL``, ``SDXLRefiner``, ``SD3``, ``Flux``, ``FluxSchnell``, ``Chroma``,
+``QwenImage``, ...), walking the class's bases so that variants (``SSD1B`` is an ``SDXL``
+subclass) train with their parent's layout; only an exact class match claims the parent's
+base-model name in the file metadata (a variant's LoRA would not fit the parent in other tools).
+
+Target patterns are regular expressions over module names under ``diffusion_model`` that start
+at a top-level block list (``^input_blocks...``, ``^double_blocks...``): no top-level layer
+(Qwen-Image's ``proj_out``, Flux's ``final_layer``) can be picked by accident.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+# -- target patterns ----------------------------------------------------------------------------
+# UNets (SD1.x/SD2.x/SDXL): the SpatialTransformers inside the input/middle/output blocks.
+_UNET_CONTAINER = r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\."
+_UNET_ATTN = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+UNET_TARGETS = {
+    "attention": rf"{_UNET_CONTAINER}{_UNET_ATTN}$",
+    # kohya sd-scripts' default UNet targets: every Linear / 1x1 conv inside a SpatialTransformer.
+    "kohya default": rf"{_UNET_CONTAINER}({_UNET_ATTN}|proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$",
+}
+# FLUX.1 / Chroma: double-stream img/txt attention, single-stream fused linear1 (qkv + MLP in)
+# and linear2 (attention out + MLP out); the broader set adds the double blocks' MLPs. Modulation
+# layers (img_mod, txt_mod, modulation) stay frozen, as kohya's flux LoRA leaves them by default.
+_FLUX_ATTN = r"^(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.(linear1|linear2))$"
+FLUX_TARGETS = {
+    "attention": _FLUX_ATTN,
+    "kohya default": r"^(double_blocks\.\d+\.((img|txt)_attn\.(qkv|proj)|(img|txt)_mlp\.(0|2))"
+                     r"|single_blocks\.\d+\.(linear1|linear2))$",
+}
+# SD3 / SD3.5 (MMDiT): joint blocks' image (x_block) and text (context_block) attention, plus
+# SD3.5 medium's second image self-attention attn2; the broader set adds the blocks' MLPs.
+MMDIT_TARGETS = {
+    "attention": r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn|attn2)\.(qkv|proj)$",
+    "kohya default": r"^joint_blocks\.\d+\.(x_block|context_block)\.((attn|attn2)\.(qkv|proj)|mlp\.(fc1|fc2))$",
+}
+# Qwen-Image: the joint attention's image (to_*) and text (add_*_proj, to_add_out) projections;
+# the broader set adds the image and text MLPs.
+_QWEN_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+QWEN_TARGETS = {
+    "attention": rf"^transformer_blocks\.\d+\.{_QWEN_ATTN}$",
+    "kohya default": rf"^transformer_blocks\.\d+\.({_QWEN_ATTN}|(img|txt)_mlp\.net\.(0\.proj|2))$",
+}
+TARGET_SET_NAMES = ("attention", "kohya default")
+TARGET_SETS = TARGET_SET_NAMES
+TARGET_SET_HELP = ("attention: the attention projections inside the blocks; kohya default: "
+                   "attention plus the blocks' MLPs (UNets: also proj_in/proj_out), what kohya "
+                   "sd-scripts trains by default")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What DRaFT needs to know about one model family (see the module docstring).
+
+    Attributes:
+        name: display name (``"FLUX.1 dev"``).
+        config_classes: ``comfy.supported_models`` class names of the family.
+        targets: ``{target set: regex over diffusion_model module names}``.
+        naming: LoRA file module names: ``"diffusers"`` (kohya keys with diffusers UNet names,
+            what A1111/Forge/kohya read for SD UNets) or ``"native"`` (``lora_unet_<ComfyUI/BFL/SAI
+            module path, '.' -> '_'>``, what kohya sd-scripts writes for FLUX and SD3).
+        base_model: key of ``training.lora_io.BASE_MODELS`` (``ss_base_model_version``,
+            ``modelspec.architecture``), or a function of the ``unet_config`` returning one.
+        latent_dimensions: spatial(+time) dimensions of a latent: 2 ``(B,C,H,W)``; 3
+            ``(B,C,T,H,W)`` with ``T = 1`` for an image (Qwen-Image).
+        default_cfg: classifier-free guidance scale used when the trainer's cfg is "auto".
+        guidance_distilled: CFG is baked in (FLUX.1 dev/schnell): cfg 1 by default, no negative
+            branch; a cfg above 1 only costs time and over-saturates.
+        guidance: the embedded guidance value (FluxGuidance's) put on the conditioning when the
+            model has a guidance input and the conditioning carries none; None: no such input.
+        block_lists: names of the top-level ``nn.ModuleList`` attributes of ``diffusion_model``
+            (or modules) holding the repeated blocks, in execution order.
+        module_classes: class names of the family's ``diffusion_model`` module (ComfyUI's
+            ``UNetModel``, ``OpenAISignatureMMDITWrapper``, ``Flux``, ...), for callers that hold
+            only the diffusion model (the first family listed for a class wins; families sharing
+            a class share its patterns).
+        diffusers_layout: the ComfyUI map from diffusers names for the optional diffusers/PEFT
+            folder: ``"unet"`` (``comfy.utils.unet_to_diffusers``), ``"flux"``
+            (``flux_to_diffusers``), ``"mmdit"`` (``mmdit_to_diffusers``), or None (no folder).
+    """
+
+    name: str
+    config_classes: tuple
+    targets: dict
+    naming: str
+    base_model: object
+    latent_dimensions: int = 2
+    default_cfg: float = 7.5
+    guidance_distilled: bool = False
+    guidance: Optional[float] = None
+    block_lists: tuple = ()
+    diffusers_layout: Optional[str] = None
+    module_classes: tuple = ()
+    patterns: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "patterns", {k: re.compile(v) for k, v in self.targets.items()})
+
+    def base_model_for(self, unet_config: dict | None) -> Optional[str]:
+        if callable(self.base_model):
+            return self.base_model(dict(unet_config or {}))
+        return self.base_model
+
+
+def _sd3_base_model(unet_config: dict) -> str:
+    """SD3 medium (no q/k norm), SD3.5 medium (x_block attn2 layers) or SD3.5 large."""
+    if unet_config.get("x_block_self_attn_layers"):
+        return "sd3_5_medium"
+    if unet_config.get("qk_norm") is not None:
+        return "sd3_5_large"
+    return "sd3_medium"
+
+
+_UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+_FLUX_BLOCKS = ("double_blocks", "single_blocks")
+FAMILIES = (
+    Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
+    Family("SD2.x", ("SD20", "SD21UnclipL", "SD21UnclipH"), UNET_TARGETS, "diffusers", "sd_v2",
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
+    Family("SDXL", ("SDXL", "SDXL_instructpix2pix"), UNET_TARGETS, "diffusers", "sdxl_base_v1-0",
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
+    Family("SDXL refiner", ("SDXLRefiner",), UNET_TARGETS, "diffusers", "sdxl_refiner_v1-0",
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
+    Family("SD3 / SD3.5", ("SD3",), MMDIT_TARGETS, "native", _sd3_base_model, default_cfg=4.5,
+           block_lists=("joint_blocks",), diffusers_layout="mmdit",
+           module_classes=("OpenAISignatureMMDITWrapper", "MMDiT")),
+    Family("FLUX.1 dev", ("Flux",), FLUX_TARGETS, "native", "flux1_dev", default_cfg=1.0,
+           guidance_distilled=True, guidance=3.5, block_lists=_FLUX_BLOCKS, diffusers_layout="flux",
+           module_classes=("Flux",)),
+    Family("FLUX.1 schnell", ("FluxSchnell",), FLUX_TARGETS, "native", "flux1_schnell",
+           default_cfg=1.0, guidance_distilled=True, block_lists=_FLUX_BLOCKS, diffusers_layout="flux"),
+    Family("Chroma", ("Chroma",), FLUX_TARGETS, "native", "chroma", default_cfg=4.0,
+           block_lists=_FLUX_BLOCKS, module_classes=("Chroma",)),
+    Family("Qwen-Image", ("QwenImage",), QWEN_TARGETS, "native", "qwen_image",
+           latent_dimensions=3, default_cfg=2.5, block_lists=("transformer_blocks",),
+           module_classes=("QwenImageTransformer2DModel",)),
+)
+_BY_CLASS = {c: f for f in FAMILIES for c in f.config_classes}
+_BY_MODULE: dict = {}
+for _family in FAMILIES:
+    for _name in _family.module_classes:
+        _BY_MODULE.setdefault(_name, _family)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family is not in :data:`FAMILIES`."""
+
+
+def supported_families() -> str:
+    return ", ".join(f"{f.name} ({'/'.join(f.config_classes)})" for f in FAMILIES)
+
+
+def _model_config(model):
+    """The ``model_config`` of a ModelPatcher, a BaseModel, or itself."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "model_config", None) or getattr(model, "model_config", None) or model
+
+
+def family_of(model) -> Family:
+    """The :class:`Family` of a ComfyUI MODEL (ModelPatcher), BaseModel or model_config (or of a
+    bare ``diffusion_model`` module, by its class: patterns and block lists only; metadata and
+    defaults of families sharing a module class, FLUX dev/schnell, need the model).
+
+    Raises UnsupportedModelError naming the model's class and the supported families."""
+    config = _model_config(model)
+    for cls in type(config).__mro__:
+        if cls.__name__ in _BY_CLASS:
+            return _BY_CLASS[cls.__name__]
+    if config is model and type(model).__name__ in _BY_MODULE:  # a bare diffusion_model
+        return _BY_MODULE[type(model).__name__]
+    raise UnsupportedModelError(
+        f"DRaFT does not support this model family yet ({type(config).__name__}); supported: "
+        f"{supported_families()}")
+
+
+def is_exact_family_class(model) -> bool:
+    """Whether the model's config class is itself in the table (not a subclass variant)."""
+    return type(_model_config(model)).__name__ in _BY_CLASS
+
+
+def base_model(model) -> Optional[str]:
+    """The ``training.lora_io.BASE_MODELS`` key of the model, or None for a variant of a family
+    (SSD-1B, KOALA: SDXL subclasses whose LoRAs do not fit SDXL tools) or an unknown class."""
+    config = _model_config(model)
+    if not is_exact_family_class(config):
+        return None
+    return family_of(config).base_model_for(getattr(config, "unet_config", None))
+
+
+def target_pattern(model, target_set: str) -> re.Pattern:
+    """The compiled pattern of ``target_set`` for the model's family (ValueError if unknown)."""
+    family = family_of(model)
+    if target_set not in family.patterns:
+        raise ValueError(f"unknown target modules {target_set!r}; choose one of {list(family.patterns)}")
+    return family.patterns[target_set]
+
+
+def select_targets(model, diffusion_model, target_set: str,
+                   qualifies: Callable[[object], bool] = lambda m: True) -> list:
+    """Names (relative to ``diffusion_model``) of the modules matching ``target_set`` for the
+    model's family that ``qualifies`` accepts, in module order."""
+    pattern = target_pattern(model, target_set)
+    return [n for n, m in diffusion_model.named_modules() if pattern.search(n) and qualifies(m)]
+
+
+def block_lists(model) -> tuple:
+    """``((name, nn.ModuleList or module), ...)`` of the model's top-level blocks in execution
+    order, for block-level checkpointing (UNet ``input_blocks``/``middle_block``/``output_blocks``,
+    FLUX ``double_blocks``/``single_blocks``, MMDiT ``joint_blocks``, Qwen ``transformer_blocks``)."""
+    inner = getattr(model, "model", model)
+    diffusion_model = getattr(inner, "diffusion_model", inner)
+    return tuple((name, getattr(diffusion_model, name)) for name in family_of(model).block_lists
+                 if getattr(diffusion_model, name, None) is not None)
+
+
+def default_cfg(model) -> float:
+    return family_of(model).default_cfg
+
+
+def guidance_value(model) -> Optional[float]:
+    """The default embedded guidance for models with a guidance input (FLUX.1 dev: 3.5)."""
+    family = family_of(model)
+    if family.guidance is None:
+        return None
+    unet_config = getattr(_model_config(model), "unet_config", {}) or {}
+    return family.guidance if unet_config.get("guidance_embed", True) else None

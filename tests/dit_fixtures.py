@@ -1,0 +1,116 @@
+"""Tiny DiT / flow models of every family DRaFT supports, built with ComfyUI's own classes.
+
+* Diffusion models: ComfyUI's config classes (``comfy.supported_models.SD3/Flux/FluxSchnell/
+  Chroma/QwenImage(unet_config).get_model({})``, which pick ``comfy.model_base``'s class, latent
+  format and ``model_sampling``) at reduced width and depth; ComfyUI's state-dict detection of
+  Flux / Qwen-Image assumes full width, so the config is given directly. Weights are seeded and
+  explicit (ComfyUI's ops leave them empty).
+* VAEs: ComfyUI's ``comfy.sd.VAE`` built from a state dict: a 16-channel TAESD (taesd3 / taef1
+  layout, with the family's scale/shift) for SD3 / FLUX / Chroma; the real Wan 2.1 VAE (fixed
+  full width in ComfyUI, about 127 M parameters) for Qwen-Image, which decodes its 5-D latents.
+* Text conditioning is FAKE: a fixed pseudo-random function of the prompt, in the shapes each
+  family's text encoders give (ComfyUI cannot build a small T5-XXL / CLIP-G / Qwen2.5-VL).
+
+Nothing here is imported by the project.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lora_fixtures import import_comfy
+
+_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=32,
+             context_in_dim=32, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2,
+             depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, qkv_bias=True)
+_CHROMA = {k: v for k, v in _FLUX.items() if k != "vec_in_dim"}
+_CHROMA.update(image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=64,
+               hidden_dim=32, n_layers=1)
+_QWEN = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2,
+             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+             axes_dims_rope=(8, 12, 12))
+_SD3 = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None,
+            adm_in_channels=32, num_patches=256, pos_embed_max_size=16,
+            context_embedder_config={"target": "torch.nn.Linear",
+                                     "params": {"in_features": 32, "out_features": 128}},
+            pos_embed_scaling_factor=None, x_block_self_attn_layers=[])
+
+# kind -> (comfy.supported_models class, unet_config, conditioning kind)
+FAMILIES = {
+    "sd3_medium": ("SD3", _SD3, "pooled"),
+    "sd3_5_medium": ("SD3", dict(_SD3, qk_norm="rms", x_block_self_attn_layers=[0]), "pooled"),
+    "sd3_5_large": ("SD3", dict(_SD3, qk_norm="rms"), "pooled"),
+    "flux_dev": ("Flux", dict(_FLUX, guidance_embed=True), "pooled"),
+    "flux_schnell": ("FluxSchnell", dict(_FLUX, guidance_embed=False), "pooled"),
+    "chroma": ("Chroma", _CHROMA, "no pooled"),  # T5 only: pooled_output is None
+    "qwen_image": ("QwenImage", _QWEN, "context"),
+}
+TEXT_WIDTH, TEXT_TOKENS = 32, 6
+
+
+def fill_(module: torch.nn.Module, seed: int) -> None:
+    """Seeded explicit init: fan-in-scaled normals for matrices, 1 + noise for norm scales,
+    small biases, and MMDiT's position-embedding buffer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias"):
+                p.copy_(0.02 * noise)
+            elif p.ndim == 1:
+                p.copy_(1.0 + 0.05 * noise)
+            else:
+                p.copy_(noise / math.sqrt(max(1, math.prod(p.shape[1:]))))
+        for name, b in module.named_buffers():
+            if name.endswith("pos_embed"):  # MMDiT registers it empty (a checkpoint fills it)
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+
+
+def tiny_model(kind: str, seed: int = 0):
+    """A ``ModelPatcher`` around a tiny ComfyUI model of ``kind`` (a key of :data:`FAMILIES`)."""
+    comfy = import_comfy()
+    class_name, unet_config, _ = FAMILIES[kind]
+    model_config = getattr(comfy.supported_models, class_name)(dict(unet_config))
+    model = model_config.get_model({})
+    fill_(model.diffusion_model, seed)
+    model.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def conditioning(kind: str):
+    """``prompt -> CONDITIONING`` of one entry, FAKE (see the module docstring)."""
+    pooled = FAMILIES[kind][2] == "pooled"
+
+    def encode(text: str):
+        g = torch.Generator().manual_seed(sum(map(ord, text)) * 31 + len(text))
+        extra = {"pooled_output": torch.randn(1, TEXT_WIDTH, generator=g)} if pooled else {}
+        if FAMILIES[kind][2] == "no pooled":
+            extra = {"pooled_output": None}
+        return [[torch.randn(1, TEXT_TOKENS, TEXT_WIDTH, generator=g), extra]]
+    return encode
+
+
+_TAESD = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
+
+
+def tiny_vae(kind: str, seed: int = 0):
+    """ComfyUI's ``VAE`` for ``kind``: 16-channel TAESD, or Wan 2.1 for Qwen-Image (see above)."""
+    comfy = import_comfy()
+    import comfy.sd
+    if kind == "qwen_image":
+        import comfy.ldm.wan.vae
+        module = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                          attn_scales=[], temperal_downsample=[False, True, True],
+                                          dropout=0.0)
+        fill_(module, seed)
+        sd = module.state_dict()
+    else:
+        import comfy.taesd.taesd
+        module = comfy.taesd.taesd.TAESD(latent_channels=16)
+        fill_(module, seed)
+        sd = {k: v for k, v in module.state_dict().items() if not k.startswith("vae_")}
+        scale, shift = _TAESD["sd3" if kind.startswith("sd3") else "flux"]
+        sd["vae_scale"], sd["vae_shift"] = torch.tensor(scale), torch.tensor(shift)
+    return comfy.sd.VAE(sd=sd)

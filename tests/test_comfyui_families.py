@@ -1,0 +1,343 @@
+"""DRaFT on the DiT and flow families (SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image) and the
+architecture table, with tiny models built through ComfyUI's own classes (marker ``comfyui``).
+
+* The table (``nodes/architectures.py``) selects, per family, exactly the listed layers (never a
+  top-level layer), and refuses an unsupported family naming the supported ones.
+* The engine's sampler on ComfyUI's flow ``model_sampling`` (shifted schedules) equals an Euler flow
+  sampler written here from the definition ``x_t = (1 - t) x0 + t eps``, ``dx/dt = v``.
+* Per family: DRaFT-LV training through ``TrainingRun`` raises a reward on held-out seeds (sampled
+  with ComfyUI's stock KSampler); the LoRA saved through DRaFT Save LoRA's path loads in ComfyUI's
+  stock LoraLoader / LoraLoaderModelOnly with every key applied and gives the same samples as the
+  training-time LoRA; a resumed run continues the step count.
+
+Text conditioning is fake (see tests/dit_fixtures.py): ComfyUI cannot build small T5-XXL / CLIP-G /
+Qwen2.5-VL text encoders.
+"""
+import logging
+import os
+
+import pytest
+import torch
+
+import dit_fixtures as D
+import lora_fixtures as F
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return F.import_comfy()
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    return {name: F.import_pack_module(f"nodes.{name}") for name in
+            ("architectures", "comfy_glue", "lora_files", "lora_keys", "training_run", "reward_types")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the table ------------------------------------------------------------------------------------
+def _b(i, *names):
+    return [f"{i}.{n}" for n in names]
+
+
+_FLUX_DOUBLE_ATTN = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj")
+_FLUX_DOUBLE_MLP = ("img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")
+_FLUX_ATTN = sorted([f"double_blocks.{n}" for i in (0, 1) for n in _b(i, *_FLUX_DOUBLE_ATTN)]
+                    + [f"single_blocks.{n}" for i in (0, 1) for n in _b(i, "linear1", "linear2")])
+_FLUX_ALL = sorted(_FLUX_ATTN + [f"double_blocks.{n}" for i in (0, 1) for n in _b(i, *_FLUX_DOUBLE_MLP)])
+# MMDiT: the last context block is "pre_only" (no attn.proj, no mlp).
+_SD3_ATTN = sorted(["joint_blocks.0.context_block.attn.qkv", "joint_blocks.0.context_block.attn.proj",
+                    "joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.proj",
+                    "joint_blocks.1.context_block.attn.qkv",
+                    "joint_blocks.1.x_block.attn.qkv", "joint_blocks.1.x_block.attn.proj"])
+_SD3_MLP = ["joint_blocks.0.context_block.mlp.fc1", "joint_blocks.0.context_block.mlp.fc2",
+            "joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.x_block.mlp.fc2",
+            "joint_blocks.1.x_block.mlp.fc1", "joint_blocks.1.x_block.mlp.fc2"]
+_SD35M_ATTN2 = ["joint_blocks.0.x_block.attn2.qkv", "joint_blocks.0.x_block.attn2.proj"]
+_QWEN_ATTN = sorted(f"transformer_blocks.{i}.attn.{n}" for i in (0, 1) for n in (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+_QWEN_MLP = [f"transformer_blocks.{i}.{m}_mlp.net.{n}" for i in (0, 1) for m in ("img", "txt")
+             for n in ("0.proj", "2")]
+EXPECTED = {  # kind -> (attention, kohya default, family name, base model)
+    "sd3_medium": (_SD3_ATTN, sorted(_SD3_ATTN + _SD3_MLP), "SD3 / SD3.5", "sd3_medium"),
+    "sd3_5_medium": (sorted(_SD3_ATTN + _SD35M_ATTN2), sorted(_SD3_ATTN + _SD35M_ATTN2 + _SD3_MLP),
+                     "SD3 / SD3.5", "sd3_5_medium"),
+    "sd3_5_large": (_SD3_ATTN, sorted(_SD3_ATTN + _SD3_MLP), "SD3 / SD3.5", "sd3_5_large"),
+    "flux_dev": (_FLUX_ATTN, _FLUX_ALL, "FLUX.1 dev", "flux1_dev"),
+    "flux_schnell": (_FLUX_ATTN, _FLUX_ALL, "FLUX.1 schnell", "flux1_schnell"),
+    "chroma": (_FLUX_ATTN, _FLUX_ALL, "Chroma", "chroma"),
+    "qwen_image": (_QWEN_ATTN, sorted(_QWEN_ATTN + _QWEN_MLP), "Qwen-Image", "qwen_image"),
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_table_selects_the_listed_layers_of_each_dit_family(kind, pack):
+    glue, arch = pack["comfy_glue"], pack["architectures"]
+    patcher = D.tiny_model(kind)
+    attention, broad, family, base = EXPECTED[kind]
+    assert sorted(glue.target_module_names(patcher, "attention")) == attention
+    assert sorted(glue.target_module_names(patcher, "kohya default")) == broad
+    # the bare diffusion model (its class names the family's patterns) selects the same
+    assert sorted(glue.target_module_names(patcher.model.diffusion_model, "kohya default")) == broad
+    assert [n for n, _ in arch.block_lists(patcher.model.diffusion_model)] == \
+        list(arch.family_of(patcher).block_lists)
+    assert arch.family_of(patcher).name == family
+    assert pack["lora_keys"].base_model_version(patcher) == base
+    assert pack["lora_keys"].lora_file_facts(patcher)["name_map"] is None  # native kohya names
+    top_level = {n for n, _ in patcher.model.diffusion_model.named_children()}
+    assert not any(n.split(".")[0] not in arch.family_of(patcher).block_lists for n in broad)
+    assert "proj_out" in top_level or "final_layer" in top_level  # present, and not selected
+
+
+def test_table_unet_families_and_block_lists(comfy, pack):
+    arch, glue = pack["architectures"], pack["comfy_glue"]
+    sm = comfy.supported_models
+    sd2 = dict(F.SD15_TINY_LDM, use_linear_in_transformer=True, model_channels=64)
+    for cls, cfg, family in [(sm.SD15, F.SD15_TINY_LDM, "SD1.x"), (sm.SD20, sd2, "SD2.x"),
+                             (sm.SDXL, F.SDXL_TINY_LDM, "SDXL"),
+                             (sm.SDXLRefiner, F.SDXL_TINY_LDM, "SDXL refiner")]:
+        model = cls(dict(cfg)).get_model({}, device="meta")
+        attention = glue.target_module_names(model, "attention")
+        kohya = glue.target_module_names(model, "kohya default")
+        assert arch.family_of(model).name == family
+        assert all(n.split(".")[0] in ("input_blocks", "middle_block", "output_blocks") for n in kohya)
+        assert all(".attn1." in n or ".attn2." in n for n in attention)
+        # kohya's rule, applied independently: every Linear / 1x1 conv inside a SpatialTransformer
+        assert sorted(kohya) == sorted(F.ldm_kohya_targets(model.diffusion_model)), family
+        assert attention == [n for n in kohya if ".attn1.to_" in n or ".attn2.to_" in n]
+        assert [name for name, _ in arch.block_lists(model)] == ["input_blocks", "middle_block", "output_blocks"]
+    flux = D.tiny_model("flux_dev")
+    assert [name for name, _ in arch.block_lists(flux)] == ["double_blocks", "single_blocks"]
+    assert [name for name, _ in arch.block_lists(D.tiny_model("qwen_image"))] == ["transformer_blocks"]
+    assert [name for name, _ in arch.block_lists(D.tiny_model("sd3_medium"))] == ["joint_blocks"]
+    assert arch.default_cfg(flux) == 1.0 and arch.guidance_value(flux) == 3.5
+    assert arch.guidance_value(D.tiny_model("flux_schnell")) is None  # no guidance input
+    assert arch.family_of(D.tiny_model("qwen_image")).latent_dimensions == 3
+
+
+def test_unknown_family_is_refused_listing_the_supported_ones(comfy, pack):
+    model = comfy.supported_models.AuraFlow({"cond_seq_dim": 2048})
+    with pytest.raises(pack["architectures"].UnsupportedModelError) as e:
+        pack["comfy_glue"].target_module_names(model, "attention")
+    for name in ("AuraFlow", "SD1.x", "SDXL", "SD3", "FLUX.1 dev", "Chroma", "Qwen-Image"):
+        assert name in str(e.value)
+
+
+# -- flow sampling --------------------------------------------------------------------------------
+def _euler_flow_reference(velocity, noise, ts):
+    """Euler on dx/dt = v(x, t) from t = 1 (pure noise) to t = 0, written from the definition."""
+    x = noise.clone()
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * velocity(x, t)
+    return x
+
+
+def _shift_linear(shift, t):  # SD3 / ModelSamplingDiscreteFlow: t' = s t / (1 + (s - 1) t)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def _shift_exponential(mu, t):  # FLUX / ModelSamplingFlux: t' = e^mu / (e^mu + 1/t - 1)
+    with torch.no_grad():
+        return torch.where(t > 0, torch.exp(torch.tensor(mu, dtype=t.dtype)) / (
+            torch.exp(torch.tensor(mu, dtype=t.dtype)) + 1 / t.clamp_min(1e-12) - 1), torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("kind,shift_fn,shift", [
+    ("sd3_medium", _shift_linear, 3.0), ("flux_schnell", _shift_linear, 1.0),
+    ("flux_dev", _shift_exponential, 1.15), ("qwen_image", _shift_exponential, 1.15)])
+def test_sampler_on_comfy_flow_model_sampling_equals_independent_euler(kind, shift_fn, shift, comfy):
+    import comfy.samplers
+    from training.sampler import DifferentiableSampler, SamplerSettings
+    ms = D.tiny_model(kind).get_model_object("model_sampling")
+    steps = 6
+    sigmas = comfy.samplers.calculate_sigmas(ms, "simple", steps).float()
+    # the shifted schedule from its definition, on a uniform grid
+    ts = shift_fn(shift, torch.linspace(1, 0, steps + 1, dtype=torch.float64))
+    assert torch.allclose(sigmas.double(), ts, atol=2e-3)  # ComfyUI's table is 1000 discrete steps
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 4, generator=g) * 0.3
+
+    def velocity(x, t):  # some smooth field, (B, C, H, W)
+        return torch.einsum("oc,bchw->bohw", w, x) * (1 + float(t)) + 0.5 * torch.tanh(x) - float(t)
+
+    def denoise(x, sigma, index):  # the velocity model through ComfyUI's own parametrisation
+        return ms.calculate_denoised(sigma, velocity(x, sigma[0]), x)
+
+    noise = torch.randn(2, 4, 6, 6, generator=g)
+    sampler = DifferentiableSampler(denoise, sigmas, SamplerSettings("draft"),
+                                    renoise=lambda s, n, x0: ms.noise_scaling(s, n, x0))
+    x0 = sampler.sample(noise, torch.zeros(2, dtype=torch.long))
+    ref = _euler_flow_reference(velocity, noise, sigmas.tolist())
+    assert torch.allclose(x0, ref, atol=1e-5)
+    # DRaFT-LV's re-noising is the flow interpolation
+    s = torch.full((2,), 0.25)
+    assert torch.allclose(ms.noise_scaling(s, noise, x0), 0.75 * x0 + 0.25 * noise, atol=1e-6)
+    assert torch.allclose(sampler.initial_latent(noise), noise)
+
+
+# -- training, saving, loading --------------------------------------------------------------------
+def _run_config(rc, kind, iterations, **kw):
+    from training import SamplerSettings, TrainSettings
+    steps = 4 if kind == "flux_schnell" else 6
+    base = dict(prompts=["a cat", "a dog"], negative_prompt="", sampler=SamplerSettings("draft_lv", lv_samples=2),
+                steps=steps, scheduler="simple", cfg=0.0, width=64, height=64,
+                train=TrainSettings(iterations=iterations, learning_rate=3e-2, seed=0, grad_clip=0.0),
+                rank=4, alpha=4.0, target_set="attention", mixed_precision="no", save_every=0,
+                preview_every=0, lora_name=f"draft/{kind}")
+    base.update(kw)
+    return rc.RunConfig(**base)
+
+
+def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, cfg, steps):
+    import comfy.sample
+    import node_helpers
+    shape = (1, 16, 1, 8, 8) if kind == "qwen_image" else (1, 16, 8, 8)
+    scores, images = [], []
+    for seed in seeds:
+        cond = encode("a cat")
+        if guidance is not None:
+            cond = node_helpers.conditioning_set_values(cond, {"guidance": guidance})
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            latent = comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", cond, encode(""),
+                                         torch.zeros(shape), seed=seed, disable_pbar=True)
+            image = vae.decode(latent)  # (B, [T,] H, W, 3)
+        image = image.reshape(-1, *image.shape[-3:]).movedim(-1, 1)
+        images.append(image)
+        scores.append(float(reward(image, ["a cat"]).mean()))
+    return sum(scores) / len(scores), torch.cat(images)
+
+
+@pytest.fixture()
+def loras_dir(tmp_path, monkeypatch, comfy):
+    import folder_paths
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], {".safetensors"}))
+    folder_paths.filename_list_cache.clear()
+    yield tmp_path
+    folder_paths.filename_list_cache.clear()
+
+
+@pytest.mark.parametrize("kind", list(D.FAMILIES))
+def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras_dir, caplog):
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    import nodes as comfy_nodes
+    from reward_models import ImageStatReward
+    from safetensors import safe_open
+
+    rc, lf, glue = pack["training_run"], pack["lora_files"], pack["comfy_glue"]
+    model, vae, encode = D.tiny_model(kind), D.tiny_vae(kind), D.conditioning(kind)
+    reward = pack["reward_types"].RewardHandle(ImageStatReward("brightness"), [], "brightness")
+    config = _run_config(rc, kind, iterations=6)
+    with torch.inference_mode(False), torch.enable_grad():
+        run = rc.TrainingRun(model, vae, encode, reward, config)
+        result = run.run()
+    family = pack["architectures"].family_of(model)
+    assert run.cfg_scale == family.default_cfg
+    assert (run.guidance == 3.5) == (kind == "flux_dev")
+    assert len(result.history) == 6 and all(r == r for r in result.history)
+    untrained = [n for n, d in result.lora.items() if float(d.up.detach().abs().max()) == 0]
+    # Qwen-Image's last block's text queries and text output feed nothing: no gradient reaches them
+    dead = ["transformer_blocks.1.attn.add_q_proj", "transformer_blocks.1.attn.to_add_out"]
+    assert untrained == (dead if kind == "qwen_image" else [])
+
+    # held-out seeds through ComfyUI's stock KSampler: the LoRA raises the reward
+    lora_model, comfy_sd = run.model_with_lora()
+    seeds = [1001, 1002, 1003]
+    args = (vae, encode, reward.model, kind, seeds, run.guidance, run.cfg_scale, config.steps)
+    before, _ = _held_out_reward(comfy, model, *args)
+    after, trained_images = _held_out_reward(comfy, lora_model, *args)
+    assert after > before + 0.005, (before, after)
+
+    # DRaFT Save LoRA's path, then ComfyUI's stock loaders
+    lora_out = lf.DraftLoRA(comfy_sd, lora_set=result.lora, facts=pack["lora_keys"].lora_file_facts(model),
+                            metadata=result.metadata)
+    name = lf.save_final(lora_out, f"draft/{kind}", "fp32", False, model=model)
+    path = folder_paths.get_full_path("loras", name)
+    with safe_open(path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    first = result.lora.names()[0]
+    assert f"lora_unet_{first.replace('.', '_')}.lora_down.weight" in keys  # native kohya names
+    assert len(keys) == 3 * len(result.lora)
+    from training import lora_io
+    version, architecture, _ = lora_io.BASE_MODELS[EXPECTED[kind][3]]
+    assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == architecture
+    assert float(meta["draft_cfg"]) == run.cfg_scale
+
+    sd = comfy.utils.load_torch_file(path)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(sd, key_map)
+        loaded, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
+        (only_model,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)
+    assert "not loaded" not in caplog.text
+    assert len(patches) == len(result.lora)
+    _, from_file = _held_out_reward(comfy, loaded, *args)
+    _, from_model_only = _held_out_reward(comfy, only_model, *args)
+    # the training-time LoRA: weight wrappers on a clone, as the trainer applies it
+    wrapped = model.clone()
+    glue.attach_lora(wrapped, result.lora)
+    try:
+        _, from_training = _held_out_reward(comfy, wrapped, *args)
+    finally:
+        glue.detach_lora(model.model)
+    for other in (from_file, from_model_only, trained_images):
+        assert torch.allclose(other, from_training, atol=2e-4), float((other - from_training).abs().max())
+
+
+@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image"])
+def test_family_resumes_from_a_periodic_save(kind, comfy, pack, loras_dir):
+    from reward_models import ImageStatReward
+    rc = pack["training_run"]
+    model, vae, encode = D.tiny_model(kind), D.tiny_vae(kind), D.conditioning(kind)
+    reward = pack["reward_types"].RewardHandle(ImageStatReward("brightness"), [], "brightness")
+    with torch.inference_mode(False), torch.enable_grad():
+        first = rc.TrainingRun(model, vae, encode, reward, _run_config(rc, kind, 2, save_every=2)).run()
+        saved = os.path.relpath(first.saved[-1], str(loras_dir))
+        resumed = rc.TrainingRun(model, vae, encode, reward,
+                                 _run_config(rc, kind, 4, resume_lora=saved)).run()
+        straight = rc.TrainingRun(model, vae, encode, reward, _run_config(rc, kind, 4)).run()
+    assert resumed.iteration == 4 and len(resumed.history) == 4
+    assert resumed.history[:2] == first.history
+    for name, d in straight.lora.items():
+        assert torch.allclose(resumed.lora[name].up, d.up, atol=1e-5)
+
+
+def test_flux_guidance_reaches_the_model_and_cfg_above_1_warns(comfy, pack, loras_dir, caplog):
+    from reward_models import ImageStatReward
+    rc = pack["training_run"]
+    model = D.tiny_model("flux_dev").clone()
+    seen = []
+
+    def record(apply_model, args):  # ComfyUI's unet wrapper hook sees the model's conds
+        seen.append((tuple(args["cond_or_uncond"]), sorted(set(args["c"]["guidance"].tolist()))))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    model.set_model_unet_function_wrapper(record)
+    reward = pack["reward_types"].RewardHandle(ImageStatReward("brightness"), [], "brightness")
+    with caplog.at_level(logging.WARNING), torch.inference_mode(False), torch.enable_grad():
+        run = rc.TrainingRun(model, D.tiny_vae("flux_dev"), D.conditioning("flux_dev"), reward,
+                             _run_config(rc, "flux_dev", 1, guidance=2.0))
+        run.run()
+    assert run.guidance == 2.0 and run.cfg_scale == 1.0
+    assert seen and all(g == [2.0] for _, g in seen)
+    assert "guidance-distilled" not in caplog.text
+    assert all(branches == (0,) for branches, _ in seen)  # cfg 1: no negative (uncond) branch
+    seen.clear()
+    with caplog.at_level(logging.WARNING), torch.inference_mode(False), torch.enable_grad():
+        run = rc.TrainingRun(model, D.tiny_vae("flux_dev"), D.conditioning("flux_dev"), reward,
+                             _run_config(rc, "flux_dev", 1, cfg=3.0))
+        run.run()
+    assert run.guidance == 3.5 and run.cfg_scale == 3.0  # the table's default guidance
+    assert "guidance-distilled" in caplog.text
+    assert all(set(branches) == {0, 1} for branches, _ in seen)  # now cond and uncond

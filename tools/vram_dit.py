@@ -1,0 +1,189 @@
+"""``make vram`` rows for the DiT / flow families (called by tools/vram.py; same method).
+
+Full-size diffusers transformers built under ``FakeTensorMode`` (nothing allocated or computed),
+the project's own update (``DifferentiableSampler`` + ``DraftTrainer.step()``, lean mode: block
+checkpointing of every transformer block and VAE decoder block, one row at a time), counted by
+:class:`training.memory_trace.LiveBytes`:
+
+* ``flux_dev_1024``: FLUX.1-dev (``FluxTransformer2DModel``: 19 double + 38 single blocks, 3072
+  wide) at 1024 px (4096 image + 512 T5 tokens), base weights stored in float8 e4m3 and cast to
+  bf16 per use as ComfyUI's ``weight_dtype=fp8_e4m3fn`` does (``cast_bias_weight``), cfg 1 (one
+  branch: guidance-distilled), embedded guidance 3.5; DRaFT-1.
+* ``sd35m_1024``: SD3.5 medium (``SD3Transformer2DModel``: 24 MMDiT blocks, 1536 wide, attn2 in
+  blocks 0-12, q/k RMS norm) at 1024 px (4096 image + 333 text tokens), bf16, cfg 4.5 (both
+  branches in one batch); DRaFT-LV n = 2.
+
+Both decode with the 16-channel FLUX/SD3 VAE decoder (``AutoencoderKL``, no quant convs, bf16) and
+score with the LAION aesthetic reward (CLIP ViT-L/14, bf16); LoRA rank 8 on the attention targets
+of ``nodes/architectures.py`` in diffusers naming (FLUX: ``to_q/k/v``, ``to_out.0``,
+``add_*_proj``, ``to_add_out``, single blocks' ``to_q/k/v``, ``proj_mlp``, ``proj_out``; SD3:
+``attn`` and ``attn2`` projections). Text encoders are not counted (ComfyUI offloads them once the
+prompts are encoded); their outputs are.
+"""
+from __future__ import annotations
+
+import time
+
+GIB = 1024 ** 3
+DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024}
+
+
+def build_transformer(model: str):
+    if model == "flux_dev_1024":
+        from diffusers import FluxTransformer2DModel
+        return FluxTransformer2DModel(guidance_embeds=True)  # the FLUX.1-dev configuration
+    if model == "sd35m_1024":
+        from diffusers import SD3Transformer2DModel
+        return SD3Transformer2DModel(  # stabilityai/stable-diffusion-3.5-medium
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    raise ValueError(model)
+
+
+def build_vae16_decoder():
+    """The FLUX / SD3 VAE's decoder (AutoencoderKL, 16 latent channels, no quant convs)."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                        block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    del vae.encoder
+    return vae
+
+
+def attention_targets(transformer) -> list:
+    """The ``attention`` target set in diffusers names (see the module docstring)."""
+    ends = (".to_q", ".to_k", ".to_v", ".to_out.0", ".add_q_proj", ".add_k_proj", ".add_v_proj",
+            ".to_add_out")
+    names = [n for n, _ in transformer.named_modules() if n.endswith(ends)
+             and (".attn." in n or ".attn2." in n)]
+    names += [n for n, _ in transformer.named_modules()
+              if n.startswith("single_transformer_blocks.") and n.endswith((".proj_mlp", ".proj_out"))]
+    return names
+
+
+def store_fp8(transformer) -> None:
+    """Every Linear weight in the blocks kept in float8 e4m3, cast to bf16 on use (ComfyUI's fp8)."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    class CastOnUse(torch.nn.Module):
+        def forward(self, w):
+            return w.to(torch.bfloat16)
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and "transformer_blocks." in name:
+            module.weight = torch.nn.Parameter(module.weight.detach().to(torch.float8_e4m3fn),
+                                               requires_grad=False)
+            parametrize.register_parametrization(module, "weight", CastOnUse(), unsafe=True)
+
+
+def block_units(transformer) -> list:
+    units = list(getattr(transformer, "transformer_blocks", []) or [])
+    return units + list(getattr(transformer, "single_transformer_blocks", []) or [])
+
+
+def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int) -> dict:
+    import torch
+    from torch import nn
+    from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
+    from training.checkpointing import diffusers_decoder_units
+    from training.memory_trace import LiveBytes, fake_mode, module_bytes, tensor_bytes
+
+    from vram import METHODS, build_aesthetic_reward  # noqa: E402  (tools/ is on sys.path)
+
+    torch.set_default_dtype(torch.bfloat16)
+    flux = model == "flux_dev_1024"
+    shift = 3.0  # SD3's; FLUX's resolution-dependent shift gives a schedule of the same length
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    sigmas = (shift * t / (1 + (shift - 1) * t)).float()
+    name, k = METHODS[method]
+    settings = SamplerSettings(method=name, k=k or 1, lv_samples=2, checkpointing=True)
+    sampler = DifferentiableSampler(None, sigmas, settings,
+                                    renoise=lambda s, n, x0: s.reshape(-1, 1, 1, 1).to(n) * n
+                                    + (1 - s.reshape(-1, 1, 1, 1).to(n)) * x0)
+    started = time.perf_counter()
+    with fake_mode():
+        latent = resolution // 8
+        transformer = build_transformer(model)
+        vae = build_vae16_decoder()
+        reward = build_aesthetic_reward()
+        for m in (transformer, vae, reward):
+            m.eval().requires_grad_(False)
+        if flux:
+            store_fp8(transformer)
+        lora = wrap_module(transformer, attention_targets(transformer), rank=8, alpha=8.0, seed=0)
+        tokens, pooled_dim = (512, 768) if flux else (333, 2048)
+        context = torch.randn(4, tokens, 4096)
+        pooled = torch.randn(4, pooled_dim)
+        uncond, uncond_pooled = torch.randn(1, tokens, 4096), torch.randn(1, pooled_dim)
+        cfg = 1.0 if flux else 4.5
+        h = latent // 2
+        rows = torch.arange(h, dtype=torch.float32)
+        img_ids = torch.stack([torch.zeros(h, h), rows[:, None].expand(h, h),
+                               rows[None, :].expand(h, h)], -1).reshape(-1, 3).float()
+        txt_ids = torch.zeros(tokens, 3, dtype=torch.float32)
+
+        def velocity(x, s, ctx, pool):
+            if not flux:
+                return transformer(x, encoder_hidden_states=ctx, pooled_projections=pool,
+                                   timestep=s * 1000, return_dict=False)[0]
+            b, c = x.shape[:2]
+            packed = x.reshape(b, c, h, 2, h, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * h, c * 4)
+            out = transformer(packed, encoder_hidden_states=ctx, pooled_projections=pool, timestep=s,
+                              img_ids=img_ids, txt_ids=txt_ids,
+                              guidance=torch.full((b,), 3.5), return_dict=False)[0]
+            return out.reshape(b, h, h, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, latent, latent)
+
+        class Denoiser(nn.Module):
+            """Flow model: x0 = x - sigma * v; CFG with both branches in one batch unless cfg 1."""
+
+            def forward(self, x, sigma, index):
+                s = sigma.to(x.dtype)
+                if cfg == 1.0:
+                    v = velocity(x, s, context[index], pooled[index])
+                else:
+                    b = x.shape[0]
+                    v_u, v_c = velocity(torch.cat([x, x]), torch.cat([s, s]),
+                                        torch.cat([uncond.expand(b, -1, -1), context[index]]),
+                                        torch.cat([uncond_pooled.expand(b, -1), pooled[index]])).chunk(2)
+                    v = v_u + cfg * (v_c - v_u)
+                return x - s.reshape(-1, 1, 1, 1) * v.to(x.dtype)
+
+        scale, shift_z = (0.3611, 0.1159) if flux else (1.5305, 0.0609)
+
+        def decode(z):
+            img = vae.decode(z / scale + shift_z, return_dict=False)[0]
+            return (img.float() * 0.5 + 0.5).clamp(0, 1)
+
+        sampler.denoise = Denoiser()
+        units = block_units(transformer) + diffusers_decoder_units(vae.decoder)
+        trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
+                               lora, (16, latent, latent), TrainSettings(batch_size=batch, seed=0),
+                               block_units=units, decoder_blocks_checkpointed=True, row_by_row=True)
+        moments = {}
+
+        def adam_state_only(*a, **kw):
+            for p in trainer.params:
+                if id(p) not in moments:
+                    moments[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
+        trainer.optimizer.step = adam_state_only
+        lora_ids = {id(p) for p in lora.parameters()}
+        transformer_bytes = tensor_bytes([p for p in list(transformer.parameters()) + list(transformer.buffers())
+                                          if id(p) not in lora_ids])
+        lora_bytes = tensor_bytes(lora.parameters())
+    counter = LiveBytes()
+    with counter:
+        report = trainer.step()
+    lora_resident = 3 * lora_bytes
+    weights = transformer_bytes + module_bytes(vae) + module_bytes(reward) + lora_resident
+    total = weights + counter.peak
+    return {"model": model, "method": method, "batch": batch, "mode": "lean", "lowvram": False,
+            "steps": steps, "resolution": resolution,
+            "unet_weights_gib": transformer_bytes / GIB, "vae_weights_gib": module_bytes(vae) / GIB,
+            "reward_weights_gib": module_bytes(reward) / GIB, "lora_and_adam_gib": lora_resident / GIB,
+            "peak_update_gib": counter.peak / GIB, "total_gib": total / GIB,
+            "left_after_update_gib": counter.live / GIB, "k": report.k,
+            "seconds": time.perf_counter() - started}
