@@ -311,10 +311,14 @@ def _cache_name(row: dict, resolution: int) -> str:
             f"{'lowvram' if row['lowvram'] else 'full'}_s{row.get('steps')}_{resolution}.json")
 
 
+def resolution_of(model: str) -> int:
+    return MODELS.get(model) or DIT_MODELS[model]
+
+
 def run_row(row: dict, args) -> dict:
     """One configuration in a fresh process; reuses the result cached under .cache/vram when
     ``--reuse`` (rows take minutes each: an interrupted table resumes where it stopped)."""
-    res = args.resolution or MODELS[row["model"]]
+    res = args.resolution or resolution_of(row["model"])
     cached = os.path.join(CACHE, _cache_name(row, res))
     if args.reuse and os.path.exists(cached):
         with open(cached) as f:
@@ -449,7 +453,7 @@ def main(argv=None) -> int:
     if args.cached_only:
         results, missing = [], []
         for row in rows:
-            path = os.path.join(CACHE, _cache_name(row, args.resolution or MODELS[row["model"]]))
+            path = os.path.join(CACHE, _cache_name(row, args.resolution or resolution_of(row["model"])))
             if os.path.exists(path):
                 with open(path) as f:
                     results.append(json.load(f))
