@@ -105,6 +105,20 @@ def build_aesthetic_reward():
     return AestheticReward(AestheticHead(), clip.visual, ImageTransform("crop", 224))
 
 
+def allocate_adam_state_only(trainer) -> None:
+    """Replace the trainer's AdamW step by the allocation of its state: AdamW reads its step
+    counter as a Python number, which fake tensors do not have; its memory is two float32 moments
+    per LoRA factor, allocated here as AdamW's first step would."""
+    import torch
+    moments = {}
+
+    def adam_state_only(*a, **kw):
+        for p in trainer.params:
+            if id(p) not in moments:
+                moments[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
+    trainer.optimizer.step = adam_state_only
+
+
 def attention_projections(unet) -> list:
     suffixes = (".to_q", ".to_k", ".to_v", ".to_out.0")
     return [n for n, _ in unet.named_modules()
@@ -230,15 +244,7 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (4, latent, latent), TrainSettings(batch_size=batch, seed=0),
                                block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean)
-        # AdamW's step reads its step counter as a Python number, which fake tensors do not have;
-        # its memory is two float32 moments per LoRA factor, allocated here as AdamW would.
-        moments = {}
-
-        def adam_state_only(*a, **kw):
-            for p in trainer.params:
-                if id(p) not in moments:
-                    moments[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
-        trainer.optimizer.step = adam_state_only
+        allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}
         streamed = set()
         if lowvram:  # the base weights of parametrized layers stay in system RAM

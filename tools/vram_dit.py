@@ -92,7 +92,7 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
     from training.checkpointing import diffusers_decoder_units
     from training.memory_trace import LiveBytes, fake_mode, module_bytes, tensor_bytes
 
-    from vram import METHODS, build_aesthetic_reward  # noqa: E402  (tools/ is on sys.path)
+    from vram import METHODS, allocate_adam_state_only, build_aesthetic_reward  # noqa: E402
 
     torch.set_default_dtype(torch.bfloat16)
     flux = model == "flux_dev_1024"
@@ -163,13 +163,7 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (16, latent, latent), TrainSettings(batch_size=batch, seed=0),
                                block_units=units, decoder_blocks_checkpointed=True, row_by_row=True)
-        moments = {}
-
-        def adam_state_only(*a, **kw):
-            for p in trainer.params:
-                if id(p) not in moments:
-                    moments[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
-        trainer.optimizer.step = adam_state_only
+        allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}
         transformer_bytes = tensor_bytes([p for p in list(transformer.parameters()) + list(transformer.buffers())
                                           if id(p) not in lora_ids])
