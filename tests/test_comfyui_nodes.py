@@ -4,6 +4,7 @@ One server serves the whole module (start-up takes ~20 s on 2 cores). Graphs run
 random SD1.5 checkpoint at 64x64 with few steps, so training takes seconds.
 """
 import io
+import json
 import os
 import sys
 import time
@@ -239,9 +240,12 @@ def test_reward_without_files_says_what_to_put_where(server):
     graph["7"] = {"class_type": "DRaFTAestheticReward", "inputs": {
         "head": combo_options(info["head"])[0], "clip_weights": "(use clip_vision input)",
         "architecture": "ViT-L-14-quickgelu", "dtype": "fp32", "chunk_size": 4}}
-    with pytest.raises(RuntimeError) as err:
-        server.run_prompt(graph)
-    text = str(err.value)
+    # Refused when queued (issue 12): the reward node's error comes back from /prompt, before
+    # anything runs, and names the file, the folder and where its authors publish it.
+    from test_comfyui_misuse import post_prompt
+    status, body = post_prompt(server, graph)
+    text = json.dumps(body.get("node_errors", {})) + json.dumps(body.get("error", {}))
+    assert "7" in body.get("node_errors", {}) or status == 400, body
     for expected in ("sac+logos+ava1-l14-linearMSE.pth", "reward_models",
                      "github.com/christophschuhmann/improved-aesthetic-predictor", "ViT-L/14"):
         assert expected in text, text
