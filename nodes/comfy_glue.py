@@ -173,27 +173,15 @@ def update_memory_inputs(patcher, vae, latent_shape) -> tuple:
     return decode, denoiser
 
 
-# The top-level block lists of ComfyUI's diffusion models: a UNet's input/middle/output blocks
-# (TimestepEmbedSequential: their layers are what the UNet calls), a DiT's transformer blocks.
-_UNET_BLOCK_LISTS = ("input_blocks", "output_blocks")
-_DIT_BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks", "transformer_blocks")
-
-
 def denoiser_checkpoint_units(diffusion_model: torch.nn.Module) -> list:
-    """Modules of ComfyUI's diffusion model to checkpoint one by one: every layer (ResBlock,
-    SpatialTransformer, Down/Upsample) inside a UNet's input, middle and output blocks, or every
-    transformer block of a DiT."""
+    """Modules of ComfyUI's diffusion model to checkpoint one by one, from the architecture
+    table's block lists: every layer (ResBlock, SpatialTransformer, Down/Upsample) inside a UNet's
+    input, middle and output blocks (TimestepEmbedSequential: the UNet calls their layers one by
+    one, never the block itself), or every transformer block of a DiT."""
     units = []
-    for name in _UNET_BLOCK_LISTS:
-        for block in getattr(diffusion_model, name, None) or []:
-            units += list(block.children())
-    middle = getattr(diffusion_model, "middle_block", None)
-    if middle is not None:
-        units += list(middle.children())
-    for name in _DIT_BLOCK_LISTS:
-        blocks = getattr(diffusion_model, name, None)
-        if isinstance(blocks, torch.nn.ModuleList):
-            units += list(blocks)
+    for _, blocks in architectures.block_lists(diffusion_model):
+        for block in (blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks]):
+            units += list(block.children()) if isinstance(block, torch.nn.Sequential) else [block]
     return units
 
 
