@@ -285,10 +285,11 @@ def rows_to_run(args) -> list:
     (50) differentiated, at batch 1 (its memory is flat in K; batch 4 is 4 x the time)."""
     rows = []
     models = args.only or list(MODELS) + list(DIT_MODELS)
-    for model, method in DIT_ROWS:  # tools/vram_dit.py: lean mode, batch 1
+    for model, method in DIT_ROWS:  # tools/vram_dit.py: batch 1
         if model in models:
-            rows.append(dict(model=model, method=method, batch=1, mode="lean", lowvram=False,
-                             steps=args.steps))
+            for mode in [m for m in args.modes if m != "lean_cond"]:  # (not traced for DiTs)
+                rows.append(dict(model=model, method=method, batch=1, mode=mode, lowvram=False,
+                                 steps=args.steps))
     models = [m for m in models if m in MODELS]
     for model in models:
         for method in args.methods:
@@ -299,8 +300,9 @@ def rows_to_run(args) -> list:
                     rows.append(dict(model=model, method=method, batch=batch, mode=mode,
                                      lowvram=False, steps=steps))
         if model == "sdxl_1024" and "k1" in args.methods:
-            rows.append(dict(model=model, method="k1", batch=1, mode="lean", lowvram=True,
-                             steps=args.steps))
+            for mode in args.modes:  # ComfyUI's lowvram partial loading, before and lean
+                rows.append(dict(model=model, method="k1", batch=1, mode=mode, lowvram=True,
+                                 steps=args.steps))
     # The rows behind the targets first, the long full-DRaFT rows last (an interrupted run that
     # is resumed with --reuse has the figures that matter most).
     def priority(r):
@@ -431,6 +433,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="reuse rows measured before (.cache/vram) instead of measuring again")
     parser.add_argument("--validate", action="store_true", help="check the counter (real vs fake)")
+    parser.add_argument("--json-out", default="",
+                        help="also write the JSON object to this file (the README's figures: "
+                             "docs/vram_figures.json, read by the trainer's estimate test)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -439,12 +444,12 @@ def main(argv=None) -> int:
         if row["model"] in DIT_MODELS:
             from vram_dit import measure_dit
             res = args.resolution or DIT_MODELS[row["model"]]
-            print(json.dumps(measure_dit(row["model"], row["method"], row["batch"],
-                                         row.get("steps", args.steps), res)))
-            return 0
-        res = args.resolution or MODELS[row["model"]]
-        result = measure(row["model"], row["method"], row["batch"], row["mode"], row["lowvram"],
-                         row.get("steps", args.steps), res)
+            result = measure_dit(row["model"], row["method"], row["batch"],
+                                 row.get("steps", args.steps), res, row["mode"])
+        else:
+            res = args.resolution or MODELS[row["model"]]
+            result = measure(row["model"], row["method"], row["batch"], row["mode"],
+                             row["lowvram"], row.get("steps", args.steps), res)
         os.makedirs(CACHE, exist_ok=True)
         with open(os.path.join(CACHE, _cache_name(row, res)), "w") as f:
             json.dump(result, f)
@@ -479,6 +484,10 @@ def main(argv=None) -> int:
         print(f"target {key}: {check['value']} (limit {check['limit']}) "
               f"{'met' if check['met'] else 'MISSED'} -- {check['what']}")
     summary["rows"] = results
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=1)
+            f.write("\n")
     print(json.dumps(summary))
     return 0
 

@@ -2,7 +2,8 @@
 
 Full-size diffusers transformers built under ``FakeTensorMode`` (nothing allocated or computed),
 the project's own update (``DifferentiableSampler`` + ``DraftTrainer.step()``, lean mode: block
-checkpointing of every transformer block and VAE decoder block, one row at a time), counted by
+checkpointing of every transformer block and VAE decoder block, one row at a time; or ``before``,
+the update as it was without them), counted by
 :class:`training.memory_trace.LiveBytes`:
 
 * ``flux_dev_1024``: FLUX.1-dev (``FluxTransformer2DModel``: 19 double + 38 single blocks, 3072
@@ -85,7 +86,11 @@ def block_units(transformer) -> list:
     return units + list(getattr(transformer, "single_transformer_blocks", []) or [])
 
 
-def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int) -> dict:
+def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int,
+                mode: str = "lean") -> dict:
+    """Peak bytes of one update (tools/vram.py's ``measure`` for a DiT). ``mode``: ``lean`` (block
+    checkpointing, one row at a time) or ``before`` (per-step and whole-decode checkpointing,
+    every row at once)."""
     import torch
     from torch import nn
     from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
@@ -159,10 +164,11 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
             return (img.float() * 0.5 + 0.5).clamp(0, 1)
 
         sampler.denoise = Denoiser()
-        units = block_units(transformer) + diffusers_decoder_units(vae.decoder)
+        lean = mode != "before"
+        units = (block_units(transformer) + diffusers_decoder_units(vae.decoder)) if lean else ()
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (16, latent, latent), TrainSettings(batch_size=batch, seed=0),
-                               block_units=units, decoder_blocks_checkpointed=True, row_by_row=True)
+                               block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean)
         allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}
         transformer_bytes = tensor_bytes([p for p in list(transformer.parameters()) + list(transformer.buffers())
@@ -174,7 +180,7 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
     lora_resident = 3 * lora_bytes
     weights = transformer_bytes + module_bytes(vae) + module_bytes(reward) + lora_resident
     total = weights + counter.peak
-    return {"model": model, "method": method, "batch": batch, "mode": "lean", "lowvram": False,
+    return {"model": model, "method": method, "batch": batch, "mode": mode, "lowvram": False,
             "steps": steps, "resolution": resolution,
             "unet_weights_gib": transformer_bytes / GIB, "vae_weights_gib": module_bytes(vae) / GIB,
             "reward_weights_gib": module_bytes(reward) / GIB, "lora_and_adam_gib": lora_resident / GIB,
