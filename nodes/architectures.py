@@ -33,7 +33,10 @@ UNET_TARGETS = {
 }
 # FLUX.1 / Chroma: double-stream img/txt attention, single-stream fused linear1 (qkv + MLP in)
 # and linear2 (attention out + MLP out); the broader set adds the double blocks' MLPs. Modulation
-# layers (img_mod, txt_mod, modulation) stay frozen, as kohya's flux LoRA leaves them by default.
+# layers (FLUX's img_mod.lin, txt_mod.lin, modulation.lin) stay frozen in both sets; kohya's
+# networks.lora_flux trains them too by default (every Linear in a Double/SingleStreamBlock; Chroma
+# has none: its modulation comes from the distilled_guidance_layer). Checked against kohya's own
+# create_network in tests/test_kohya_tools.py.
 _FLUX_ATTN = r"^(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.(linear1|linear2))$"
 FLUX_TARGETS = {
     "attention": _FLUX_ATTN,
@@ -41,13 +44,15 @@ FLUX_TARGETS = {
                      r"|single_blocks\.\d+\.(linear1|linear2))$",
 }
 # SD3 / SD3.5 (MMDiT): joint blocks' image (x_block) and text (context_block) attention, plus
-# SD3.5 medium's second image self-attention attn2; the broader set adds the blocks' MLPs.
+# SD3.5 medium's second image self-attention attn2; the broader set adds the blocks' MLPs (kohya's
+# networks.lora_sd3 also trains adaLN_modulation.1 by default; frozen here).
 MMDIT_TARGETS = {
     "attention": r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn|attn2)\.(qkv|proj)$",
     "kohya default": r"^joint_blocks\.\d+\.(x_block|context_block)\.((attn|attn2)\.(qkv|proj)|mlp\.(fc1|fc2))$",
 }
 # Qwen-Image: the joint attention's image (to_*) and text (add_*_proj, to_add_out) projections;
-# the broader set adds the image and text MLPs.
+# the broader set adds the image and text MLPs (musubi-tuner's networks.lora_qwen_image also
+# trains img_mod.1 / txt_mod.1 by default; frozen here).
 _QWEN_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 QWEN_TARGETS = {
     "attention": rf"^transformer_blocks\.\d+\.{_QWEN_ATTN}$",
@@ -57,7 +62,8 @@ TARGET_SET_NAMES = ("attention", "kohya default")
 TARGET_SETS = TARGET_SET_NAMES
 TARGET_SET_HELP = ("attention: the attention projections inside the blocks; kohya default: "
                    "attention plus the blocks' MLPs (UNets: also proj_in/proj_out), what kohya "
-                   "sd-scripts trains by default")
+                   "sd-scripts trains by default on UNets and Chroma (on FLUX, SD3 and Qwen-Image "
+                   "kohya also trains the modulation layers, which stay frozen here)")
 
 
 @dataclass(frozen=True)
@@ -70,9 +76,12 @@ class Family:
         targets: ``{target set: regex over diffusion_model module names}``.
         naming: LoRA file module names: ``"diffusers"`` (kohya keys with diffusers UNet names,
             what A1111/Forge/kohya read for SD UNets) or ``"native"`` (``lora_unet_<ComfyUI/BFL/SAI
-            module path, '.' -> '_'>``, what kohya sd-scripts writes for FLUX and SD3).
+            module path, '.' -> '_'>``, what kohya sd-scripts writes for FLUX, Chroma and SD3 and
+            musubi-tuner for Qwen-Image; tests/test_kohya_tools.py loads such files with their
+            code).
         base_model: key of ``training.lora_io.BASE_MODELS`` (``ss_base_model_version``,
-            ``modelspec.architecture``), or a function of the ``unet_config`` returning one.
+            ``modelspec.architecture``; ``ss_network_module`` from ``lora_io.NETWORK_MODULES``),
+            or a function of the ``unet_config`` returning one.
         latent_dimensions: spatial(+time) dimensions of a latent: 2 ``(B,C,H,W)``; 3
             ``(B,C,T,H,W)`` with ``T = 1`` for an image (Qwen-Image).
         default_cfg: classifier-free guidance scale used when the trainer's cfg is "auto".

@@ -273,6 +273,7 @@ def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras
     from training import lora_io
     version, architecture, _ = lora_io.BASE_MODELS[EXPECTED[kind][3]]
     assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == architecture
+    assert meta["ss_network_module"] == lora_io.NETWORK_MODULES[EXPECTED[kind][3]]
     assert float(meta["draft_cfg"]) == run.cfg_scale
 
     sd = comfy.utils.load_torch_file(path)

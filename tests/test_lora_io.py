@@ -86,6 +86,25 @@ def test_base_model_metadata(base_model, v_pred, version, arch):
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
 
 
+@pytest.mark.parametrize("base_model,version,arch,module", [
+    # values kohya's trainers write (checked against their code in tests/test_kohya_tools.py)
+    ("sd_v1", "sd_v1", "stable-diffusion-v1/lora", "networks.lora"),
+    ("sd3_medium", "medium", "stable-diffusion-3-medium/lora", "networks.lora_sd3"),
+    ("sd3_5_medium", "5-medium", "stable-diffusion-3-5-medium/lora", "networks.lora_sd3"),
+    ("sd3_5_large", "5-large", "stable-diffusion-3-5-large/lora", "networks.lora_sd3"),
+    ("flux1_dev", "flux1", "flux-1-dev/lora", "networks.lora_flux"),
+    ("flux1_schnell", "flux1", "flux-1-schnell/lora", "networks.lora_flux"),
+    ("chroma", "chroma", "chroma/lora", "networks.lora_flux"),
+    ("qwen_image", "qwen_image", "Qwen-Image/lora", "networks.lora_qwen_image"),
+    ("hidream_i1", "hidream_i1", None, "networks.lora"),  # unknown: no architecture claimed
+])
+def test_network_module_and_base_model_per_family(base_model, version, arch, module):
+    meta = lora_io.kohya_metadata(make_lora(), base_model, {"ss_network_module": "mine"})
+    assert meta["ss_base_model_version"] == version
+    assert meta.get("modelspec.architecture") == arch
+    assert meta["ss_network_module"] == module  # describes the file; a caller cannot override it
+
+
 def test_unknown_base_model_claims_no_architecture_and_mixed_ranks_are_dynamic():
     lora = make_lora(rank=2, alpha=1.0, targets=TARGETS[:4])
     for n, d in make_lora(rank=8, alpha=8.0, targets=TARGETS[4:]).items():

@@ -7,7 +7,9 @@ Export (what kohya sd-scripts, A1111, Forge, ComfyUI's LoraLoader and diffusers 
   ``.lora_up.weight`` ``(out, rank)`` for a Linear, ``(out, rank, 1, 1)`` for a conv;
   ``.alpha``, a 0-dim float32 tensor holding alpha exactly as trained (not folded into the factors);
   the update is ``alpha / rank * (up @ down).reshape(weight_shape)`` (kohya's convention);
-* safetensors metadata, all values strings: ``ss_network_module`` (``networks.lora``),
+* safetensors metadata, all values strings: ``ss_network_module`` (``networks.lora``; the
+  family's kohya network module for DiTs: ``networks.lora_flux``, ``networks.lora_sd3``,
+  ``networks.lora_qwen_image``),
   ``ss_network_dim``, ``ss_network_alpha``, ``ss_base_model_version``, ``modelspec.*`` and the
   caller's training settings (``draft_*``).
 
@@ -63,7 +65,11 @@ BASE_MODELS = {
     # MODEL_VERSION_FLUX_V1 "flux1", "chroma"; sd3_utils' MMDiT model_type "medium", "5-medium",
     # "5-large"); architecture "stable-diffusion-3-<model_type>", "flux-1-dev", "flux-1-schnell",
     # "chroma" + "/lora"; implementation per determine_implementation (SD3 LoRA: "diffusers").
-    # Qwen-Image is not in sd-scripts; musubi-tuner names its architecture "Qwen-Image".
+    # Qwen-Image is not in sd-scripts; musubi-tuner (the kohya trainer for it) writes
+    # ss_base_model_version = architecture_full_name = "qwen_image" (dataset/architectures.py
+    # ARCHITECTURE_QWEN_IMAGE_FULL; training/trainer_base.py), architecture "Qwen-Image/lora" and
+    # implementation "https://github.com/QwenLM/Qwen-Image" (utils/sai_model_spec.py).
+    # tests/test_kohya_tools.py checks these against kohya's / musubi's own code.
     "sd3_medium": ("medium", "stable-diffusion-3-medium/lora", "diffusers"),
     "sd3_5_medium": ("5-medium", "stable-diffusion-3-5-medium/lora", "diffusers"),
     "sd3_5_large": ("5-large", "stable-diffusion-3-5-large/lora", "diffusers"),
@@ -73,6 +79,20 @@ BASE_MODELS = {
     "qwen_image": ("qwen_image", "Qwen-Image/lora", "https://github.com/QwenLM/Qwen-Image"),
 }
 ARCHITECTURES = {k: v[1] for k, v in BASE_MODELS.items()}
+# base model -> ss_network_module: the --network_module kohya's trainer for that family runs and
+# writes (sd-scripts train_network.py: "ss_network_module": args.network_module). FLUX/Chroma:
+# networks.lora_flux (docs/flux_train_network.md); SD3: networks.lora_sd3, the module with MMDiT
+# targets (sd3_minimal_inference.py reads only it; networks/lora.py finds no layer in an MMDiT,
+# though docs/sd3_train_network.md's example names it); Qwen-Image: musubi-tuner's
+# networks.lora_qwen_image (its trainer_base.py writes args.network_module; docs/qwen_image.md).
+# SD UNets: networks.lora.
+NETWORK_MODULES = {
+    "sd3_medium": "networks.lora_sd3", "sd3_5_medium": "networks.lora_sd3",
+    "sd3_5_large": "networks.lora_sd3",
+    "flux1_dev": "networks.lora_flux", "flux1_schnell": "networks.lora_flux", "chroma": "networks.lora_flux",
+    "qwen_image": "networks.lora_qwen_image",
+}
+DEFAULT_NETWORK_MODULE = "networks.lora"
 
 # ComfyUI model_config class name -> base model (see base_model_version_from_config).
 _CONFIG_CLASSES = {
@@ -118,6 +138,12 @@ def base_model_entry(base_model: str | None, v_prediction: bool | None = None) -
     if base_model == "sd_v2":
         base_model = "sd_v2_512" if v_prediction is False else "sd_v2_768_v"
     return BASE_MODELS.get(base_model)
+
+
+def network_module(base_model: str | None) -> str:
+    """``ss_network_module`` for a :data:`BASE_MODELS` key (``networks.lora`` for SD UNets and
+    unknown models; see :data:`NETWORK_MODULES`)."""
+    return NETWORK_MODULES.get(base_model or "", DEFAULT_NETWORK_MODULE)
 
 
 def base_model_version_from_config(model_config) -> str | None:
@@ -294,17 +320,18 @@ def kohya_metadata(lora: LoRASet, base_model: str | None = None, extra: Mapping 
                    date: str | None = None, name_map: Mapping[str, str] | None = None) -> dict:
     """The safetensors metadata of a kohya file (all strings).
 
-    Computed: ``ss_network_module`` ``networks.lora``, ``ss_network_dim``/``ss_network_alpha`` (the
-    rank/alpha, ``Dynamic`` when layers differ), ``ss_base_model_version``, ``ss_v2``,
-    ``modelspec.sai_model_spec`` ``1.0.0``, ``modelspec.architecture``/``implementation`` (see
-    :func:`base_model_entry`), ``modelspec.title``, ``modelspec.date`` (ISO 8601, now unless given).
+    Computed: ``ss_network_module`` (:func:`network_module`), ``ss_network_dim`` /
+    ``ss_network_alpha`` (the rank/alpha, ``Dynamic`` when layers differ),
+    ``ss_base_model_version``, ``ss_v2``, ``modelspec.sai_model_spec`` ``1.0.0``,
+    ``modelspec.architecture``/``implementation`` (see :func:`base_model_entry`),
+    ``modelspec.title``, ``modelspec.date`` (ISO 8601, now unless given).
     ``extra`` (e.g. :func:`draft_metadata`) may override anything but the ``ss_network_*`` keys,
     which always describe the tensors. Alphas float32 cannot hold exactly are kept in
     ``draft_alpha_exact`` (JSON ``{kohya module: repr(alpha)}``) so a resume is exact.
     """
     deltas = [d for _, d in lora.items()]
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": DEFAULT_NETWORK_MODULE,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.title": title or "DRaFT LoRA",
         "modelspec.date": date or datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -324,7 +351,7 @@ def kohya_metadata(lora: LoRASet, base_model: str | None = None, extra: Mapping 
     elif base_model:
         meta["ss_base_model_version"] = base_model
     meta.update(extra)
-    meta["ss_network_module"] = "networks.lora"
+    meta["ss_network_module"] = network_module(base_model)
     meta["ss_network_dim"] = _uniform(d.rank for d in deltas) if deltas else "0"
     meta["ss_network_alpha"] = _uniform(float(d.alpha) for d in deltas) if deltas else "0"
     exact = {}
@@ -634,6 +661,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "LoRAFileError", "KOHYA_PREFIX", "DIFFUSERS_WEIGHT_NAME", "BASE_MODELS", "ARCHITECTURES",
+    "NETWORK_MODULES", "network_module",
     "kohya_name", "base_model_entry", "base_model_version_from_config", "atomic_save",
     "metadata_value", "draft_metadata", "sha256_file", "kohya_state_dict", "kohya_metadata",
     "save_kohya", "diffusers_state_dict", "save_diffusers_folder", "read_safetensors",
