@@ -98,6 +98,10 @@ class Family:
         diffusers_layout: the ComfyUI map from diffusers names for the optional diffusers/PEFT
             folder: ``"unet"`` (``comfy.utils.unet_to_diffusers``), ``"flux"``
             (``flux_to_diffusers``), ``"mmdit"`` (``mmdit_to_diffusers``), or None (no folder).
+        memory_factors: ``(fast, lean)``: the peak of one denoiser row under gradient (the whole
+            step; blocks checkpointed) over ComfyUI's inference estimate of that row
+            (``memory_required``), for ``training.memory_plan``'s estimate; traced by ``make vram``
+            on the full-size architecture (tests/test_comfyui_memory_estimate.py checks them).
     """
 
     name: str
@@ -112,6 +116,7 @@ class Family:
     block_lists: tuple = ()
     diffusers_layout: Optional[str] = None
     module_classes: tuple = ()
+    memory_factors: tuple = (2.5, 0.25)  # UNets: SD1.5, SD2.1-v, SDXL traced
     patterns: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -133,6 +138,12 @@ def _sd3_base_model(unet_config: dict) -> str:
 
 
 _UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+# Denoiser memory factors traced by make vram (see Family.memory_factors). FLUX.1-dev's step holds
+# about 32 x ComfyUI's inference estimate under gradient (43 GiB at 1024 px), SD3.5-medium's about
+# 5 x. Chroma (FLUX's blocks) and Qwen-Image (60 blocks of FLUX's width) are not traced: they take
+# FLUX's factors, the largest measured, so that the estimate errs towards the lean way.
+_MMDIT_MEMORY = (6.5, 0.5)
+_FLUX_MEMORY = (35.0, 1.2)
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
@@ -144,18 +155,19 @@ FAMILIES = (
     Family("SDXL refiner", ("SDXLRefiner",), UNET_TARGETS, "diffusers", "sdxl_refiner_v1-0",
            block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
     Family("SD3 / SD3.5", ("SD3",), MMDIT_TARGETS, "native", _sd3_base_model, default_cfg=4.5,
-           block_lists=("joint_blocks",), diffusers_layout="mmdit",
+           block_lists=("joint_blocks",), diffusers_layout="mmdit", memory_factors=_MMDIT_MEMORY,
            module_classes=("OpenAISignatureMMDITWrapper", "MMDiT")),
     Family("FLUX.1 dev", ("Flux",), FLUX_TARGETS, "native", "flux1_dev", default_cfg=1.0,
            guidance_distilled=True, guidance=3.5, block_lists=_FLUX_BLOCKS, diffusers_layout="flux",
-           module_classes=("Flux",)),
+           module_classes=("Flux",), memory_factors=_FLUX_MEMORY),
     Family("FLUX.1 schnell", ("FluxSchnell",), FLUX_TARGETS, "native", "flux1_schnell",
-           default_cfg=1.0, guidance_distilled=True, block_lists=_FLUX_BLOCKS, diffusers_layout="flux"),
+           default_cfg=1.0, guidance_distilled=True, block_lists=_FLUX_BLOCKS, diffusers_layout="flux",
+           memory_factors=_FLUX_MEMORY),
     Family("Chroma", ("Chroma",), FLUX_TARGETS, "native", "chroma", default_cfg=4.0,
-           block_lists=_FLUX_BLOCKS, module_classes=("Chroma",)),
+           block_lists=_FLUX_BLOCKS, module_classes=("Chroma",), memory_factors=_FLUX_MEMORY),
     Family("Qwen-Image", ("QwenImage",), QWEN_TARGETS, "native", "qwen_image",
            latent_dimensions=3, default_cfg=2.5, block_lists=("transformer_blocks",),
-           module_classes=("QwenImageTransformer2DModel",)),
+           module_classes=("QwenImageTransformer2DModel",), memory_factors=_FLUX_MEMORY),
 )
 _BY_CLASS = {c: f for f in FAMILIES for c in f.config_classes}
 _BY_MODULE: dict = {}
@@ -233,6 +245,11 @@ def block_lists(model) -> tuple:
     diffusion_model = getattr(inner, "diffusion_model", inner)
     return tuple((name, getattr(diffusion_model, name)) for name in family_of(model).block_lists
                  if getattr(diffusion_model, name, None) is not None)
+
+
+def memory_factors(model) -> tuple:
+    """The family's ``(fast, lean)`` denoiser memory factors (:attr:`Family.memory_factors`)."""
+    return family_of(model).memory_factors
 
 
 def default_cfg(model) -> float:

@@ -369,10 +369,17 @@ def make_runner(args, setup, config: dict):
     else:
         settings = SamplerSettings(method="draft_k", k=1)
     sampler = DifferentiableSampler(setup.denoise, setup.sigmas, settings)
+    lean = {}
+    if config.get("lean"):  # what DRaFT Trainer picks when the fast way does not fit the device
+        from training.checkpointing import diffusers_decoder_units, diffusers_unet_units
+        vae = getattr(setup.decoder, "vae", None)
+        units = diffusers_unet_units(setup.unet)
+        units += diffusers_decoder_units(vae.decoder) if vae is not None else []
+        lean = dict(block_units=units, decoder_blocks_checkpointed=vae is not None, row_by_row=True)
     trainer = DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
                            setup.latent_shape,
                            TrainSettings(batch_size=args.batch, mixed_precision=args.mixed_precision),
-                           device=setup.device)
+                           device=setup.device, **lean)
     cuda = setup.device.type == "cuda"
     g = torch.Generator().manual_seed(1234)
     noise = torch.randn((args.batch,) + setup.latent_shape, generator=g).to(setup.device)
@@ -543,6 +550,14 @@ def configurations(args) -> list:
         configs.append({"name": f"lv{args.lv_samples}_{'ckpt' if ckpt else 'nockpt'}",
                         "kind": "draft_lv", "n": args.lv_samples, "checkpointing": ckpt,
                         "label": f"DRaFT-LV n={args.lv_samples}"})
+    # The lean memory settings (block checkpointing, rows one at a time) that the trainer picks on
+    # a device where the fast way does not fit: DRaFT-1, full DRaFT and DRaFT-LV.
+    for k in sorted({1, args.steps} & set(args.ks)):
+        label = "full DRaFT" if k == args.steps else "DRaFT-K"
+        configs.append({"name": f"k{k}_lean", "kind": "draft_k", "k": k, "checkpointing": True,
+                        "lean": True, "label": f"{label} K={k} lean"})
+    configs.append({"name": f"lv{args.lv_samples}_lean", "kind": "draft_lv", "n": args.lv_samples,
+                    "checkpointing": True, "lean": True, "label": f"DRaFT-LV n={args.lv_samples} lean"})
     return configs
 
 
@@ -834,6 +849,15 @@ def main(argv=None) -> int:
         "rss_peak_ratio_k50_k1": ratio(get(kt, "rss_peak_mib"), get(k1, "rss_peak_mib")),
         "nockpt_peak_mem_ratio_k50_k1": ratio(get(f"k{t}_nockpt", "mem_added_mib"),
                                               get("k1_nockpt", "mem_added_mib")),
+        # the lean settings (block checkpointing, rows one at a time): cost in time, gain in memory
+        "lean_time_ratio_draft1_vs_sampling": rnd(get("k1_lean", "time_ratio")),
+        "lean_time_ratio_full_vs_sampling": rnd(get(f"k{t}_lean", "time_ratio")),
+        "lean_time_ratio_lv2_vs_sampling": rnd(get(f"lv{args.lv_samples}_lean", "time_ratio")),
+        "lean_peak_mem_ratio_k50_k1": ratio(get(f"k{t}_lean", "mem_added_mib"),
+                                            get("k1_lean", "mem_added_mib")),
+        "lean_over_fast_mem_k1": ratio(get("k1_lean", "mem_added_mib"), get(k1, "mem_added_mib")),
+        "lean_over_fast_mem_lv2": ratio(get(f"lv{args.lv_samples}_lean", "mem_added_mib"),
+                                        get(f"lv{args.lv_samples}_ckpt", "mem_added_mib")),
     }
     if get(kt, "rss_added_mib") is not None and get(k1, "rss_added_mib") is not None and t > 1:
         summary["rss_growth_per_ckpt_step_mib"] = round(
@@ -846,6 +870,9 @@ def main(argv=None) -> int:
         print(f"{desc:40s} {fmt(summary[key], '.3f'):>7s}  (target <= {limit})  {verdict}")
     print(f"{'DRaFT-LV n=' + str(args.lv_samples) + ' update / plain sampling':40s} "
           f"{fmt(summary['time_ratio_lv2_vs_sampling'], '.3f'):>7s}")
+    for key in ("lean_time_ratio_draft1_vs_sampling", "lean_time_ratio_full_vs_sampling",
+                "lean_time_ratio_lv2_vs_sampling", "lean_over_fast_mem_k1", "lean_over_fast_mem_lv2"):
+        print(f"{key:40s} {fmt(summary[key], '.3f'):>7s}")
     if args.device == "cpu":
         print(f"{'RSS added K=T / K=1, checkpointed':40s} "
               f"{fmt(summary['rss_added_ratio_k50_k1'], '.3f'):>7s}  "

@@ -12,7 +12,7 @@ Two ways to run an update (both give the same gradient, see tests/test_memory_le
 :func:`estimate_update_bytes` gives the peak activation bytes of either from two per-model
 figures that ComfyUI knows for every family (``model.memory_required`` for one UNet/DiT forward of
 a shape, ``vae.memory_used_decode`` for one decode), with factors measured by ``make vram`` on the
-full-size architectures (tools/vram.py; README "Memory at full size"). :func:`choose_plan` picks the
+full-size architectures (the denoiser's per family) (tools/vram.py; README "Memory at full size"). :func:`choose_plan` picks the
 fast way when it fits, the lean one when only that fits, and refuses before the first iteration,
 saying what to lower, when neither does.
 """
@@ -26,14 +26,17 @@ BLOCK_CHOICES = ("auto", "on", "off")
 ROW_CHOICES = ("auto", "one at a time", "all at once")
 CFG_GRADIENT_CHOICES = ("both branches", "conditional only")
 
-# Measured by `make vram` (bf16, SD1.5 512 px and SDXL 1024 px, aesthetic reward): the peak a
-# differentiated update adds, over ComfyUI's inference estimates of one decode (per image) and one
-# denoiser forward (per row). Lean: the decoder's last blocks dominate (1.13 x one decode estimate
-# at both sizes); fast: the whole decoder backward plus the denoiser step, per row.
-LEAN_DECODE_FACTOR = 1.25
-LEAN_DENOISER_FACTOR = 0.5
-FAST_DECODE_FACTOR = 3.5
-FAST_DENOISER_FACTOR = 3.0
+# Measured by `make vram` (tools/vram.py: bf16, full-size SD1.5 512 px, SD2.1-v 768 px, SDXL,
+# FLUX.1-dev and SD3.5-medium at 1024 px, aesthetic reward; docs/vram_figures.json, checked by
+# tests/test_comfyui_memory_estimate.py): the peak an update adds over ComfyUI's inference estimate
+# of one decode (the decoder's part) and of one denoiser forward of one row (the denoiser's part,
+# whose factor depends on the family: nodes/architectures.py ``memory_factors``). Lean: the
+# decoder's last blocks (1.10-1.13 x one decode estimate); fast: the whole decoder backward
+# (2.67-2.74 x) plus the denoiser step's activations, per row.
+LEAN_DECODE_FACTOR = 1.15
+FAST_DECODE_FACTOR = 2.6
+# The UNet families' denoiser factors (fast, lean): the default of :func:`estimate_update_bytes`.
+UNET_DENOISER_FACTORS = (1.5, 0.25)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class DoesNotFit(RuntimeError):
 
 
 def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
-                          denoiser_row_bytes: float, lean: bool) -> int:
+                          denoiser_row_bytes: float, lean: bool,
+                          denoiser_factors: tuple = UNET_DENOISER_FACTORS) -> int:
     """Peak activation bytes of one update beside the weights.
 
     Args:
@@ -95,24 +99,27 @@ def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
         decode_bytes: ComfyUI's inference estimate of decoding one latent.
         denoiser_row_bytes: ComfyUI's inference estimate of one denoiser forward of one row.
         lean: block checkpointing + one row at a time.
+        denoiser_factors: ``(fast, lean)`` peak of one denoiser row under gradient over
+            ``denoiser_row_bytes``, the family's (``nodes/architectures.py``).
     """
+    fast_factor, lean_factor = denoiser_factors
     if lean:
-        return int(max(LEAN_DECODE_FACTOR * decode_bytes,
-                       LEAN_DENOISER_FACTOR * cfg_branches * denoiser_row_bytes))
+        return int(LEAN_DECODE_FACTOR * decode_bytes
+                   + lean_factor * cfg_branches * denoiser_row_bytes)
     return int(rows * (FAST_DECODE_FACTOR * decode_bytes
-                       + FAST_DENOISER_FACTOR * cfg_branches * denoiser_row_bytes))
+                       + fast_factor * cfg_branches * denoiser_row_bytes))
 
 
 def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_bytes: float,
                 denoiser_row_bytes: float, available_bytes: int, streamable_bytes: int = 0,
-                hint: str = "") -> MemoryPlan:
+                hint: str = "", denoiser_factors: tuple = UNET_DENOISER_FACTORS) -> MemoryPlan:
     """Resolve ``auto`` choices against ``available_bytes`` (free device memory once the weights
     are loaded). ``streamable_bytes``: weights ComfyUI can stream instead (lowvram partial
     loading), which lean settings may give up. Raises :class:`DoesNotFit` naming what to lower."""
     cond_only = options.cfg_gradient == "conditional only"
     branches = 1 if cond_only else cfg_branches
     kw = dict(rows=rows, cfg_branches=branches, decode_bytes=decode_bytes,
-              denoiser_row_bytes=denoiser_row_bytes)
+              denoiser_row_bytes=denoiser_row_bytes, denoiser_factors=denoiser_factors)
     fast, lean = estimate_update_bytes(lean=False, **kw), estimate_update_bytes(lean=True, **kw)
     block = {"on": True, "off": False}.get(options.block_checkpointing)
     row = {"one at a time": True, "all at once": False}.get(options.rows)
@@ -138,4 +145,4 @@ def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_
 
 
 __all__ = ["MemoryOptions", "MemoryPlan", "DoesNotFit", "estimate_update_bytes", "choose_plan",
-           "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES"]
+           "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES", "UNET_DENOISER_FACTORS"]

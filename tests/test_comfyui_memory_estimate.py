@@ -1,0 +1,107 @@
+"""DRaFT Trainer's memory estimate against what ``make vram`` measured (marker ``comfyui``).
+
+The trainer chooses the fast or the lean way, or refuses, from ComfyUI's own per-model figures
+(``nodes.comfy_glue.update_memory_inputs``: ``memory_required`` of one denoiser row and
+``memory_used_decode`` of one latent) scaled by ``training.memory_plan``'s factors. Here those
+ComfyUI figures come from ComfyUI's own model and VAE classes of each family (the figures depend on
+the family's class, the latent shape and the dtype, not on the width, so tiny models give the
+full-size figures), as ComfyUI reports them on a CUDA device with PyTorch attention, in the dtypes
+ComfyUI loads there. The estimate must cover the peak ``make vram`` traced on the full-size
+architectures (``docs/vram_figures.json``) and not exceed it by more than 40 %: an estimate below
+the truth runs out of memory mid-update; one far above it picks the slow lean way, or refuses, on
+a card where the fast way fits.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import dit_fixtures
+import lora_fixtures as F
+
+pytestmark = pytest.mark.comfyui
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = os.path.join(REPO, "docs", "vram_figures.json")
+HEADROOM = 1.4
+
+SD21_TINY_LDM = dict(F.SD15_TINY_LDM, use_linear_in_transformer=True, context_dim=1024,
+                     num_head_channels=64)
+# make vram row -> (ComfyUI config class, unet_config, weight dtype, compute dtype, latent shape,
+# VAE latent channels, CFG branches under gradient)
+ROWS = {
+    "sd15_512": ("SD15", F.SD15_TINY_LDM, torch.float16, None, (4, 64, 64), 4, 2),
+    "sd21v_768": ("SD20", SD21_TINY_LDM, torch.float16, None, (4, 96, 96), 4, 2),
+    "sdxl_1024": ("SDXL", F.SDXL_TINY_LDM, torch.float16, None, (4, 128, 128), 4, 2),
+    # FLUX.1-dev with fp8 e4m3 weights (ComfyUI computes in bf16); guidance-distilled: one branch
+    "flux_dev_1024": ("Flux", dit_fixtures.FAMILIES["flux_dev"][1], torch.float8_e4m3fn,
+                      torch.bfloat16, (16, 128, 128), 16, 1),
+    "sd35m_1024": ("SD3", dit_fixtures.FAMILIES["sd3_5_medium"][1], torch.bfloat16, None,
+                   (16, 128, 128), 16, 2),
+}
+METHOD_ROWS = {"k1": 1, "lv2": 2, "full": 1}  # differentiated rows per batch row
+
+
+def _measured():
+    if not os.path.exists(FIGURES):
+        pytest.fail(f"{FIGURES} is missing: run `make vram` (tools/vram.py --json-out {FIGURES})")
+    with open(FIGURES) as f:
+        return json.load(f)["rows"]
+
+
+@pytest.fixture(scope="module")
+def comfy_figures():
+    """ComfyUI's inference figures per make-vram model, as a CUDA device reports them."""
+    comfy = F.import_comfy()
+    import comfy.model_management as mm
+    glue = F.import_pack_module("nodes.comfy_glue")
+    architectures = F.import_pack_module("nodes.architectures")
+    out = {}
+    flash = mm.pytorch_attention_flash_attention
+    mm.pytorch_attention_flash_attention = lambda: True  # the CUDA branch of memory_required
+    try:
+        for name, (cls, unet_config, dtype, manual_cast, latent, vae_channels, _) in ROWS.items():
+            config = getattr(comfy.supported_models, cls)(dict(unet_config))
+            config.set_inference_dtype(dtype, manual_cast)
+            model = config.get_model({})
+            patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                                       offload_device=torch.device("cpu"))
+            # ComfyUI's own detection builds the family's KL VAE (ch 128) from its decoder's
+            # input conv; the missing weights only leave it uninitialised.
+            vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(512, vae_channels, 3, 3)})
+            vae.vae_dtype = torch.bfloat16  # what ComfyUI picks for the VAE on a bf16 GPU
+            out[name] = glue.update_memory_inputs(patcher, vae, latent) + (
+                architectures.memory_factors(patcher),)
+    finally:
+        mm.pytorch_attention_flash_attention = flash
+    return out
+
+
+def _cases():
+    cases = []
+    for name in ROWS:
+        for method in METHOD_ROWS:
+            for batch in (1, 4):
+                for mode in ("lean", "before"):
+                    cases.append((name, method, batch, mode))
+    return cases
+
+
+@pytest.mark.parametrize("name,method,batch,mode", _cases())
+def test_trainer_estimate_covers_the_traced_peak_without_overstating_it(comfy_figures, name, method,
+                                                                         batch, mode):
+    from training.memory_plan import estimate_update_bytes
+    rows = [r for r in _measured() if r["model"] == name and r["method"] == method
+            and r["batch"] == batch and r["mode"] == mode and not r["lowvram"]]
+    if not rows:
+        pytest.skip(f"make vram has no {name} {method} batch {batch} {mode} row (not traced)")
+    measured = rows[0]["peak_update_gib"] * 1024 ** 3
+    decode, denoiser_row, factors = comfy_figures[name]
+    estimate = estimate_update_bytes(
+        rows=batch * METHOD_ROWS[method], cfg_branches=ROWS[name][6], decode_bytes=decode,
+        denoiser_row_bytes=denoiser_row, lean=mode == "lean", denoiser_factors=factors)
+    assert measured <= estimate <= HEADROOM * measured, (
+        f"{name} {method} b{batch} {mode}: estimate {estimate / 2**30:.2f} GiB, traced "
+        f"{measured / 2**30:.2f} GiB (decode {decode / 2**30:.2f}, denoiser row "
+        f"{denoiser_row / 2**30:.3f} GiB)")
