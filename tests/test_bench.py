@@ -17,7 +17,7 @@ def test_bench_runs_and_checkpointing_cuts_saved_activations():
     cmd = [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--device", "cpu",
            "--steps", "4", "--ks", "1,4", "--resolution", "64", "--cfg", "0", "--reps", "1",
            "--threads", "1", "--no-components", "--timeout", "300", "--no-peers",
-           "--only", "sample,k1_ckpt,k4_ckpt,k4_nockpt,lv2_ckpt"]
+           "--only", "sample,k1_ckpt,k4_ckpt,k4_nockpt,lv2_ckpt,k1_lean,lv2_lean"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
@@ -30,6 +30,9 @@ def test_bench_runs_and_checkpointing_cuts_saved_activations():
     # Activations autograd keeps for backward: 4 uncheckpointed steps hold several times what the
     # checkpointed chain holds (its inputs only).
     assert rows["k4_nockpt"]["saved_peak_mib"] > 4 * rows["k4_ckpt"]["saved_peak_mib"], rows
+    # The lean settings (block checkpointing, LV copies one at a time) hold less than the fast way.
+    assert rows["lv2_lean"]["mem_added_mib"] < rows["lv2_ckpt"]["mem_added_mib"], rows
+    assert isinstance(summary["lean_time_ratio_draft1_vs_sampling"], float), summary
     assert "full DRaFT" in proc.stdout and "plain sampling" in proc.stdout
 
 
