@@ -17,13 +17,14 @@ class DraftMemoryOptions(io.ComfyNode):
             node_id="DRaFTMemoryOptions",
             display_name="DRaFT Memory Options",
             category="DRaFT",
-            description=("Optional settings for DRaFT Trainer's memory use. 'auto' runs the fast way "
-                         "when it fits the free VRAM and the lean way (block checkpointing, one row "
-                         "at a time) when only that fits; the trainer logs what it chose and refuses "
-                         "before the first iteration when nothing fits."),
+            description=("Optional settings for DRaFT Trainer's memory use. 'auto' runs the fastest way "
+                         "that fits the free VRAM: all rows at once, then rows one at a time, then "
+                         "the decoder's and reward's blocks checkpointed, then every block; the "
+                         "trainer logs what it chose and refuses before the first iteration when "
+                         "nothing fits."),
             inputs=[
                 io.Combo.Input("block_checkpointing", options=list(BLOCK_CHOICES), default="auto",
-                               tooltip="Recompute the UNet's/DiT's, the VAE decoder's and the reward's blocks one by one in the backward pass: the peak becomes one block's activations, for about one extra forward of the differentiated step. Same gradient."),
+                               tooltip="Recompute blocks one by one in the backward pass, so the peak becomes one block's activations. on: the UNet's/DiT's, the VAE decoder's and the reward's blocks (about one extra denoiser forward per differentiated step); decoder and reward: only theirs (one extra decode per update, whatever K); auto: as little as fits the free VRAM. Same gradient."),
                 io.Combo.Input("rows", options=list(ROW_CHOICES), default="auto",
                                tooltip="Differentiate the batch rows and DRaFT-LV copies one at a time (each backpropagated before the next) or all at once. Same gradient; one at a time bounds the peak to one row."),
                 io.Combo.Input("cfg_gradient", options=list(CFG_GRADIENT_CHOICES), default="both branches",

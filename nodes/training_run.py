@@ -275,15 +275,17 @@ class TrainingRun:
             cfg.mixed_precision, st["patcher"])})
         plan: MemoryPlan = st["plan"]
         units = []
-        if plan.block_checkpointing:
-            units = (comfy_glue.denoiser_checkpoint_units(inner.diffusion_model)
-                     + comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model))
+        if plan.block_checkpointing:  # the decoder's and reward's blocks (and the denoiser's)
+            units = comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model)
+            if plan.denoiser_blocks:
+                units = comfy_glue.denoiser_checkpoint_units(inner.diffusion_model) + units
             if hasattr(reward_model, "checkpoint_units"):
                 units += reward_model.checkpoint_units()
         trainer = DraftTrainer(sampler, comfy_glue.make_decoder(self.vae, inner), reward_fn,
                                cfg.prompts, lora, st["latent_shape"], settings,
                                device=st["patcher"].load_device, block_units=units,
                                decoder_blocks_checkpointed=plan.block_checkpointing,
+                               denoiser_blocks_checkpointed=plan.denoiser_blocks,
                                row_by_row=plan.row_by_row,
                                reward_statistics=getattr(reward_model, "deferred_statistics", None),
                                parallel=distributed.current(check=self.reward.model))

@@ -83,7 +83,7 @@ def _cases():
     for name in ROWS:
         for method in METHOD_ROWS:
             for batch in (1, 4):
-                for mode in ("lean", "before"):
+                for mode in ("lean", "lean_decoder", "before"):
                     cases.append((name, method, batch, mode))
     return cases
 
@@ -100,7 +100,9 @@ def test_trainer_estimate_covers_the_traced_peak_without_overstating_it(comfy_fi
     decode, denoiser_row, factors = comfy_figures[name]
     estimate = estimate_update_bytes(
         rows=batch * METHOD_ROWS[method], cfg_branches=ROWS[name][6], decode_bytes=decode,
-        denoiser_row_bytes=denoiser_row, lean=mode == "lean", denoiser_factors=factors)
+        denoiser_row_bytes=denoiser_row, denoiser_factors=factors,
+        blocks={"lean": "on", "lean_decoder": "decoder and reward", "before": "off"}[mode],
+        one_row=mode != "before")
     assert measured <= estimate <= HEADROOM * measured, (
         f"{name} {method} b{batch} {mode}: estimate {estimate / 2**30:.2f} GiB, traced "
         f"{measured / 2**30:.2f} GiB (decode {decode / 2**30:.2f}, denoiser row "

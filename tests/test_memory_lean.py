@@ -31,12 +31,15 @@ def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3
                                     SamplerSettings(method=method, k=k, lv_samples=2, eta=eta),
                                     reference_denoise=ref)
     units = []
-    if blocks:
+    if blocks:  # True: the denoiser's and the decoder's blocks; "decoder": the decoder's only
         eps = denoiser.eps_net
-        units = [eps.conv_in, eps.mid, eps.conv_out, decoder.conv1, decoder.conv2]
+        units = [decoder.conv1, decoder.conv2]
+        if blocks is True:
+            units = [eps.conv_in, eps.mid, eps.conv_out] + units
     trainer = DraftTrainer(sampler, decoder, reward or colour_reward, PROMPTS, lora, (4, 8, 8),
                            TrainSettings(batch_size=batch, seed=3, kl_coeff=kl), block_units=units,
-                           decoder_blocks_checkpointed=blocks, row_by_row=row_by_row)
+                           decoder_blocks_checkpointed=bool(blocks), row_by_row=row_by_row,
+                           denoiser_blocks_checkpointed=blocks is True)
     captured = []
     trainer.optimizer.step = lambda *a, **kw: captured.append(
         [p.grad.detach().clone() for p in trainer.params])
@@ -63,10 +66,11 @@ def test_block_checkpointing_and_row_by_row_give_the_batched_gradient(method, et
     nested, r1 = one_update_grads(method, eta=eta, blocks=True)
     rows, r2 = one_update_grads(method, eta=eta, row_by_row=True)
     both, r3 = one_update_grads(method, eta=eta, blocks=True, row_by_row=True)
-    for other in (nested, rows, both):
+    decoder_only, r4 = one_update_grads(method, eta=eta, blocks="decoder", row_by_row=True)
+    for other in (nested, rows, both, decoder_only):
         assert_same(plain, other)
     # the same per-sample rewards, in the same order
-    for r in (r1, r2, r3):
+    for r in (r1, r2, r3, r4):
         assert r.rewards == pytest.approx(r0.rewards, abs=1e-6)
 
 
@@ -137,14 +141,27 @@ def test_running_statistics_update_once_per_update_when_rows_go_one_at_a_time():
 
 
 def test_memory_plan_is_fast_when_it_fits_lean_when_only_that_fits_and_refuses_otherwise():
-    from training.memory_plan import GIB, DoesNotFit, MemoryOptions, choose_plan
+    from training.memory_plan import (GIB, WAYS, DoesNotFit, MemoryOptions, choose_plan,
+                                      estimate_update_bytes)
     kw = dict(rows=2, cfg_branches=2, decode_bytes=1 * GIB, denoiser_row_bytes=0.2 * GIB)
     roomy = choose_plan(MemoryOptions(), available_bytes=100 * GIB, **kw)
     assert not roomy.block_checkpointing and not roomy.row_by_row
-    tight = choose_plan(MemoryOptions(), available_bytes=2 * GIB, **kw)
-    assert tight.block_checkpointing and tight.row_by_row
-    assert tight.lean_bytes < 2 * GIB < tight.fast_bytes
+    tight = choose_plan(MemoryOptions(), available_bytes=int(1.5 * GIB), **kw)
+    assert tight.block_checkpointing and tight.denoiser_blocks and tight.row_by_row
+    assert tight.lean_bytes < 1.5 * GIB < tight.fast_bytes
     assert "the fast way needs" in tight.describe()
+    # In between, the cheaper ways come first: rows one at a time, then the decoder's and reward's
+    # blocks only (one extra decode per update), before the denoiser's blocks (one per step).
+    est = {w: estimate_update_bytes(blocks=w[0], one_row=w[1], **kw) for w in WAYS}
+    rows_only, decoder_only = ("off", True), ("decoder and reward", True)
+    assert est[WAYS[0]] > est[rows_only] > est[decoder_only] > est[WAYS[-1]] == tight.lean_bytes
+    rows_only = choose_plan(MemoryOptions(), available_bytes=est[rows_only], **kw)
+    assert rows_only.row_by_row and not rows_only.block_checkpointing
+    decoder = choose_plan(MemoryOptions(), available_bytes=est[decoder_only], **kw)
+    assert decoder.row_by_row and decoder.block_checkpointing and not decoder.denoiser_blocks
+    assert "block checkpointing decoder and reward" in decoder.describe()
+    fixed = choose_plan(MemoryOptions("decoder and reward"), available_bytes=100 * GIB, **kw)
+    assert fixed.block_checkpointing and not fixed.denoiser_blocks and not fixed.row_by_row
     with pytest.raises(DoesNotFit, match="Lower the resolution, the batch size or the LV samples"):
         choose_plan(MemoryOptions(), available_bytes=GIB // 2, **kw)
     forced = choose_plan(MemoryOptions("on", "all at once"), available_bytes=100 * GIB, **kw)

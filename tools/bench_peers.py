@@ -7,8 +7,9 @@ update, and our no-grad sampling against ComfyUI's own KSampler.
   on every attention projection (``training.lora.wrap_module``, so the LoRA code is identical), 50
   DDIM steps, CFG 7.5, batch 1, a colour reward; DRaFT-1 (TRL: ``truncated_backprop_timestep=49``)
   and full backpropagation (TRL: ``truncated_backprop=False``), each with TRL's per-step gradient
-  checkpointing. Ours runs ``DraftTrainer.step()`` with the lean memory settings (block
-  checkpointing, rows one at a time). Memory: peak live tensor bytes one update adds
+  checkpointing. Ours runs ``DraftTrainer.step()`` with rows one at a time and the decoder's blocks
+  checkpointed (what the trainer's ``auto`` takes first when the fast way does not fit; its memory
+  also with every block checkpointed, ``mem_vs_trl_*_leanest``). Memory: peak live tensor bytes one update adds
   (``training.memory_trace.LiveBytes``), each side in a fresh process; time: interleaved rounds in
   one process, median ratio.
 * **KSampler**: through ComfyUI in-process on the tiny generated SD1.5 checkpoint, the trainer's
@@ -85,17 +86,23 @@ def _trl_update(setup, k1: bool, args):
     return step
 
 
-def _our_update(setup, k1: bool, args):
+def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False):
+    """Our update with rows one at a time and the decoder's blocks checkpointed (the way DRaFT
+    Trainer's ``auto`` takes first when the fast way does not fit), and with ``denoiser_blocks``
+    the denoiser's too (the leanest way)."""
     from training.checkpointing import diffusers_decoder_units, diffusers_unet_units
     from training.sampler import DifferentiableSampler, SamplerSettings
     from training.toy_models import colour_reward
     from training.trainer import DraftTrainer, TrainSettings
     settings = SamplerSettings(method="draft_k" if k1 else "draft", k=1)
     sampler = DifferentiableSampler(setup.denoise, setup.sigmas, settings)
-    units = diffusers_unet_units(setup.unet) + diffusers_decoder_units(setup.decoder.vae.decoder)
+    units = diffusers_decoder_units(setup.decoder.vae.decoder)
+    if denoiser_blocks:
+        units = diffusers_unet_units(setup.unet) + units
     trainer = DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
                            setup.latent_shape, TrainSettings(batch_size=1), block_units=units,
-                           decoder_blocks_checkpointed=True, row_by_row=True)
+                           decoder_blocks_checkpointed=True, row_by_row=True,
+                           denoiser_blocks_checkpointed=denoiser_blocks)
 
     def step():
         report = trainer.step()
@@ -104,15 +111,22 @@ def _our_update(setup, k1: bool, args):
     return step
 
 
-def _updates(setup, args) -> dict:
-    return {"trl_k1": _trl_update(setup, True, args), "ours_k1": _our_update(setup, True, args),
-            "trl_full": _trl_update(setup, False, args), "ours_full": _our_update(setup, False, args)}
+def _updates(setup, args, leanest: bool = False) -> dict:
+    """The updates timed side by side (and, ``leanest``, ours with every block checkpointed,
+    whose memory is also reported)."""
+    updates = {"trl_k1": _trl_update(setup, True, args), "ours_k1": _our_update(setup, True, args),
+               "trl_full": _trl_update(setup, False, args),
+               "ours_full": _our_update(setup, False, args)}
+    if leanest:
+        updates["ours_lean_k1"] = _our_update(setup, True, args, denoiser_blocks=True)
+        updates["ours_lean_full"] = _our_update(setup, False, args, denoiser_blocks=True)
+    return updates
 
 
 def trl_memory_worker(args, name: str) -> dict:
     from training.memory_trace import LiveBytes
     setup = _setup(args)
-    step = _updates(setup, args)[name]
+    step = _updates(setup, args, leanest=True)[name]
     step()  # the first update allocates AdamW's state
     counter = LiveBytes()
     with counter:
@@ -228,8 +242,8 @@ def compare(args) -> dict:
         have_trl = False
         out["trl_error"] = "trl==0.23.1 is not installed (make bench installs it)"
     if have_trl:
-        mem = {name: _run(args, "--trl-memory", name) for name in ("trl_k1", "ours_k1", "trl_full",
-                                                                    "ours_full")}
+        mem = {name: _run(args, "--trl-memory", name) for name in
+               ("trl_k1", "ours_k1", "trl_full", "ours_full", "ours_lean_k1", "ours_lean_full")}
         timing = _run(args, "--trl-time")
         errors = {k: v["error"] for k, v in {**mem, "time": timing}.items() if "error" in v}
         if errors:
@@ -242,6 +256,9 @@ def compare(args) -> dict:
                                                             f"trl_{which}")
                 out[f"trl_{which}_peak_mib"] = round(mem[f"trl_{which}"]["peak_bytes"] / 2**20, 1)
                 out[f"ours_{which}_peak_mib"] = round(mem[f"ours_{which}"]["peak_bytes"] / 2**20, 1)
+                out[f"ours_lean_{which}_peak_mib"] = round(mem[f"ours_lean_{which}"]["peak_bytes"] / 2**20, 1)
+                out[f"mem_vs_trl_{which}_leanest"] = round(mem[f"ours_lean_{which}"]["peak_bytes"]
+                                                           / mem[f"trl_{which}"]["peak_bytes"], 3)
                 out[f"trl_{which}_time_s"] = round(statistics.median(timing["times_s"][f"trl_{which}"]), 3)
                 out[f"ours_{which}_time_s"] = round(statistics.median(timing["times_s"][f"ours_{which}"]), 3)
     if os.environ.get("COMFYUI_PATH"):

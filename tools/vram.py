@@ -24,7 +24,8 @@ What a user has on the GPU during an update, and what is counted:
 
 Modes: ``before`` is the update as it was before lean memory (per-step and whole-decode
 checkpointing, every row at once); ``lean`` adds block checkpointing and one row at a time;
-``lean_cond`` also runs CFG's unconditional branch without gradient.
+``lean_decoder`` checkpoints only the decoder's blocks (rows one at a time; the trainer's middle
+way); ``lean_cond`` also runs CFG's unconditional branch without gradient.
 
     .venv/bin/python tools/vram.py                       # every row (minutes on 2 cores)
     .venv/bin/python tools/vram.py --only sd15_512 --steps 4 --batches 1   # a smoke run
@@ -240,10 +241,13 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
 
         sampler.denoise = Denoiser()
         lean = mode != "before"
-        units = (diffusers_unet_units(unet) + diffusers_decoder_units(vae.decoder)) if lean else ()
+        units = diffusers_decoder_units(vae.decoder) if lean else []
+        if mode in ("lean", "lean_cond"):  # lean_decoder: the decoder's blocks only
+            units = diffusers_unet_units(unet) + units
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (4, latent, latent), TrainSettings(batch_size=batch, seed=0),
-                               block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean)
+                               block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean,
+                               denoiser_blocks_checkpointed=mode in ("lean", "lean_cond"))
         allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}
         streamed = set()
@@ -287,7 +291,7 @@ def rows_to_run(args) -> list:
     models = args.only or list(MODELS) + list(DIT_MODELS)
     for model, method in DIT_ROWS:  # tools/vram_dit.py: batch 1
         if model in models:
-            for mode in [m for m in args.modes if m != "lean_cond"]:  # (not traced for DiTs)
+            for mode in [m for m in args.modes if m != "lean_cond"]:  # (cond-only: UNets only)
                 rows.append(dict(model=model, method=method, batch=1, mode=mode, lowvram=False,
                                  steps=args.steps))
     models = [m for m in models if m in MODELS]
@@ -380,23 +384,27 @@ def print_table(results: list) -> None:
 
 
 def print_markdown(results: list) -> None:
-    """The README's table: per configuration, the total before and after lean memory."""
+    """The README's table: per configuration, the total before lean memory and with each lean way."""
     by = {}
     for r in results:
         by.setdefault((r["model"], r["method"], r["batch"], r["lowvram"]), {})[r["mode"]] = r
     names = {"lv2": "DRaFT-LV n=2", "k1": "DRaFT-1", "full": "full DRaFT (K=50)"}
+    titles = {"before": "before", "lean_decoder": "decoder blocks only", "lean": "lean",
+              "lean_cond": "lean, CFG cond. only"}
+    modes = [m for m in titles if any(m in v for v in by.values())]
     print()
-    print("| model | update | batch | weights (GiB) | before: update / total (GiB) | lean: update / total (GiB) |")
-    print("|---|---|---|---|---|---|")
-    for (model, method, batch, lowvram), modes in sorted(by.items()):
-        any_row = next(iter(modes.values()))
+    print("| model | update | batch | weights (GiB) | "
+          + " | ".join(f"{titles[m]}: update / total (GiB)" for m in modes) + " |")
+    print("|---|---|---|---|" + "---|" * len(modes))
+    for (model, method, batch, lowvram), row_modes in sorted(by.items()):
+        any_row = next(iter(row_modes.values()))
         weights = any_row["total_gib"] - any_row["peak_update_gib"]
         cells = []
-        for mode in ("before", "lean"):
-            r = modes.get(mode)
+        for mode in modes:
+            r = row_modes.get(mode)
             cells.append("–" if r is None else f"{r['peak_update_gib']:.2f} / **{r['total_gib']:.2f}**")
         label = f"{model}{' lowvram' if lowvram else ''}"
-        print(f"| {label} | {names[method]} | {batch} | {weights:.2f} | {cells[0]} | {cells[1]} |")
+        print(f"| {label} | {names[method]} | {batch} | {weights:.2f} | {' | '.join(cells)} |")
 
 
 def validate(steps: int = 3) -> dict:
@@ -421,7 +429,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 4])
     parser.add_argument("--modes", nargs="*", default=["before", "lean"],
-                        choices=["before", "lean", "lean_cond"])
+                        choices=["before", "lean", "lean_decoder", "lean_cond"])
     parser.add_argument("--steps", type=int, default=2,
                         help="schedule length for DRaFT-1 / DRaFT-LV rows (see rows_to_run)")
     parser.add_argument("--full-steps", type=int, default=50, help="full DRaFT's steps (paper: 50)")

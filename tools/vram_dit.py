@@ -89,8 +89,8 @@ def block_units(transformer) -> list:
 def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int,
                 mode: str = "lean") -> dict:
     """Peak bytes of one update (tools/vram.py's ``measure`` for a DiT). ``mode``: ``lean`` (block
-    checkpointing, one row at a time) or ``before`` (per-step and whole-decode checkpointing,
-    every row at once)."""
+    checkpointing, one row at a time), ``lean_decoder`` (the decoder's blocks only, one row at a
+    time) or ``before`` (per-step and whole-decode checkpointing, every row at once)."""
     import torch
     from torch import nn
     from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
@@ -165,10 +165,13 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
 
         sampler.denoise = Denoiser()
         lean = mode != "before"
-        units = (block_units(transformer) + diffusers_decoder_units(vae.decoder)) if lean else ()
+        units = diffusers_decoder_units(vae.decoder) if lean else []
+        if mode in ("lean", "lean_cond"):  # lean_decoder: the decoder's blocks only
+            units = block_units(transformer) + units
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (16, latent, latent), TrainSettings(batch_size=batch, seed=0),
-                               block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean)
+                               block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean,
+                               denoiser_blocks_checkpointed=mode == "lean")
         allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}
         transformer_bytes = tensor_bytes([p for p in list(transformer.parameters()) + list(transformer.buffers())

@@ -1,20 +1,24 @@
-"""How one DRaFT update uses memory, and the choice between the fast and the lean way to run it.
+"""How one DRaFT update uses memory, and the choice of the fastest way to run it that fits.
 
-Two ways to run an update (both give the same gradient, see tests/test_memory_lean.py):
+Every way gives the same gradient (tests/test_memory_lean.py); they differ in time and peak memory:
 
 * **fast**: every differentiated row (batch rows x CFG branches x LV copies) at once; the step and
-  the decode checkpointed as wholes. Fewer kernel launches, more memory.
-* **lean**: the denoiser's, decoder's and reward's blocks checkpointed one by one (nested in the
-  per-step checkpointing when K > 1), and the differentiated tail, decode and reward run one row
-  at a time. About one extra block forward per differentiated step; the peak is one row through
+  the decode checkpointed as wholes. Fewer kernel launches, the most memory.
+* **rows one at a time**: the differentiated tail, decode and reward run per row, each
+  backpropagated before the next; the peak is one row's. Costs almost nothing.
+* **decoder and reward blocks**: the VAE decoder's and the reward model's blocks checkpointed
+  one by one: one extra decode and reward forward per update, whatever K is.
+* **all blocks** (lean): the denoiser's blocks too (nested in the per-step checkpointing when
+  K > 1): about one extra denoiser forward per differentiated step; the peak is one row through
   one block.
 
-:func:`estimate_update_bytes` gives the peak activation bytes of either from two per-model
-figures that ComfyUI knows for every family (``model.memory_required`` for one UNet/DiT forward of
-a shape, ``vae.memory_used_decode`` for one decode), with factors measured by ``make vram`` on the
-full-size architectures (the denoiser's per family) (tools/vram.py; README "Memory at full size"). :func:`choose_plan` picks the
-fast way when it fits, the lean one when only that fits, and refuses before the first iteration,
-saying what to lower, when neither does.
+:func:`estimate_update_bytes` gives the peak activation bytes of each from two per-model figures
+that ComfyUI knows for every family (``model.memory_required`` for one UNet/DiT forward of a shape,
+``vae.memory_used_decode`` for one decode), with factors measured by ``make vram`` on the full-size
+architectures (the denoiser's per family; tools/vram.py, README "Memory at full size").
+:func:`choose_plan` takes the first of fast / rows one at a time / decoder and reward blocks / all
+blocks that fits the free memory, and refuses before the first iteration, saying what to lower,
+when not even the leanest does.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 GIB = 1024 ** 3
 
-BLOCK_CHOICES = ("auto", "on", "off")
+BLOCK_CHOICES = ("auto", "on", "decoder and reward", "off")
 ROW_CHOICES = ("auto", "one at a time", "all at once")
 CFG_GRADIENT_CHOICES = ("both branches", "conditional only")
 
@@ -44,7 +48,8 @@ class MemoryOptions:
     """What the DRaFT Memory Options node says (defaults: everything automatic, exact CFG).
 
     Attributes:
-        block_checkpointing: ``auto`` (on when the fast way does not fit), ``on`` or ``off``.
+        block_checkpointing: ``auto`` (as little as fits), ``on`` (denoiser, decoder and reward
+            blocks), ``decoder and reward`` (their blocks only) or ``off``.
         rows: ``auto``, ``one at a time`` or ``all at once`` (differentiated rows).
         cfg_gradient: ``both branches`` (exact) or ``conditional only`` (the unconditional
             prediction without gradient: less memory and time, a different gradient).
@@ -64,7 +69,10 @@ class MemoryOptions:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The resolved settings of a run and the estimates behind them (bytes)."""
+    """The resolved settings of a run and the estimates behind them (bytes).
+
+    ``block_checkpointing``: the decoder's and reward's blocks are checkpointed;
+    ``denoiser_blocks``: the denoiser's too (``lean_bytes``: all blocks, rows one at a time)."""
 
     block_checkpointing: bool
     row_by_row: bool
@@ -74,9 +82,12 @@ class MemoryPlan:
     lean_bytes: int
     available_bytes: int
     reason: str
+    denoiser_blocks: bool = True
 
     def describe(self) -> str:
-        return (f"block checkpointing {'on' if self.block_checkpointing else 'off'}, "
+        blocks = ("off" if not self.block_checkpointing else
+                  "on" if self.denoiser_blocks else "decoder and reward")
+        return (f"block checkpointing {blocks}, "
                 f"rows {'one at a time' if self.row_by_row else 'all at once'}, "
                 f"CFG gradient {'conditional only' if self.cond_only else 'both branches'}; "
                 f"estimated {self.estimate_bytes / GIB:.2f} GiB for the update beside the weights "
@@ -88,7 +99,8 @@ class DoesNotFit(RuntimeError):
 
 
 def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
-                          denoiser_row_bytes: float, lean: bool,
+                          denoiser_row_bytes: float, lean: bool = False, blocks: str = "",
+                          one_row: bool | None = None,
                           denoiser_factors: tuple = UNET_DENOISER_FACTORS) -> int:
     """Peak activation bytes of one update beside the weights.
 
@@ -98,40 +110,48 @@ def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
             conditional-only CFG).
         decode_bytes: ComfyUI's inference estimate of decoding one latent.
         denoiser_row_bytes: ComfyUI's inference estimate of one denoiser forward of one row.
-        lean: block checkpointing + one row at a time.
+        lean: shorthand for ``blocks="on", one_row=True`` (else ``"off"``, all rows at once).
+        blocks: ``"off"``, ``"decoder and reward"`` or ``"on"`` (overrides ``lean``).
+        one_row: rows one at a time (overrides ``lean``).
         denoiser_factors: ``(fast, lean)`` peak of one denoiser row under gradient over
             ``denoiser_row_bytes``, the family's (``nodes/architectures.py``).
     """
+    blocks = blocks or ("on" if lean else "off")
+    one_row = lean if one_row is None else one_row
     fast_factor, lean_factor = denoiser_factors
-    if lean:
-        return int(LEAN_DECODE_FACTOR * decode_bytes
-                   + lean_factor * cfg_branches * denoiser_row_bytes)
-    return int(rows * (FAST_DECODE_FACTOR * decode_bytes
-                       + fast_factor * cfg_branches * denoiser_row_bytes))
+    decoder = (LEAN_DECODE_FACTOR if blocks != "off" else FAST_DECODE_FACTOR) * decode_bytes
+    denoiser = (lean_factor if blocks == "on" else fast_factor) * cfg_branches * denoiser_row_bytes
+    return int((1 if one_row else rows) * (decoder + denoiser))
+
+
+# The ways to run an update, fastest first (see the module docstring): (blocks, rows one at a time)
+WAYS = tuple((b, r) for b in ("off", "decoder and reward", "on") for r in (False, True))
 
 
 def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_bytes: float,
                 denoiser_row_bytes: float, available_bytes: int, streamable_bytes: int = 0,
                 hint: str = "", denoiser_factors: tuple = UNET_DENOISER_FACTORS) -> MemoryPlan:
     """Resolve ``auto`` choices against ``available_bytes`` (free device memory once the weights
-    are loaded). ``streamable_bytes``: weights ComfyUI can stream instead (lowvram partial
-    loading), which lean settings may give up. Raises :class:`DoesNotFit` naming what to lower."""
+    are loaded): the fastest way that fits, or the leanest when none does and it fits with
+    ``streamable_bytes`` (weights ComfyUI can stream instead: lowvram partial loading) given up.
+    Raises :class:`DoesNotFit` naming what to lower."""
     cond_only = options.cfg_gradient == "conditional only"
     branches = 1 if cond_only else cfg_branches
     kw = dict(rows=rows, cfg_branches=branches, decode_bytes=decode_bytes,
               denoiser_row_bytes=denoiser_row_bytes, denoiser_factors=denoiser_factors)
     fast, lean = estimate_update_bytes(lean=False, **kw), estimate_update_bytes(lean=True, **kw)
-    block = {"on": True, "off": False}.get(options.block_checkpointing)
-    row = {"one at a time": True, "all at once": False}.get(options.rows)
-    if block is None or row is None:
-        fits_fast = fast <= available_bytes
-        reason = ("the fast way fits" if fits_fast else
-                  f"the fast way needs {fast / GIB:.2f} GiB, {available_bytes / GIB:.2f} GiB free")
-        block = (not fits_fast) if block is None else block
-        row = (not fits_fast) if row is None else row
-    else:
+    want_blocks = None if options.block_checkpointing == "auto" else options.block_checkpointing
+    want_row = {"one at a time": True, "all at once": False}.get(options.rows)
+    ways = [(b, r) for b, r in WAYS if want_blocks in (None, b) and want_row in (None, r)]
+    costs = [(b, r, estimate_update_bytes(blocks=b, one_row=r, **kw)) for b, r in ways]
+    fitting = [c for c in costs if c[2] <= available_bytes]
+    if len(costs) == 1:
         reason = "as set"
-    estimate = lean if (block and row) else fast if not (block or row) else (fast + lean) // 2
+    elif fitting and fitting[0] is costs[0]:
+        reason = "the fastest way fits"
+    else:
+        reason = (f"the fast way needs {fast / GIB:.2f} GiB, {available_bytes / GIB:.2f} GiB free")
+    blocks, one_row, estimate = fitting[0] if fitting else costs[-1]
     if estimate > available_bytes + streamable_bytes:
         raise DoesNotFit(
             f"one DRaFT update needs about {estimate / GIB:.2f} GiB beside the weights (leanest: "
@@ -139,10 +159,11 @@ def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_
             f"can be freed on this device. Lower the resolution, the batch size or the LV samples "
             f"(n){hint}, or set DRaFT Memory Options to block checkpointing 'on' and rows 'one at a "
             f"time'.")
-    return MemoryPlan(block_checkpointing=block, row_by_row=row, cond_only=cond_only,
+    return MemoryPlan(block_checkpointing=blocks != "off", row_by_row=one_row, cond_only=cond_only,
                       estimate_bytes=estimate, fast_bytes=fast, lean_bytes=lean,
-                      available_bytes=available_bytes, reason=reason)
+                      available_bytes=available_bytes, reason=reason,
+                      denoiser_blocks=blocks == "on")
 
 
 __all__ = ["MemoryOptions", "MemoryPlan", "DoesNotFit", "estimate_update_bytes", "choose_plan",
-           "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES", "UNET_DENOISER_FACTORS"]
+           "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES", "UNET_DENOISER_FACTORS", "WAYS"]

@@ -148,6 +148,9 @@ class DraftTrainer:
             update (:func:`training.checkpointing.checkpoint_blocks`), restored after each update.
         decoder_blocks_checkpointed: whether ``block_units`` include the decoder's blocks (then
             the decode is not checkpointed as a whole).
+        denoiser_blocks_checkpointed: whether ``block_units`` include the denoiser's blocks (then
+            a single differentiated step is not checkpointed as a whole: its blocks already are).
+            None: whenever there are ``block_units``.
         row_by_row: run the differentiated tail, decode and reward one row at a time.
         reward_statistics: optional context-manager factory under which a reward with running
             statistics defers their update to the end of the update (``row_by_row`` only).
@@ -168,6 +171,7 @@ class DraftTrainer:
     regularizers: Sequence = ()
     block_units: Sequence = ()
     decoder_blocks_checkpointed: bool = False
+    denoiser_blocks_checkpointed: Optional[bool] = None
     row_by_row: bool = False
     reward_statistics: Optional[Callable] = None
     parallel: Optional[object] = None
@@ -242,7 +246,9 @@ class DraftTrainer:
                     tail = self.sampler.prefix(noise, index.to(self.device), generator=g,
                                                row_generators=rows_g)
                 k = tail.k
-                if self.block_units:  # a single checkpointed step would only add a forward
+                denoiser_blocks = (bool(self.block_units) if self.denoiser_blocks_checkpointed
+                                   is None else self.denoiser_blocks_checkpointed)
+                if denoiser_blocks:  # a single checkpointed step would only add a forward
                     step_ckpt = self.sampler.settings.checkpointing and tail.k > 1
                 groups = self._row_groups(tail.rows)
                 for rows in groups:
