@@ -116,7 +116,7 @@ class Family:
     block_lists: tuple = ()
     diffusers_layout: Optional[str] = None
     module_classes: tuple = ()
-    memory_factors: tuple = (2.5, 0.25)  # UNets: SD1.5, SD2.1-v, SDXL traced
+    memory_factors: tuple = (11.5, 1.0)  # SD1.x / SD2.x, traced (see _SDXL_MEMORY below)
     patterns: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -138,12 +138,14 @@ def _sd3_base_model(unet_config: dict) -> str:
 
 
 _UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
-# Denoiser memory factors traced by make vram (see Family.memory_factors). FLUX.1-dev's step holds
-# about 32 x ComfyUI's inference estimate under gradient (43 GiB at 1024 px), SD3.5-medium's about
-# 5 x. Chroma (FLUX's blocks) and Qwen-Image (60 blocks of FLUX's width) are not traced: they take
-# FLUX's factors, the largest measured, so that the estimate errs towards the lean way.
-_MMDIT_MEMORY = (6.5, 0.5)
-_FLUX_MEMORY = (35.0, 1.2)
+# Denoiser memory factors traced by make vram (see Family.memory_factors): under gradient, one row
+# of SD1.5's / SD2.1's UNet step holds about 10 x ComfyUI's inference estimate, SDXL's 23 x,
+# SD3.5-medium's 20 x and FLUX.1-dev's 43 x (43 GiB at 1024 px); blocks checkpointed, 6 x for the
+# DiTs (the UNets' peak is then the decoder's). The SDXL refiner, Chroma (FLUX's blocks) and
+# Qwen-Image (60 blocks of FLUX's width) are not traced: they take SDXL's and FLUX's factors.
+_SDXL_MEMORY = (25.0, 1.0)
+_MMDIT_MEMORY = (22.0, 6.9)
+_FLUX_MEMORY = (47.0, 6.4)
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
@@ -151,9 +153,11 @@ FAMILIES = (
     Family("SD2.x", ("SD20", "SD21UnclipL", "SD21UnclipH"), UNET_TARGETS, "diffusers", "sd_v2",
            block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
     Family("SDXL", ("SDXL", "SDXL_instructpix2pix"), UNET_TARGETS, "diffusers", "sdxl_base_v1-0",
-           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",),
+           memory_factors=_SDXL_MEMORY),
     Family("SDXL refiner", ("SDXLRefiner",), UNET_TARGETS, "diffusers", "sdxl_refiner_v1-0",
-           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
+           block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",),
+           memory_factors=_SDXL_MEMORY),
     Family("SD3 / SD3.5", ("SD3",), MMDIT_TARGETS, "native", _sd3_base_model, default_cfg=4.5,
            block_lists=("joint_blocks",), diffusers_layout="mmdit", memory_factors=_MMDIT_MEMORY,
            module_classes=("OpenAISignatureMMDITWrapper", "MMDiT")),

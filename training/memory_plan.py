@@ -32,15 +32,15 @@ CFG_GRADIENT_CHOICES = ("both branches", "conditional only")
 
 # Measured by `make vram` (tools/vram.py: bf16, full-size SD1.5 512 px, SD2.1-v 768 px, SDXL,
 # FLUX.1-dev and SD3.5-medium at 1024 px, aesthetic reward; docs/vram_figures.json, checked by
-# tests/test_comfyui_memory_estimate.py): the peak an update adds over ComfyUI's inference estimate
-# of one decode (the decoder's part) and of one denoiser forward of one row (the denoiser's part,
-# whose factor depends on the family: nodes/architectures.py ``memory_factors``). Lean: the
-# decoder's last blocks (1.10-1.13 x one decode estimate); fast: the whole decoder backward
-# (2.67-2.74 x) plus the denoiser step's activations, per row.
-LEAN_DECODE_FACTOR = 1.15
-FAST_DECODE_FACTOR = 2.6
-# The UNet families' denoiser factors (fast, lean): the default of :func:`estimate_update_bytes`.
-UNET_DENOISER_FACTORS = (1.5, 0.25)
+# tests/test_comfyui_memory_estimate.py). The decoder's backward and the denoiser step's come one
+# after the other, so an update peaks at the larger of the two, per row at once. Each is a factor
+# times ComfyUI's inference estimate: of one decode for the decoder (whole: 2.67-2.68 x traced;
+# blocks checkpointed: 1.10-1.14 x), and of one denoiser forward of one row for the denoiser, whose
+# factor depends on the family (nodes/architectures.py ``memory_factors``).
+LEAN_DECODE_FACTOR = 1.2
+FAST_DECODE_FACTOR = 2.9
+# The SD1.x/SD2.x denoiser factors (fast, lean): the default of :func:`estimate_update_bytes`.
+UNET_DENOISER_FACTORS = (11.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
     fast_factor, lean_factor = denoiser_factors
     decoder = (LEAN_DECODE_FACTOR if blocks != "off" else FAST_DECODE_FACTOR) * decode_bytes
     denoiser = (lean_factor if blocks == "on" else fast_factor) * cfg_branches * denoiser_row_bytes
-    return int((1 if one_row else rows) * (decoder + denoiser))
+    return int((1 if one_row else rows) * max(decoder, denoiser))
 
 
 # The ways to run an update, fastest first (see the module docstring): (blocks, rows one at a time)
