@@ -274,11 +274,13 @@ class TrainingRun:
         settings = TrainSettings(**{**cfg.train.__dict__, "mixed_precision": _resolve_precision(
             cfg.mixed_precision, st["patcher"])})
         plan: MemoryPlan = st["plan"]
-        units = []
+        units, selective = [], []
         if plan.block_checkpointing:  # the decoder's and reward's blocks (and the denoiser's)
-            units = comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model)
-            if plan.denoiser_blocks:
-                units = comfy_glue.denoiser_checkpoint_units(inner.diffusion_model) + units
+            decoder_units = comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model)
+            if plan.denoiser_blocks:  # the leanest way: every block recomputed whole
+                units = comfy_glue.denoiser_checkpoint_units(inner.diffusion_model) + decoder_units
+            else:  # the middle way: the decoder's convolution outputs kept (a cheap recompute)
+                selective = decoder_units
             if hasattr(reward_model, "checkpoint_units"):
                 units += reward_model.checkpoint_units()
         trainer = DraftTrainer(sampler, comfy_glue.make_decoder(self.vae, inner), reward_fn,
@@ -286,6 +288,7 @@ class TrainingRun:
                                device=st["patcher"].load_device, block_units=units,
                                decoder_blocks_checkpointed=plan.block_checkpointing,
                                denoiser_blocks_checkpointed=plan.denoiser_blocks,
+                               selective_units=selective,
                                row_by_row=plan.row_by_row,
                                reward_statistics=getattr(reward_model, "deferred_statistics", None),
                                parallel=distributed.current(check=self.reward.model))

@@ -30,16 +30,18 @@ def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3
     sampler = DifferentiableSampler(denoiser, karras_sigmas(6),
                                     SamplerSettings(method=method, k=k, lv_samples=2, eta=eta),
                                     reference_denoise=ref)
-    units = []
-    if blocks:  # True: the denoiser's and the decoder's blocks; "decoder": the decoder's only
-        eps = denoiser.eps_net
+    units, selective = [], []
+    if blocks:  # True: the denoiser's and the decoder's blocks; "decoder": the decoder's only,
+        eps = denoiser.eps_net  # selectively (convolution outputs kept)
         units = [decoder.conv1, decoder.conv2]
         if blocks is True:
             units = [eps.conv_in, eps.mid, eps.conv_out] + units
+        else:
+            units, selective = [], [decoder]
     trainer = DraftTrainer(sampler, decoder, reward or colour_reward, PROMPTS, lora, (4, 8, 8),
                            TrainSettings(batch_size=batch, seed=3, kl_coeff=kl), block_units=units,
                            decoder_blocks_checkpointed=bool(blocks), row_by_row=row_by_row,
-                           denoiser_blocks_checkpointed=blocks is True)
+                           denoiser_blocks_checkpointed=blocks is True, selective_units=selective)
     captured = []
     trainer.optimizer.step = lambda *a, **kw: captured.append(
         [p.grad.detach().clone() for p in trainer.params])
@@ -174,3 +176,38 @@ def test_memory_plan_is_fast_when_it_fits_lean_when_only_that_fits_and_refuses_o
     assert cond.cond_only and cond.fast_bytes < both.fast_bytes
     with pytest.raises(ValueError, match="rows must be one of"):
         MemoryOptions(rows="sometimes")
+
+
+def test_selective_checkpointing_recomputes_no_convolution_and_keeps_the_gradient():
+    """The decoder's blocks in the middle memory way: convolution outputs are kept, norms and
+    activations recomputed. The backward runs no convolution forward again (a full checkpoint
+    reruns the ones whose outputs the backward needs) and the gradient is the plain one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from training.checkpointing import KEEP_CONVOLUTIONS
+
+    class CountConvolutions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten.convolution.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 8, 16, 16)
+    grads, recomputed = [], []
+    for keep in (False, None, KEEP_CONVOLUTIONS):  # plain, full checkpoint, selective
+        xi = x.clone().requires_grad_(True)
+        with checkpoint_blocks([block] if keep is not False else [], keep=keep or None):
+            out = block(xi)
+            counter = CountConvolutions()
+            with counter:
+                (out ** 2).sum().backward()
+        grads.append(xi.grad)
+        recomputed.append(counter.n)
+    assert recomputed[1] >= 1 and recomputed[2] == 0, recomputed  # full: conv1 runs again
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+    assert not is_wrapped(block)

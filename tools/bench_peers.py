@@ -8,7 +8,7 @@ update, and our no-grad sampling against ComfyUI's own KSampler.
   DDIM steps, CFG 7.5, batch 1, a colour reward; DRaFT-1 (TRL: ``truncated_backprop_timestep=49``)
   and full backpropagation (TRL: ``truncated_backprop=False``), each with TRL's per-step gradient
   checkpointing. Ours runs ``DraftTrainer.step()`` with rows one at a time and the decoder's blocks
-  checkpointed (what the trainer's ``auto`` takes first when the fast way does not fit; its memory
+  checkpointed selectively (what the trainer's ``auto`` takes first when the fast way does not fit; its memory
   also with every block checkpointed, ``mem_vs_trl_*_leanest``). Memory: peak live tensor bytes one update adds
   (``training.memory_trace.LiveBytes``), each side in a fresh process; time: interleaved rounds in
   one process, median ratio.
@@ -87,22 +87,22 @@ def _trl_update(setup, k1: bool, args):
 
 
 def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False):
-    """Our update with rows one at a time and the decoder's blocks checkpointed (the way DRaFT
-    Trainer's ``auto`` takes first when the fast way does not fit), and with ``denoiser_blocks``
-    the denoiser's too (the leanest way)."""
+    """Our update with rows one at a time and the decoder's blocks checkpointed selectively (their
+    convolution outputs kept: the way DRaFT Trainer's ``auto`` takes first when the fast way does
+    not fit), and with ``denoiser_blocks`` every block recomputed whole (the leanest way)."""
     from training.checkpointing import diffusers_decoder_units, diffusers_unet_units
     from training.sampler import DifferentiableSampler, SamplerSettings
     from training.toy_models import colour_reward
     from training.trainer import DraftTrainer, TrainSettings
     settings = SamplerSettings(method="draft_k" if k1 else "draft", k=1)
     sampler = DifferentiableSampler(setup.denoise, setup.sigmas, settings)
-    units = diffusers_decoder_units(setup.decoder.vae.decoder)
-    if denoiser_blocks:
-        units = diffusers_unet_units(setup.unet) + units
+    units, selective = [], diffusers_decoder_units(setup.decoder.vae.decoder)
+    if denoiser_blocks:  # every block recomputed whole
+        units, selective = diffusers_unet_units(setup.unet) + selective, []
     trainer = DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
                            setup.latent_shape, TrainSettings(batch_size=1), block_units=units,
                            decoder_blocks_checkpointed=True, row_by_row=True,
-                           denoiser_blocks_checkpointed=denoiser_blocks)
+                           denoiser_blocks_checkpointed=denoiser_blocks, selective_units=selective)
 
     def step():
         report = trainer.step()

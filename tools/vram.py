@@ -24,8 +24,8 @@ What a user has on the GPU during an update, and what is counted:
 
 Modes: ``before`` is the update as it was before lean memory (per-step and whole-decode
 checkpointing, every row at once); ``lean`` adds block checkpointing and one row at a time;
-``lean_decoder`` checkpoints only the decoder's blocks (rows one at a time; the trainer's middle
-way); ``lean_cond`` also runs CFG's unconditional branch without gradient.
+``lean_decoder`` checkpoints only the decoder's blocks, selectively (their convolution outputs
+kept; rows one at a time: the trainer's middle way); ``lean_cond`` also runs CFG's unconditional branch without gradient.
 
     .venv/bin/python tools/vram.py                       # every row (minutes on 2 cores)
     .venv/bin/python tools/vram.py --only sd15_512 --steps 4 --batches 1   # a smoke run
@@ -241,12 +241,15 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
 
         sampler.denoise = Denoiser()
         lean = mode != "before"
-        units = diffusers_decoder_units(vae.decoder) if lean else []
-        if mode in ("lean", "lean_cond"):  # lean_decoder: the decoder's blocks only
-            units = diffusers_unet_units(unet) + units
+        units, selective = [], []
+        if mode in ("lean", "lean_cond"):
+            units = diffusers_unet_units(unet) + diffusers_decoder_units(vae.decoder)
+        elif mode == "lean_decoder":  # the decoder's blocks only, convolution outputs kept
+            selective = diffusers_decoder_units(vae.decoder)
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (4, latent, latent), TrainSettings(batch_size=batch, seed=0),
                                block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean,
+                               selective_units=selective,
                                denoiser_blocks_checkpointed=mode in ("lean", "lean_cond"))
         allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}

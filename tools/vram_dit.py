@@ -165,12 +165,15 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
 
         sampler.denoise = Denoiser()
         lean = mode != "before"
-        units = diffusers_decoder_units(vae.decoder) if lean else []
-        if mode in ("lean", "lean_cond"):  # lean_decoder: the decoder's blocks only
-            units = block_units(transformer) + units
+        units, selective = [], []
+        if mode in ("lean", "lean_cond"):
+            units = block_units(transformer) + diffusers_decoder_units(vae.decoder)
+        elif mode == "lean_decoder":  # the decoder's blocks only, convolution outputs kept
+            selective = diffusers_decoder_units(vae.decoder)
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (16, latent, latent), TrainSettings(batch_size=batch, seed=0),
                                block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean,
+                               selective_units=selective,
                                denoiser_blocks_checkpointed=mode == "lean")
         allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}

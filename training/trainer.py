@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpointing import checkpoint_blocks
+from .checkpointing import KEEP_CONVOLUTIONS, checkpoint_blocks
 from .lora import LoRASet
 from .sampler import DifferentiableSampler, Rollout, checkpointed
 
@@ -148,6 +148,9 @@ class DraftTrainer:
             update (:func:`training.checkpointing.checkpoint_blocks`), restored after each update.
         decoder_blocks_checkpointed: whether ``block_units`` include the decoder's blocks (then
             the decode is not checkpointed as a whole).
+        selective_units: modules (the decoder's blocks in the middle memory way) checkpointed
+            selectively: their convolutions' outputs are kept, the rest recomputed
+            (:data:`training.checkpointing.KEEP_CONVOLUTIONS`); distinct from ``block_units``.
         denoiser_blocks_checkpointed: whether ``block_units`` include the denoiser's blocks (then
             a single differentiated step is not checkpointed as a whole: its blocks already are).
             None: whenever there are ``block_units``.
@@ -172,6 +175,7 @@ class DraftTrainer:
     block_units: Sequence = ()
     decoder_blocks_checkpointed: bool = False
     denoiser_blocks_checkpointed: Optional[bool] = None
+    selective_units: Sequence = ()
     row_by_row: bool = False
     reward_statistics: Optional[Callable] = None
     parallel: Optional[object] = None
@@ -236,7 +240,8 @@ class DraftTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         rewards, total_loss, k, reason = [], 0.0, 0, ""
         step_ckpt = None  # the sampler's own setting, unless blocks are checkpointed (below)
-        with checkpoint_blocks(self.block_units), self._statistics():
+        with checkpoint_blocks(self.block_units), \
+                checkpoint_blocks(self.selective_units, keep=KEEP_CONVOLUTIONS), self._statistics():
             for micro in range(s.grad_accum):
                 g, rows_g = self._generators(micro, iteration)
                 index = torch.cat([torch.randint(len(self.prompts), (1,), generator=r)
