@@ -206,10 +206,13 @@ def decoder_checkpoint_units(first_stage_model: torch.nn.Module) -> list:
 
 def conditional_only_cfg(args: dict) -> list:
     """``sampler_calc_cond_batch_function`` that runs the conditional branch with gradient and the
-    unconditional one without (DRaFT Memory Options' "conditional only")."""
+    unconditional one without (DRaFT Memory Options' "conditional only"); without gradient (the
+    no-grad part of a rollout, previews) both branches run batched, as ComfyUI runs them."""
     import comfy.samplers
     cond, uncond = args["conds"][0], args["conds"][1]
     model, x, sigma, options = args["model"], args["input"], args["sigma"], args["model_options"]
+    if not torch.is_grad_enabled():
+        return comfy.samplers.calc_cond_batch(model, args["conds"], x, sigma, options)
     out_cond = comfy.samplers.calc_cond_batch(model, [cond], x, sigma, options)[0]
     if uncond is None:
         return [out_cond, torch.zeros_like(out_cond)]

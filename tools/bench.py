@@ -185,7 +185,8 @@ class Setup:
                 # ComfyUI's ModelSamplingDiscrete.timestep: nearest log-sigma of the 1000.
                 t = (sigma.float().log()[None, :] - setup.log_sigmas[:, None]).abs().argmin(dim=0)
                 ctx = setup.context[prompt_index]
-                if setup.cfg > 0 and setup.cond_only:  # unconditional branch without gradient
+                if setup.cfg > 0 and setup.cond_only and torch.is_grad_enabled():
+                    # the unconditional branch without gradient (batched as usual under no_grad)
                     eps_c = setup.unet(x_in, t, encoder_hidden_states=ctx, return_dict=False)[0]
                     with torch.no_grad():
                         eps_u = setup.unet(x_in, t, encoder_hidden_states=setup.uncond.expand(

@@ -226,7 +226,7 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
                 c, u = context[index], uncond.expand(b, -1, -1)
                 pc = pooled[index] if sdxl else None
                 pu = torch.zeros_like(pc) if sdxl else None
-                if cond_only:
+                if cond_only and torch.is_grad_enabled():
                     e_c = eps(x_in, t, c, pc)
                     with torch.no_grad():
                         e_u = eps(x_in, t, u, pu)
