@@ -24,7 +24,7 @@ class DraftMemoryOptions(io.ComfyNode):
                          "nothing fits."),
             inputs=[
                 io.Combo.Input("block_checkpointing", options=list(BLOCK_CHOICES), default="auto",
-                               tooltip="Recompute blocks one by one in the backward pass, so the peak becomes one block's activations. on: the UNet's/DiT's, the VAE decoder's and the reward's blocks (about one extra denoiser forward per differentiated step); decoder and reward: only theirs (one extra decode per update, whatever K); auto: as little as fits the free VRAM. Same gradient."),
+                               tooltip="Recompute blocks one by one in the backward pass, so the peak becomes one block's activations. on: the UNet's/DiT's, the VAE decoder's and the reward's blocks (about one extra denoiser forward per differentiated step); decoder and reward: only theirs, the decoder's selectively (its convolutions' outputs kept: a few percent of a decode, once per update whatever K); auto: as little as fits the free VRAM. Same gradient."),
                 io.Combo.Input("rows", options=list(ROW_CHOICES), default="auto",
                                tooltip="Differentiate the batch rows and DRaFT-LV copies one at a time (each backpropagated before the next) or all at once. Same gradient; one at a time bounds the peak to one row."),
                 io.Combo.Input("cfg_gradient", options=list(CFG_GRADIENT_CHOICES), default="both branches",

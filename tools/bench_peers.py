@@ -254,6 +254,9 @@ def compare(args) -> dict:
                                                    / mem[f"trl_{which}"]["peak_bytes"], 3)
                 out[f"time_vs_trl_{which}"] = _median_ratio(timing["times_s"], f"ours_{which}",
                                                             f"trl_{which}")
+                out[f"time_vs_trl_{which}_rounds"] = [  # each interleaved round's ratio
+                    round(a / b, 3) for a, b in zip(timing["times_s"][f"ours_{which}"],
+                                                    timing["times_s"][f"trl_{which}"])]
                 out[f"trl_{which}_peak_mib"] = round(mem[f"trl_{which}"]["peak_bytes"] / 2**20, 1)
                 out[f"ours_{which}_peak_mib"] = round(mem[f"ours_{which}"]["peak_bytes"] / 2**20, 1)
                 out[f"ours_lean_{which}_peak_mib"] = round(mem[f"ours_lean_{which}"]["peak_bytes"] / 2**20, 1)
