@@ -151,6 +151,18 @@ def stream_weights(unet) -> None:
 # ---------------------------------------------------------------------------------------------
 # one configuration
 # ---------------------------------------------------------------------------------------------
+def memory_mode(mode: str, denoiser_units: list, decoder) -> dict:
+    """DraftTrainer's memory settings for a row's ``mode`` (see the module docstring), given the
+    denoiser's checkpoint units and the diffusers VAE ``decoder``."""
+    from training.checkpointing import diffusers_decoder_units
+    every_block = mode in ("lean", "lean_cond")
+    lean = mode != "before"
+    return dict(
+        block_units=(denoiser_units + diffusers_decoder_units(decoder)) if every_block else [],
+        selective_units=diffusers_decoder_units(decoder) if mode == "lean_decoder" else [],
+        decoder_blocks_checkpointed=lean, row_by_row=lean, denoiser_blocks_checkpointed=every_block)
+
+
 def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps: int,
             resolution: int, fake: bool = True, tiny: bool = False, dtype=None) -> dict:
     """Peak bytes of one update; see the module docstring. ``tiny``: a small model (validation);
@@ -159,7 +171,7 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
     import torch
     from torch import nn
     from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
-    from training.checkpointing import diffusers_decoder_units, diffusers_unet_units
+    from training.checkpointing import diffusers_unet_units
     from training.memory_trace import LiveBytes, fake_mode, module_bytes, tensor_bytes
     from training.sampler import vp_sigmas_from_alphas_cumprod
 
@@ -240,17 +252,9 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
             return (img.float() * 0.5 + 0.5).clamp(0, 1)
 
         sampler.denoise = Denoiser()
-        lean = mode != "before"
-        units, selective = [], []
-        if mode in ("lean", "lean_cond"):
-            units = diffusers_unet_units(unet) + diffusers_decoder_units(vae.decoder)
-        elif mode == "lean_decoder":  # the decoder's blocks only, convolution outputs kept
-            selective = diffusers_decoder_units(vae.decoder)
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (4, latent, latent), TrainSettings(batch_size=batch, seed=0),
-                               block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean,
-                               selective_units=selective,
-                               denoiser_blocks_checkpointed=mode in ("lean", "lean_cond"))
+                               **memory_mode(mode, diffusers_unet_units(unet), vae.decoder))
         allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}
         streamed = set()

@@ -94,10 +94,9 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
     import torch
     from torch import nn
     from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
-    from training.checkpointing import diffusers_decoder_units
     from training.memory_trace import LiveBytes, fake_mode, module_bytes, tensor_bytes
 
-    from vram import METHODS, allocate_adam_state_only, build_aesthetic_reward  # noqa: E402
+    from vram import METHODS, allocate_adam_state_only, build_aesthetic_reward, memory_mode  # noqa: E402
 
     torch.set_default_dtype(torch.bfloat16)
     flux = model == "flux_dev_1024"
@@ -164,17 +163,9 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
             return (img.float() * 0.5 + 0.5).clamp(0, 1)
 
         sampler.denoise = Denoiser()
-        lean = mode != "before"
-        units, selective = [], []
-        if mode in ("lean", "lean_cond"):
-            units = block_units(transformer) + diffusers_decoder_units(vae.decoder)
-        elif mode == "lean_decoder":  # the decoder's blocks only, convolution outputs kept
-            selective = diffusers_decoder_units(vae.decoder)
         trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                                lora, (16, latent, latent), TrainSettings(batch_size=batch, seed=0),
-                               block_units=units, decoder_blocks_checkpointed=lean, row_by_row=lean,
-                               selective_units=selective,
-                               denoiser_blocks_checkpointed=mode == "lean")
+                               **memory_mode(mode, block_units(transformer), vae.decoder))
         allocate_adam_state_only(trainer)
         lora_ids = {id(p) for p in lora.parameters()}
         transformer_bytes = tensor_bytes([p for p in list(transformer.parameters()) + list(transformer.buffers())
