@@ -75,3 +75,28 @@ def _deterministic_threads():
     import torch
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: as fast, and immune to a busy CPU (two
+    OpenMP threads on a shared 2-core machine spin against each other). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def loras_dir(tmp_path, monkeypatch):
+    """A temporary, empty ``models/loras`` folder that ComfyUI's ``folder_paths`` lists (and
+    DRaFT Save LoRA writes to) for one test; ComfyUI is imported first."""
+    from lora_fixtures import import_comfy
+    import_comfy()
+    import folder_paths
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], {".safetensors"}))
+    folder_paths.filename_list_cache.clear()
+    yield tmp_path
+    folder_paths.filename_list_cache.clear()

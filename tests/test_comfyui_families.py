@@ -22,7 +22,7 @@ import torch
 import dit_fixtures as D
 import lora_fixtures as F
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,6 @@ def comfy():
 def pack(comfy):
     return {name: F.import_pack_module(f"nodes.{name}") for name in
             ("architectures", "comfy_glue", "lora_files", "lora_keys", "training_run", "reward_types")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -215,15 +207,6 @@ def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, c
         images.append(image)
         scores.append(float(reward(image, ["a cat"]).mean()))
     return sum(scores) / len(scores), torch.cat(images)
-
-
-@pytest.fixture()
-def loras_dir(tmp_path, monkeypatch, comfy):
-    import folder_paths
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], {".safetensors"}))
-    folder_paths.filename_list_cache.clear()
-    yield tmp_path
-    folder_paths.filename_list_cache.clear()
 
 
 @pytest.mark.parametrize("kind", list(D.FAMILIES))

@@ -49,13 +49,7 @@ import dit_fixtures as D
 import lora_fixtures as F
 from conftest import kohya_sd_scripts_path, musubi_tuner_path
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +57,6 @@ def pack():
     F.import_comfy()
     return {name: F.import_pack_module(f"nodes.{name}") for name in
             ("comfy_glue", "lora_files", "lora_keys")}
-
-
-@pytest.fixture()
-def loras_dir(tmp_path, monkeypatch, pack):
-    import folder_paths
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], {".safetensors"}))
-    folder_paths.filename_list_cache.clear()
-    yield tmp_path
-    folder_paths.filename_list_cache.clear()
 
 
 # -- importing kohya's code -----------------------------------------------------------------------

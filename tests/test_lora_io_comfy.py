@@ -21,7 +21,7 @@ from safetensors import safe_open
 import lora_fixtures as F
 from training import lora_io
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 
 SD15_DIFFUSERS = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                       cross_attention_dim=768, attention_head_dim=8)  # runwayml/stable-diffusion-v1-5
@@ -32,16 +32,6 @@ SDXL_DIFFUSERS = dict(sample_size=128, block_out_channels=(320, 640, 1280), laye
                       use_linear_projection=True, cross_attention_dim=2048,
                       addition_embed_type="text_time", addition_time_embed_dim=256,
                       projection_class_embeddings_input_dim=2816)  # stabilityai/sdxl-base-1.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These UNets are tiny: one intra-op thread is as fast, and immune to a busy CPU (two OpenMP
-    threads on a shared 2-core machine spin against each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
