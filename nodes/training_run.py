@@ -290,6 +290,8 @@ class TrainingRun:
                                denoiser_blocks_checkpointed=plan.denoiser_blocks,
                                selective_units=selective,
                                row_by_row=plan.row_by_row,
+                               # NCHW on a GPU unless ComfyUI was started with --force-channels-last
+                               channels_last_decode=comfy.model_management.force_channels_last() or None,
                                reward_statistics=getattr(reward_model, "deferred_statistics", None),
                                parallel=distributed.current(check=self.reward.model))
         if st["resume_state"] is not None:

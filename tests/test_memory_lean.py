@@ -14,7 +14,7 @@ PROMPTS = ["a", "b", "c"]
 
 
 def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3, reward=None,
-                kl=0.0):
+                kl=0.0, channels_last=None):
     torch.manual_seed(0)
     denoiser, decoder = build_toy_model(seed=0)
     lora = wrap_module(denoiser, TOY_LORA_TARGETS, rank=2, alpha=2, seed=0)
@@ -41,7 +41,8 @@ def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3
     trainer = DraftTrainer(sampler, decoder, reward or colour_reward, PROMPTS, lora, (4, 8, 8),
                            TrainSettings(batch_size=batch, seed=3, kl_coeff=kl), block_units=units,
                            decoder_blocks_checkpointed=bool(blocks), row_by_row=row_by_row,
-                           denoiser_blocks_checkpointed=blocks is True, selective_units=selective)
+                           denoiser_blocks_checkpointed=blocks is True, selective_units=selective,
+                           channels_last_decode=channels_last)
     captured = []
     trainer.optimizer.step = lambda *a, **kw: captured.append(
         [p.grad.detach().clone() for p in trainer.params])
@@ -211,3 +212,24 @@ def test_selective_checkpointing_recomputes_no_convolution_and_keeps_the_gradien
     assert recomputed[1] >= 1 and recomputed[2] == 0, recomputed  # full: conv1 runs again
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
     assert not is_wrapped(block)
+
+
+@pytest.mark.parametrize("method", ["draft_k", "draft_lv"])
+def test_channels_last_decode_gives_the_nchw_gradient(method):
+    """On the CPU the trainer hands the decoder channels-last latents (oneDNN's faster layout):
+    the decoder sees NHWC strides, the images come back contiguous, and the gradient is the NCHW
+    one. A GPU keeps NCHW unless asked."""
+    grads, layouts, images = {}, {}, {}
+    for cl in (False, None):  # None: the device's choice, channels-last on the CPU
+        trainer, captured, _, decoder = trainer_for(method, channels_last=cl, row_by_row=True)
+        seen = layouts.setdefault(cl, [])
+        decoder.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(
+            a[0].is_contiguous(memory_format=torch.channels_last) and not a[0].is_contiguous()))
+        assert not trainer.step().skipped
+        grads[cl] = captured[0]
+        images[cl] = trainer.generate([11, 12])
+    assert layouts[False] and not any(layouts[False])
+    assert layouts[None] and all(layouts[None])
+    assert images[None].is_contiguous()
+    assert torch.allclose(images[None], images[False], atol=1e-6)
+    assert_same(grads[None], grads[False], tol=1e-5)

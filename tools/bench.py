@@ -388,7 +388,7 @@ def make_runner(args, setup, config: dict):
 
     def sample():
         with torch.no_grad(), trainer._autocast():
-            images = setup.decoder(sampler.sample(noise, index))
+            images = trainer.decode_images(sampler.sample(noise, index))  # as the trainer decodes
         float(images.float().mean())  # waits for the result
         if cuda:
             torch.cuda.synchronize()
@@ -517,12 +517,12 @@ def components(args, setup, sampler, trainer, noise, index) -> dict:
 
     def decode_nograd():
         with torch.no_grad(), trainer._autocast():
-            setup.decoder(x)
+            trainer.decode_images(x)
 
     def decode_reward_fwd_bwd():
         xg = x.detach().requires_grad_(True)
         with trainer._autocast():
-            loss = -colour_reward(setup.decoder(xg)).float().mean()
+            loss = -colour_reward(trainer.decode_images(xg)).float().mean()
         torch.autograd.grad(loss, xg)
 
     def optimizer_step():

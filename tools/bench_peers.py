@@ -9,7 +9,8 @@ update, and our no-grad sampling against ComfyUI's own KSampler.
   and full backpropagation (TRL: ``truncated_backprop=False``), each with TRL's per-step gradient
   checkpointing. Ours runs ``DraftTrainer.step()`` with rows one at a time and the decoder's blocks
   checkpointed selectively (what the trainer's ``auto`` takes first when the fast way does not fit; its memory
-  also with every block checkpointed, ``mem_vs_trl_*_leanest``). Memory: peak live tensor bytes one update adds
+  also with every block checkpointed, ``mem_vs_trl_*_leanest``), decoding in the trainer's layout for the
+  CPU (channels-last; its time also with TRL's NCHW decode, ``time_vs_trl_*_nchw``). Memory: peak live tensor bytes one update adds
   (``training.memory_trace.LiveBytes``), each side in a fresh process; time: interleaved rounds in
   one process, median ratio.
 * **KSampler**: through ComfyUI in-process on the tiny generated SD1.5 checkpoint, the trainer's
@@ -86,10 +87,12 @@ def _trl_update(setup, k1: bool, args):
     return step
 
 
-def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False):
+def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False, nchw: bool = False):
     """Our update with rows one at a time and the decoder's blocks checkpointed selectively (their
     convolution outputs kept: the way DRaFT Trainer's ``auto`` takes first when the fast way does
-    not fit), and with ``denoiser_blocks`` every block recomputed whole (the leanest way)."""
+    not fit), and with ``denoiser_blocks`` every block recomputed whole (the leanest way). The
+    decode in the trainer's layout for the device (channels-last on the CPU), or with ``nchw``
+    in TRL's (NCHW), to show what the layout alone is worth."""
     from training.checkpointing import diffusers_decoder_units, diffusers_unet_units
     from training.sampler import DifferentiableSampler, SamplerSettings
     from training.toy_models import colour_reward
@@ -102,7 +105,8 @@ def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False):
     trainer = DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
                            setup.latent_shape, TrainSettings(batch_size=1), block_units=units,
                            decoder_blocks_checkpointed=True, row_by_row=True,
-                           denoiser_blocks_checkpointed=denoiser_blocks, selective_units=selective)
+                           denoiser_blocks_checkpointed=denoiser_blocks, selective_units=selective,
+                           channels_last_decode=False if nchw else None)
 
     def step():
         report = trainer.step()
@@ -112,11 +116,13 @@ def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False):
 
 
 def _updates(setup, args, leanest: bool = False) -> dict:
-    """The updates timed side by side (and, ``leanest``, ours with every block checkpointed,
-    whose memory is also reported)."""
+    """The updates timed side by side, ours also with TRL's NCHW decode (and, ``leanest``, ours
+    with every block checkpointed, whose memory is also reported)."""
     updates = {"trl_k1": _trl_update(setup, True, args), "ours_k1": _our_update(setup, True, args),
+               "ours_nchw_k1": _our_update(setup, True, args, nchw=True),
                "trl_full": _trl_update(setup, False, args),
-               "ours_full": _our_update(setup, False, args)}
+               "ours_full": _our_update(setup, False, args),
+               "ours_nchw_full": _our_update(setup, False, args, nchw=True)}
     if leanest:
         updates["ours_lean_k1"] = _our_update(setup, True, args, denoiser_blocks=True)
         updates["ours_lean_full"] = _our_update(setup, False, args, denoiser_blocks=True)
@@ -257,6 +263,8 @@ def compare(args) -> dict:
                 out[f"time_vs_trl_{which}_rounds"] = [  # each interleaved round's ratio
                     round(a / b, 3) for a, b in zip(timing["times_s"][f"ours_{which}"],
                                                     timing["times_s"][f"trl_{which}"])]
+                out[f"time_vs_trl_{which}_nchw"] = _median_ratio(  # ours with TRL's NCHW decode
+                    timing["times_s"], f"ours_nchw_{which}", f"trl_{which}")
                 out[f"trl_{which}_peak_mib"] = round(mem[f"trl_{which}"]["peak_bytes"] / 2**20, 1)
                 out[f"ours_{which}_peak_mib"] = round(mem[f"ours_{which}"]["peak_bytes"] / 2**20, 1)
                 out[f"ours_lean_{which}_peak_mib"] = round(mem[f"ours_lean_{which}"]["peak_bytes"] / 2**20, 1)

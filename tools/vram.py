@@ -160,7 +160,8 @@ def memory_mode(mode: str, denoiser_units: list, decoder) -> dict:
     return dict(
         block_units=(denoiser_units + diffusers_decoder_units(decoder)) if every_block else [],
         selective_units=diffusers_decoder_units(decoder) if mode == "lean_decoder" else [],
-        decoder_blocks_checkpointed=lean, row_by_row=lean, denoiser_blocks_checkpointed=every_block)
+        decoder_blocks_checkpointed=lean, row_by_row=lean, denoiser_blocks_checkpointed=every_block,
+        channels_last_decode=False)  # the decode as on a CUDA device (NCHW), not the CPU's layout
 
 
 def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps: int,

@@ -155,6 +155,10 @@ class DraftTrainer:
             a single differentiated step is not checkpointed as a whole: its blocks already are).
             None: whenever there are ``block_units``.
         row_by_row: run the differentiated tail, decode and reward one row at a time.
+        channels_last_decode: hand the decoder 4-D latents in channels-last memory format (NHWC
+            strides, the same values; the images come back contiguous). None: on the CPU only,
+            where oneDNN runs the SD VAE decoder's forward plus backward about 15 % faster so
+            (``make bench``); on a GPU ComfyUI keeps NCHW unless ``--force-channels-last``.
         reward_statistics: optional context-manager factory under which a reward with running
             statistics defers their update to the end of the update (``row_by_row`` only).
         parallel: data-parallel partner (:class:`training.distributed.DataParallel`): this
@@ -177,6 +181,7 @@ class DraftTrainer:
     denoiser_blocks_checkpointed: Optional[bool] = None
     selective_units: Sequence = ()
     row_by_row: bool = False
+    channels_last_decode: Optional[bool] = None
     reward_statistics: Optional[Callable] = None
     parallel: Optional[object] = None
 
@@ -191,6 +196,8 @@ class DraftTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=s.learning_rate, betas=tuple(s.betas),
                                            weight_decay=s.weight_decay)
         self.device = torch.device(self.device)
+        if self.channels_last_decode is None:
+            self.channels_last_decode = self.device.type == "cpu"
         self.scaler = (torch.amp.GradScaler(self.device.type) if s.mixed_precision == "fp16"
                        else None)
         self.iteration = 0
@@ -342,7 +349,14 @@ class DraftTrainer:
         # With block-checkpointed decoder units a checkpoint around the whole decode only adds a
         # forward; without them it keeps the decoder's activations out of the UNet's backward.
         whole = self.sampler.settings.checkpointing and not self.decoder_blocks_checkpointed
-        return checkpointed(self.decode, latents, enabled=whole)
+        return checkpointed(self.decode_images, latents, enabled=whole)
+
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """``self.decode`` in the memory format of ``channels_last_decode``: images (B,3,H,W),
+        contiguous."""
+        if not (self.channels_last_decode and latents.ndim == 4):
+            return self.decode(latents)
+        return self.decode(latents.contiguous(memory_format=torch.channels_last)).contiguous()
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -359,7 +373,7 @@ class DraftTrainer:
             noise = self._noise(1, g)
             with self._autocast():
                 latent = self.sampler.sample(noise, torch.tensor([p], device=self.device), g)
-                images.append(self.decode(latent).float())
+                images.append(self.decode_images(latent).float())
         return torch.cat(images)
 
     @torch.no_grad()
