@@ -7,10 +7,11 @@ update, and our no-grad sampling against ComfyUI's own KSampler.
   on every attention projection (``training.lora.wrap_module``, so the LoRA code is identical), 50
   DDIM steps, CFG 7.5, batch 1, a colour reward; DRaFT-1 (TRL: ``truncated_backprop_timestep=49``)
   and full backpropagation (TRL: ``truncated_backprop=False``), each with TRL's per-step gradient
-  checkpointing. Ours runs ``DraftTrainer.step()`` with rows one at a time and the decoder's blocks
-  checkpointed selectively (what the trainer's ``auto`` takes first when the fast way does not fit; its memory
-  also with every block checkpointed, ``mem_vs_trl_*_leanest``), decoding in the trainer's layout for the
-  CPU (channels-last; its time also with TRL's NCHW decode, ``time_vs_trl_*_nchw``). Memory: peak live tensor bytes one update adds
+  checkpointing. Ours runs ``DraftTrainer.step()`` with rows one at a time and the decoder's
+  blocks checkpointed selectively (what the trainer's ``auto`` takes first when the fast way does
+  not fit; its memory also with every block checkpointed, ``mem_vs_trl_*_leanest``), decoding in
+  the trainer's layout for the CPU (channels-last; its time also with TRL's NCHW decode,
+  ``time_vs_trl_*_nchw``). Memory: peak live tensor bytes one update adds
   (``training.memory_trace.LiveBytes``), each side in a fresh process; time: interleaved rounds in
   one process, median ratio.
 * **KSampler**: through ComfyUI in-process on the tiny generated SD1.5 checkpoint, the trainer's
