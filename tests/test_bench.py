@@ -47,7 +47,7 @@ def test_bench_peers_against_trl_alignprop_runs_and_the_lean_update_holds_less()
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "trl_error" not in out, out
     for key in ("mem_vs_trl_k1", "mem_vs_trl_full", "time_vs_trl_k1", "time_vs_trl_full",
-                "time_vs_trl_k1_nchw", "time_vs_trl_full_nchw"):
+                "time_vs_trl_k1_nchw", "time_vs_trl_full_nchw", "decode_channels_last_vs_nchw"):
         assert isinstance(out[key], float) and out[key] > 0, (key, out)
     assert out["mem_vs_trl_k1"] < 1.0 and out["mem_vs_trl_full"] < 1.0, out
     assert "COMFYUI_PATH" in out["ksampler_error"]

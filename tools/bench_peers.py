@@ -11,7 +11,8 @@ update, and our no-grad sampling against ComfyUI's own KSampler.
   blocks checkpointed selectively (what the trainer's ``auto`` takes first when the fast way does
   not fit; its memory also with every block checkpointed, ``mem_vs_trl_*_leanest``), decoding in
   the trainer's layout for the CPU (channels-last; its time also with TRL's NCHW decode,
-  ``time_vs_trl_*_nchw``). Memory: peak live tensor bytes one update adds
+  ``time_vs_trl_*_nchw``; the decoder's forward plus backward alone in both layouts,
+  ``decode_channels_last_vs_nchw``). Memory: peak live tensor bytes one update adds
   (``training.memory_trace.LiveBytes``), each side in a fresh process; time: interleaved rounds in
   one process, median ratio.
 * **KSampler**: through ComfyUI in-process on the tiny generated SD1.5 checkpoint, the trainer's
@@ -155,6 +156,31 @@ def trl_time_worker(args) -> dict:
     return {"times_s": times}
 
 
+def layout_time_worker(args) -> dict:
+    """The SD VAE decoder's forward plus backward (into the latent, weights frozen) with NCHW and
+    with channels-last latents, rounds interleaved (the order alternating): what the trainer's
+    CPU layout alone is worth."""
+    import torch
+    setup = _setup(args)
+    decoder = setup.decoder
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    z = torch.randn((1,) + setup.latent_shape, generator=torch.Generator().manual_seed(3))
+
+    def run(channels_last: bool):
+        x = z.clone().requires_grad_(True)
+        decoder(x.contiguous(memory_format=torch.channels_last) if channels_last else x).mean().backward()
+
+    run(False), run(True)
+    times = {"nchw": [], "channels_last": []}
+    for r in range(args.reps * 2):
+        for name in (("nchw", "channels_last") if r % 2 == 0 else ("channels_last", "nchw")):
+            start = time.perf_counter()
+            run(name == "channels_last")
+            times[name].append(time.perf_counter() - start)
+    return {"times_s": times}
+
+
 # ---------------------------------------------------------------------------------------------
 # ComfyUI KSampler vs our no-grad sampling
 # ---------------------------------------------------------------------------------------------
@@ -252,10 +278,13 @@ def compare(args) -> dict:
         mem = {name: _run(args, "--trl-memory", name) for name in
                ("trl_k1", "ours_k1", "trl_full", "ours_full", "ours_lean_k1", "ours_lean_full")}
         timing = _run(args, "--trl-time")
-        errors = {k: v["error"] for k, v in {**mem, "time": timing}.items() if "error" in v}
+        layout = _run(args, "--layout-time")
+        errors = {k: v["error"] for k, v in {**mem, "time": timing, "layout": layout}.items()
+                  if "error" in v}
         if errors:
             out["trl_error"] = errors
         else:
+            out["decode_channels_last_vs_nchw"] = _median_ratio(layout["times_s"], "channels_last", "nchw")
             for which in ("k1", "full"):
                 out[f"mem_vs_trl_{which}"] = round(mem[f"ours_{which}"]["peak_bytes"]
                                                    / mem[f"trl_{which}"]["peak_bytes"], 3)
@@ -298,6 +327,7 @@ def parse(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--trl-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--trl-time", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layout-time", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ksampler", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -308,6 +338,8 @@ def main(argv=None) -> int:
         print(json.dumps(trl_memory_worker(args, args.trl_memory)))
     elif args.trl_time:
         print(json.dumps(trl_time_worker(args)))
+    elif args.layout_time:
+        print(json.dumps(layout_time_worker(args)))
     elif args.ksampler:
         print(json.dumps(ksampler_worker(args)))
     else:

@@ -157,8 +157,9 @@ class DraftTrainer:
         row_by_row: run the differentiated tail, decode and reward one row at a time.
         channels_last_decode: hand the decoder 4-D latents in channels-last memory format (NHWC
             strides, the same values; the images come back contiguous). None: on the CPU only,
-            where oneDNN runs the SD VAE decoder's forward plus backward about 15 % faster so
-            (``make bench``); on a GPU ComfyUI keeps NCHW unless ``--force-channels-last``.
+            where oneDNN runs the SD VAE decoder's forward plus backward about 10 % faster so
+            (``make bench``: ``decode_channels_last_vs_nchw``); on a GPU ComfyUI keeps NCHW
+            unless started with ``--force-channels-last``.
         reward_statistics: optional context-manager factory under which a reward with running
             statistics defers their update to the end of the update (``row_by_row`` only).
         parallel: data-parallel partner (:class:`training.distributed.DataParallel`): this
