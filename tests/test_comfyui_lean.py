@@ -102,8 +102,11 @@ def test_memory_options_reach_the_run_and_conditional_only_changes_the_gradient(
     cond_only, _ = _run(comfy_env, MemoryOptions("on", "one at a time", "conditional only"))
     assert exact.history == pytest.approx(batched.history, abs=1e-5)
     deltas = lambda r: torch.cat([d.delta().flatten() for _, d in r.lora.items()])  # noqa: E731
-    assert torch.allclose(deltas(exact), deltas(batched), atol=1e-5)
-    assert not torch.allclose(deltas(exact), deltas(cond_only), atol=1e-6)
+    # On the CPU the decode runs channels-last, whose oneDNN kernels round differently at batch 1
+    # and 2 (1.3e-5 after two AdamW steps at lr 1e-2; 1e-5 passed with NCHW): the tolerance allows
+    # that, and conditional-only CFG must still differ by more than it.
+    assert torch.allclose(deltas(exact), deltas(batched), atol=3e-5), (deltas(exact) - deltas(batched)).abs().max()
+    assert not torch.allclose(deltas(exact), deltas(cond_only), atol=3e-5)
     assert all(r == r for r in cond_only.history)
 
 

@@ -89,7 +89,9 @@ def runs():
 def assert_same_weights(a, b):
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=2e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+        # 5e-5: a rank decodes batch 1, one process batch 2, and on the CPU the channels-last
+        # decode's oneDNN kernels round differently per batch size (3.5e-5 seen; NCHW passed 2e-5)
+        assert torch.allclose(a[k].float(), b[k].float(), atol=5e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
 
 
 def test_two_ranks_with_batch_1_save_what_one_process_with_batch_2_saves(runs):
