@@ -89,8 +89,8 @@ def _trl_update(setup, k1: bool, args):
     return step
 
 
-def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False, nchw: bool = False):
-    """Our update with rows one at a time and the decoder's blocks checkpointed selectively (their
+def _our_trainer(setup, k1: bool, denoiser_blocks: bool = False, nchw: bool = False):
+    """Our trainer with rows one at a time and the decoder's blocks checkpointed selectively (their
     convolution outputs kept: the way DRaFT Trainer's ``auto`` takes first when the fast way does
     not fit), and with ``denoiser_blocks`` every block recomputed whole (the leanest way). The
     decode in the trainer's layout for the device (channels-last on the CPU), or with ``nchw``
@@ -104,11 +104,16 @@ def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False, nchw: bool
     units, selective = [], diffusers_decoder_units(setup.decoder.vae.decoder)
     if denoiser_blocks:  # every block recomputed whole
         units, selective = diffusers_unet_units(setup.unet) + selective, []
-    trainer = DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
-                           setup.latent_shape, TrainSettings(batch_size=1), block_units=units,
-                           decoder_blocks_checkpointed=True, row_by_row=True,
-                           denoiser_blocks_checkpointed=denoiser_blocks, selective_units=selective,
-                           channels_last_decode=False if nchw else None)
+    return DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
+                        setup.latent_shape, TrainSettings(batch_size=1), block_units=units,
+                        decoder_blocks_checkpointed=True, row_by_row=True,
+                        denoiser_blocks_checkpointed=denoiser_blocks, selective_units=selective,
+                        channels_last_decode=False if nchw else None)
+
+
+def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False, nchw: bool = False):
+    """One update of :func:`_our_trainer`'s trainer."""
+    trainer = _our_trainer(setup, k1, denoiser_blocks, nchw)
 
     def step():
         report = trainer.step()
@@ -159,24 +164,26 @@ def trl_time_worker(args) -> dict:
 def layout_time_worker(args) -> dict:
     """The SD VAE decoder's forward plus backward (into the latent, weights frozen) with NCHW and
     with channels-last latents, rounds interleaved (the order alternating): what the trainer's
-    CPU layout alone is worth."""
+    CPU layout alone is worth (``DraftTrainer.decode_images`` of our trainer, with and without
+    TRL's NCHW decode)."""
     import torch
     setup = _setup(args)
-    decoder = setup.decoder
-    for p in decoder.parameters():
+    for p in setup.decoder.parameters():
         p.requires_grad_(False)
+    trainers = {name: _our_trainer(setup, True, nchw=name == "nchw")
+                for name in ("nchw", "channels_last")}
     z = torch.randn((1,) + setup.latent_shape, generator=torch.Generator().manual_seed(3))
 
-    def run(channels_last: bool):
+    def run(name: str):
         x = z.clone().requires_grad_(True)
-        decoder(x.contiguous(memory_format=torch.channels_last) if channels_last else x).mean().backward()
+        trainers[name].decode_images(x).mean().backward()
 
-    run(False), run(True)
+    run("nchw"), run("channels_last")
     times = {"nchw": [], "channels_last": []}
     for r in range(args.reps * 2):
         for name in (("nchw", "channels_last") if r % 2 == 0 else ("channels_last", "nchw")):
             start = time.perf_counter()
-            run(name == "channels_last")
+            run(name)
             times[name].append(time.perf_counter() - start)
     return {"times_s": times}
 
@@ -262,8 +269,13 @@ def _run(args, flag: str, payload: str = "") -> dict:
     return json.loads(lines[-1])
 
 
+def _ratios(times: dict, a: str, b: str) -> list:
+    """Each interleaved round's time of ``a`` over ``b``."""
+    return [x / y for x, y in zip(times[a], times[b])]
+
+
 def _median_ratio(times: dict, a: str, b: str) -> float:
-    return round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
+    return round(statistics.median(_ratios(times, a, b)), 3)
 
 
 def compare(args) -> dict:
@@ -290,9 +302,8 @@ def compare(args) -> dict:
                                                    / mem[f"trl_{which}"]["peak_bytes"], 3)
                 out[f"time_vs_trl_{which}"] = _median_ratio(timing["times_s"], f"ours_{which}",
                                                             f"trl_{which}")
-                out[f"time_vs_trl_{which}_rounds"] = [  # each interleaved round's ratio
-                    round(a / b, 3) for a, b in zip(timing["times_s"][f"ours_{which}"],
-                                                    timing["times_s"][f"trl_{which}"])]
+                out[f"time_vs_trl_{which}_rounds"] = [
+                    round(r, 3) for r in _ratios(timing["times_s"], f"ours_{which}", f"trl_{which}")]
                 out[f"time_vs_trl_{which}_nchw"] = _median_ratio(  # ours with TRL's NCHW decode
                     timing["times_s"], f"ours_nchw_{which}", f"trl_{which}")
                 out[f"trl_{which}_peak_mib"] = round(mem[f"trl_{which}"]["peak_bytes"] / 2**20, 1)

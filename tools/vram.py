@@ -25,7 +25,8 @@ What a user has on the GPU during an update, and what is counted:
 Modes: ``before`` is the update as it was before lean memory (per-step and whole-decode
 checkpointing, every row at once); ``lean`` adds block checkpointing and one row at a time;
 ``lean_decoder`` checkpoints only the decoder's blocks, selectively (their convolution outputs
-kept; rows one at a time: the trainer's middle way); ``lean_cond`` also runs CFG's unconditional branch without gradient.
+kept; rows one at a time: the trainer's middle way); ``lean_cond`` also runs CFG's unconditional
+branch without gradient.
 
     .venv/bin/python tools/vram.py                       # every row (minutes on 2 cores)
     .venv/bin/python tools/vram.py --only sd15_512 --steps 4 --batches 1   # a smoke run
