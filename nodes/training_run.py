@@ -96,6 +96,11 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def _bar_preview(image: Optional[torch.Tensor]):
+    """ComfyUI's progress-bar preview tuple for an image batch (its first image), or None."""
+    return ("JPEG", _to_pil(image), 512) if image is not None else None
+
+
 def _resolve_precision(choice: str, patcher) -> str:
     """``auto``: bf16 autocast where the device supports it, else fp16 with loss scaling on a GPU,
     float32 on the CPU. The UNet, VAE decode and reward then compute in half precision while the
@@ -358,16 +363,17 @@ class TrainingRun:
                 if cfg.save_every and trainer.iteration % cfg.save_every == 0:
                     saved = self._save(trainer, result, partial=trainer.iteration < total,
                                        tag=f"step{trainer.iteration:05d}")
-                preview = trainer.last_images
-                if cfg.preview_every and trainer.iteration % cfg.preview_every == 0:
-                    preview = trainer.generate([preview_seed], [0])
+                # The finished update is logged, charted and counted before anything that can be
+                # interrupted (the preview's sampling) runs: a Cancel there loses none of them.
                 ma = moving_average(result.history)[-1]
-                events.point(report, ma, saved=saved)
-                bar.update_absolute(trainer.iteration, total,
-                                    ("JPEG", _to_pil(preview), 512) if preview is not None else None)
                 log.info("DRaFT iteration %d/%d reward %.5f (mean of 10: %.5f) %.2fs%s",
                          trainer.iteration, total, report.reward, ma, report.seconds,
                          " SKIPPED" if report.skipped else "")
+                events.point(report, ma, saved=saved)
+                bar.update_absolute(trainer.iteration, total, _bar_preview(trainer.last_images))
+                if cfg.preview_every and trainer.iteration % cfg.preview_every == 0:
+                    bar.update_absolute(trainer.iteration, total,
+                                        _bar_preview(trainer.generate([preview_seed], [0])))
         except comfy.model_management.InterruptProcessingException:
             # trainer.iteration counts finished updates only: the interrupted one left no trace.
             if trainer.iteration == events.start_iteration:

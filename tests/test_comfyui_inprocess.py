@@ -164,3 +164,60 @@ def test_sdxl_layout_trains_and_exports_keys_comfy_loads(comfy_env, tmp_path, ca
         patches = comfy.lora.load_lora(sd, key_map)
     assert "lora key not loaded" not in caplog.text
     assert len(patches) == len(result.lora)
+
+
+def test_cancel_during_the_preview_keeps_the_finished_update_logged_charted_and_counted(
+        comfy_env, loras_dir, monkeypatch, caplog):
+    """Cancel lands while the preview is sampled right after update 2 finished: the partial LoRA
+    holds 2 updates, and update 2's log line, chart point and progress-bar step were all emitted
+    (the bar hook checks for an interrupt first, as the server's does)."""
+    import logging
+
+    import comfy.model_management
+    import comfy.utils
+    from safetensors import safe_open
+
+    from comfyui_draft_pack.nodes import progress_events
+    from comfyui_draft_pack.nodes.reward_types import RewardHandle
+    from comfyui_draft_pack.nodes.training_run import RunConfig, TrainingRun
+    from comfyui_draft_pack.reward_models import ImageStatReward
+    from comfyui_draft_pack.training import SamplerSettings, TrainSettings
+    from comfyui_draft_pack.training.trainer import DraftTrainer
+
+    bar = []
+
+    def hook(value, total, preview, node_id=None):  # main.py's hook: the interrupt check comes first
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.append(value)
+
+    events = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    monkeypatch.setattr(progress_events, "_send", lambda event, data: events.append((event, data)))
+    generate = DraftTrainer.generate
+
+    def cancel_then_generate(self, *args, **kwargs):
+        if self.iteration == 2:
+            comfy.model_management.interrupt_current_processing(True)  # what /interrupt does
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(DraftTrainer, "generate", cancel_then_generate)
+    cfg = RunConfig(prompts=["a cat"], negative_prompt="", sampler=SamplerSettings("draft_lv"),
+                    steps=4, scheduler="normal", cfg=3.0, width=64, height=64,
+                    train=TrainSettings(iterations=5, learning_rate=1e-2, seed=0), rank=4, alpha=4.0,
+                    target_set="attention", mixed_precision="auto", save_every=0, preview_every=2,
+                    lora_name="draft/cancelled")
+    run = TrainingRun(tiny_sdxl_patcher(), comfy_env["vae"], sdxl_conditioning,
+                      RewardHandle(ImageStatReward("contrast"), [], "contrast"), cfg)
+    with caplog.at_level(logging.INFO, logger="ComfyUI-DRaFT"), torch.inference_mode(False), \
+            torch.enable_grad(), pytest.raises(comfy.model_management.InterruptProcessingException):
+        run.run()
+    assert not comfy.model_management.processing_interrupted()
+    saved = sorted(p.name for p in (loras_dir / "draft").iterdir() if p.suffix == ".safetensors")
+    assert saved == ["cancelled_step00002_partial.safetensors"]
+    with safe_open(str(loras_dir / "draft" / saved[0]), "pt") as f:
+        assert f.metadata()["draft_iteration"] == "2"
+    assert "DRaFT iteration 2/5" in caplog.text and "DRaFT iteration 3/5" not in caplog.text
+    points = [d["iteration"] for e, d in events if e == "draft.progress"]
+    assert points == [1, 2]
+    assert events[-1][0] == "draft.finished" and events[-1][1]["status"] == "interrupted"
+    assert max(bar) == 2 and bar.count(2) == 1  # update 2 counted; its preview never finished
