@@ -1,5 +1,8 @@
 # ComfyUI-DRaFT developer commands. Everything runs in ./.venv, created on first use.
-#   make test    whole suite (ComfyUI tier when COMFYUI_PATH names a checkout; browser tier with Chromium)
+#   make test    whole suite, every tier: ComfyUI (COMFYUI_PATH, else cloned into .cache/ComfyUI as for
+#                make demo), browser (Chromium), kohya and musubi (KOHYA_SD_SCRIPTS_PATH / MUSUBI_TUNER_PATH,
+#                else cloned into .cache/); a tier whose source cannot be had is skipped, saying why in one line
+#   make test-fast  the CPU tier only (no ComfyUI, browser, kohya or musubi tests): the quick loop
 #   make demo    the quick-start workflow headless through real ComfyUI on a tiny generated checkpoint
 #                (no COMFYUI_PATH: clones ComfyUI v0.3.64 into .cache/ComfyUI; COMFYUI_GIT_URL, COMFYUI_REF)
 #   make bench   memory/time of DRaFT-K / DRaFT-LV vs plain sampling (not run in CI)
@@ -12,7 +15,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.draft-deps
 COMFY_STAMP := $(VENV)/.draft-comfyui-deps
 
-.PHONY: test demo bench vram fidelity deps comfyui-deps clean
+.PHONY: test test-fast demo bench vram fidelity deps comfyui-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +39,13 @@ comfyui-deps: deps
 	  fi; \
 	fi
 
+# tools/test_sources.py prints the export lines of the checkouts it found or cloned (see its docstring).
 test: comfyui-deps
-	$(PY) -m pytest
+	@sources=$$($(PY) tools/test_sources.py) || exit 1; eval "$$sources"; \
+	  echo "$(PY) -m pytest $(PYTEST_ARGS)"; $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: deps
+	$(PY) -m pytest -m "not (comfyui or browser or kohya or musubi)" $(PYTEST_ARGS)
 
 demo: comfyui-deps
 	$(PY) tools/demo.py

@@ -116,3 +116,49 @@ def test_a_failed_clone_leaves_nothing_behind(tmp_path, upstream):
         boot.ensure_comfyui({"COMFYUI_GIT_URL": str(repo), "COMFYUI_REF": "v9.9.9"}, dest=str(dest),
                             run=Recorder(), stamp_dir=str(tmp_path), log=lambda *a: None)
     assert not dest.exists() and not os.path.exists(str(dest) + ".partial")
+
+
+# -- make test's sources (tools/test_sources.py) ----------------------------------------------------
+import test_sources  # noqa: E402
+
+
+def _source(upstream_repo, name="kohya-like"):
+    """A source whose official repository is ``upstream_repo`` and whose vendored bundle tags the
+    commit with a short-hash-like name, as ../shared/vendor's bundles do."""
+    return test_sources.Source(name, "KOHYA_LIKE", "kohya", str(upstream_repo), "v0.3.64",
+                               f"{name}.bundle", "48d368f", "main.py")
+
+
+def test_sources_come_from_the_vendored_bundle_at_its_tag_even_when_it_looks_like_a_hash(tmp_path, upstream):
+    repo, later = upstream
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    git("tag", "48d368f", later, cwd=repo)  # the bundle's tag: looks like a hash, is a tag
+    git("bundle", "create", "-q", str(vendor / "kohya-like.bundle"), "--all", cwd=repo)
+    src = _source(tmp_path / "nowhere")
+    env = {"DRAFT_VENDOR_DIR": str(vendor)}
+    assert test_sources.origin(src, env) == (str(vendor / "kohya-like.bundle"), "48d368f")
+    assert test_sources.origin(src, {}) == (str(tmp_path / "nowhere"), "v0.3.64")  # no vendor: official
+    path = test_sources.ensure(src, env, log=lambda *a: None, cache=str(tmp_path / "cache"))
+    assert open(os.path.join(path, "main.py")).read() == "VERSION = 'later'\n"
+    # reused as it is the second time (the official URL is never asked)
+    assert test_sources.ensure(src, env, log=lambda *a: None, cache=str(tmp_path / "cache")) == path
+
+
+def test_sources_a_path_variable_wins_and_ci_fails_on_a_missing_source(tmp_path, upstream, capsys):
+    repo, _ = upstream
+    src = _source(repo)
+    env = {"KOHYA_LIKE_PATH": str(repo)}
+    assert test_sources.main(env, sources=(src,), cache=str(tmp_path / "c")) == 0
+    assert capsys.readouterr().out == f"export KOHYA_LIKE_PATH={repo}\n"
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(boot.BootstrapError, match="not a kohya-like checkout"):
+        test_sources.ensure(src, {"KOHYA_LIKE_PATH": str(tmp_path)}, cache=str(tmp_path / "c"))
+
+    gone = _source(tmp_path / "no-such-repository")
+    assert test_sources.main({}, sources=(gone,), cache=str(tmp_path / "c")) == 0  # a user: skipped
+    out = capsys.readouterr()
+    assert out.out == "" and "kohya-like: kohya tier skipped: " in out.err
+    assert test_sources.main({"CI": "true"}, sources=(gone,), cache=str(tmp_path / "c")) == 1
+    assert "CI runs every tier, and kohya-like could not be had" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "kohya-like").exists()

@@ -73,7 +73,8 @@ def find_existing(env=os.environ) -> Optional[str]:
 
 
 def _git(args, cwd=None, run: Runner = subprocess.run, check=True) -> str:
-    proc = run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    # no standard input: git never waits on a prompt (CI has none)
+    proc = run(["git", *args], cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise BootstrapError(f"git {' '.join(args)} failed ({proc.returncode}): "
                              f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
@@ -98,15 +99,21 @@ def _resolved(dest: str, ref: str, run: Runner) -> Optional[str]:
 
 
 def _fetch_checkout(dest: str, url: str, ref: str, run: Runner) -> None:
-    """Fetch just ``ref`` (shallow) into the repository at ``dest`` and check it out detached."""
-    if re.fullmatch(r"[0-9a-fA-F]{7,40}", ref):
-        spec = ref  # a commit
-    else:
+    """Fetch just ``ref`` (shallow) into the repository at ``dest`` and check it out detached.
+
+    ``ref`` is a tag when ``url`` has a tag of that name (a vendored bundle tags its commit with the
+    short hash, ``48d368f``), else a commit when it looks like a hash, else a branch."""
+    probe = run(["git", "ls-remote", "--tags", url, f"refs/tags/{ref}"], capture_output=True, text=True,
+                stdin=subprocess.DEVNULL)
+    is_hash = re.fullmatch(r"[0-9a-fA-F]{7,40}", ref) is not None
+    if probe.returncode == 0 and probe.stdout.strip():
         spec = f"+refs/tags/{ref}:refs/tags/{ref}"
-        probe = run(["git", "ls-remote", "--tags", url, f"refs/tags/{ref}"], capture_output=True, text=True)
-        if probe.returncode == 0 and not probe.stdout.strip():
-            spec = ref  # a branch
-    _git(["fetch", "--quiet", "--depth", "1", url, spec], cwd=dest, run=run)
+    elif is_hash or probe.returncode == 0:
+        spec = ref  # a commit, or a branch (no such tag)
+    else:
+        spec = f"+refs/tags/{ref}:refs/tags/{ref}"  # the probe failed: its error comes with the fetch
+    # --no-tags: following other tags would read a bundle a second time, which git cannot do
+    _git(["fetch", "--quiet", "--no-tags", "--depth", "1", url, spec], cwd=dest, run=run)
     target = f"refs/tags/{ref}" if spec.startswith("+refs/tags/") else "FETCH_HEAD"
     _git(["-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", target], cwd=dest, run=run)
 
@@ -133,12 +140,12 @@ def _checkout_snapshot(snapshot: str, ref: str, dest: str, run: Runner) -> list:
 
 
 def clone(url: str = DEFAULT_URL, ref: str = DEFAULT_REF, dest: str = DEFAULT_DEST,
-          run: Runner = subprocess.run, log=print) -> str:
-    """ComfyUI at ``ref`` in ``dest``: reused when it is already there, else cloned (into a side
-    folder first, moved into place when complete: an interrupted clone leaves no half checkout).
-    Returns the commit checked out."""
+          run: Runner = subprocess.run, log=print, marker: str = "main.py", what: str = "ComfyUI") -> str:
+    """``what`` (a git repository holding the file ``marker``) at ``ref`` in ``dest``: reused when
+    it is already there, else cloned (into a side folder first, moved into place when complete: an
+    interrupted clone leaves no half checkout). Returns the commit checked out."""
     head = _head(dest, run)
-    if head is not None and os.path.isfile(os.path.join(dest, "main.py")):
+    if head is not None and os.path.isfile(os.path.join(dest, marker)):
         want = _resolved(dest, ref, run)
         if want == head:
             return head
@@ -146,9 +153,8 @@ def clone(url: str = DEFAULT_URL, ref: str = DEFAULT_REF, dest: str = DEFAULT_DE
         _fetch_checkout(dest, url, ref, run)
         return _head(dest, run)
     if os.path.exists(dest):
-        raise BootstrapError(f"{dest} exists but is not a ComfyUI clone; remove it (or set "
-                             "COMFYUI_PATH to a ComfyUI checkout)")
-    log(f"cloning ComfyUI {ref} from {url} into {dest}")
+        raise BootstrapError(f"{dest} exists but is not a {what} clone; remove it")
+    log(f"cloning {what} {ref} from {url} into {dest}")
     partial = dest + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
@@ -163,8 +169,8 @@ def clone(url: str = DEFAULT_URL, ref: str = DEFAULT_REF, dest: str = DEFAULT_DE
             shutil.rmtree(partial, ignore_errors=True)
             left_out = _checkout_snapshot(url, ref, partial, run)
             log(f"{url} lacks {len(left_out)} files; left out: {', '.join(left_out)}")
-        if not os.path.isfile(os.path.join(partial, "main.py")):
-            raise BootstrapError(f"{url} at {ref} has no main.py: not a ComfyUI repository")
+        if not os.path.isfile(os.path.join(partial, marker)):
+            raise BootstrapError(f"{url} at {ref} has no {marker}: not a {what} repository")
         os.replace(partial, dest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
