@@ -37,6 +37,18 @@ def tiny_checkpoint(comfyui_path: str) -> str:
     return cached_tiny_sd15(CACHE)
 
 
+def post_prompt(srv, graph):
+    """(HTTP status, JSON body) of POST /prompt; NaN floats go out as JSON's NaN literal."""
+    req = urllib.request.Request(srv.url + "/prompt",
+                                 data=json.dumps({"prompt": graph, "client_id": srv.client_id}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 class ComfyServer:
     """``with ComfyServer(comfyui_path) as srv: srv.run_prompt(api_graph)``."""
 

@@ -11,6 +11,7 @@ line per tier (browser, kohya, musubi, distributed, comfyui, cpu) counting its o
 """
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -26,6 +27,28 @@ def comfyui_path():
     if os.path.basename(os.path.dirname(here)) == "custom_nodes" and os.path.isfile(os.path.join(parent, "main.py")):
         return parent
     return None
+
+
+def import_comfy():
+    """Put ``$COMFYUI_PATH`` on sys.path and import the comfy modules the tests use (CPU)."""
+    path = comfyui_path()
+    if path is None:
+        raise RuntimeError("ComfyUI not found: set COMFYUI_PATH")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import torch
+    from comfy.cli_args import args
+    if not torch.cuda.is_available():
+        args.cpu = True
+    import comfy.lora  # noqa: F401
+    import comfy.model_base  # noqa: F401
+    import comfy.model_detection  # noqa: F401
+    import comfy.model_patcher  # noqa: F401
+    import comfy.ops  # noqa: F401
+    import comfy.sd  # noqa: F401
+    import comfy.supported_models  # noqa: F401
+    import comfy.utils  # noqa: F401
+    return sys.modules["comfy"]
 
 
 def kohya_sd_scripts_path():
@@ -149,7 +172,6 @@ def one_thread():
 def loras_dir(tmp_path, monkeypatch):
     """A temporary, empty ``models/loras`` folder that ComfyUI's ``folder_paths`` lists (and
     DRaFT Save LoRA writes to) for one test; ComfyUI is imported first."""
-    from lora_fixtures import import_comfy
     import_comfy()
     import folder_paths
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], {".safetensors"}))

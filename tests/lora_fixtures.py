@@ -22,6 +22,7 @@ import types
 import torch
 from torch import nn
 
+from conftest import import_comfy  # noqa: F401  (also used as lora_fixtures.import_comfy)
 from training.lora import LoRADelta, LoRASet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,29 +63,6 @@ def make_lora(rank=4, alpha=3.0, seed=0, targets=TARGETS) -> LoRASet:
 
 
 # -- ComfyUI imports ------------------------------------------------------------------------------
-def import_comfy():
-    """Put ``$COMFYUI_PATH`` on sys.path and import the comfy modules the tests use (CPU)."""
-    from conftest import comfyui_path  # $COMFYUI_PATH, or the ComfyUI this pack is installed in
-
-    path = comfyui_path()
-    if path is None:
-        raise RuntimeError("ComfyUI not found: set COMFYUI_PATH")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    from comfy.cli_args import args
-    if not torch.cuda.is_available():
-        args.cpu = True
-    import comfy.lora  # noqa: F401
-    import comfy.model_base  # noqa: F401
-    import comfy.model_detection  # noqa: F401
-    import comfy.model_patcher  # noqa: F401
-    import comfy.ops  # noqa: F401
-    import comfy.sd  # noqa: F401
-    import comfy.supported_models  # noqa: F401
-    import comfy.utils  # noqa: F401
-    return sys.modules["comfy"]
-
-
 def import_pack_module(relative: str):
     """Import ``nodes/<x>.py`` of this repository as a package submodule (its relative imports
     work) without running ``nodes/__init__.py`` (which needs a running ComfyUI's ``comfy_api``)."""

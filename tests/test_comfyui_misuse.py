@@ -1,16 +1,14 @@
 """Hostile inputs, Cancel at every moment and resume edge cases through a real ComfyUI server
 (marker ``comfyui``): every bad input is refused before a model is loaded or an iteration runs,
 once, naming the input; every LoRA file says exactly how many updates its weights hold."""
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 
 from conftest import comfyui_path
+from comfy_server import post_prompt
 from test_comfyui_nodes import free, trainer_graph
 
 pytestmark = pytest.mark.comfyui
@@ -24,18 +22,6 @@ def server():
     with ComfyServer(path, checkpoint=ckpt) as srv:
         srv.ckpt_name = os.path.basename(ckpt)
         yield srv
-
-
-def post_prompt(srv, graph):
-    """(HTTP status, JSON body) of POST /prompt; NaN floats go out as JSON's NaN literal."""
-    req = urllib.request.Request(srv.url + "/prompt",
-                                 data=json.dumps({"prompt": graph, "client_id": srv.client_id}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def all_files(srv):

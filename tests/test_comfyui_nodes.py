@@ -242,7 +242,7 @@ def test_reward_without_files_says_what_to_put_where(server):
         "architecture": "ViT-L-14-quickgelu", "dtype": "fp32", "chunk_size": 4}}
     # Refused when queued (issue 12): the reward node's error comes back from /prompt, before
     # anything runs, and names the file, the folder and where its authors publish it.
-    from test_comfyui_misuse import post_prompt
+    from comfy_server import post_prompt
     status, body = post_prompt(server, graph)
     text = json.dumps(body.get("node_errors", {})) + json.dumps(body.get("error", {}))
     assert "7" in body.get("node_errors", {}) or status == 400, body
