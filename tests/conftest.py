@@ -94,13 +94,13 @@ def tier_of(item) -> str:
 def missing_dependency(item, comfy, chromium, kohya, musubi):
     """Why ``item`` cannot run on this machine (a missing checkout or browser), or None."""
     if item.get_closest_marker("comfyui") and comfy is None:
-        return "ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.3.64+ checkout (make test clones one)"
+        return "ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.3.64+ checkout (or let make test clone one)"
     if item.get_closest_marker("browser") and chromium is None:
         return "Chromium not found: apt-get install chromium"
     if item.get_closest_marker("kohya") and kohya is None:
-        return "kohya sd-scripts not found: set KOHYA_SD_SCRIPTS_PATH to a checkout (make test clones one)"
+        return "kohya sd-scripts not found: set KOHYA_SD_SCRIPTS_PATH to a checkout (or let make test clone one)"
     if item.get_closest_marker("musubi") and musubi is None:
-        return "musubi-tuner not found: set MUSUBI_TUNER_PATH to a checkout (make test clones one)"
+        return "musubi-tuner not found: set MUSUBI_TUNER_PATH to a checkout (or let make test clone one)"
     return None
 
 
