@@ -79,9 +79,9 @@ class Family:
             module path, '.' -> '_'>``, what kohya sd-scripts writes for FLUX, Chroma and SD3 and
             musubi-tuner for Qwen-Image; tests/test_kohya_tools.py loads such files with their
             code).
-        base_model: key of ``training.lora_io.BASE_MODELS`` (``ss_base_model_version``,
-            ``modelspec.architecture``; ``ss_network_module`` from ``lora_io.NETWORK_MODULES``),
-            or a function of the ``unet_config`` returning one.
+        base_model: key of ``training.lora_metadata.BASE_MODELS`` (``ss_base_model_version``,
+            ``modelspec.architecture``; ``ss_network_module`` from
+            ``lora_metadata.NETWORK_MODULES``), or a function of the ``unet_config`` returning one.
         latent_dimensions: spatial(+time) dimensions of a latent: 2 ``(B,C,H,W)``; 3
             ``(B,C,T,H,W)`` with ``T = 1`` for an image (Qwen-Image).
         default_cfg: classifier-free guidance scale used when the trainer's cfg is "auto".
@@ -217,8 +217,8 @@ def is_exact_family_class(model) -> bool:
 
 
 def base_model(model) -> Optional[str]:
-    """The ``training.lora_io.BASE_MODELS`` key of the model, or None for a variant of a family
-    (SSD-1B, KOALA: SDXL subclasses whose LoRAs do not fit SDXL tools) or an unknown class."""
+    """The ``training.lora_metadata.BASE_MODELS`` key of the model, or None for a variant of a
+    family (SSD-1B, KOALA: SDXL subclasses whose LoRAs do not fit SDXL tools) or an unknown class."""
     config = _model_config(model)
     if not is_exact_family_class(config):
         return None

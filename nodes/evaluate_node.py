@@ -7,11 +7,11 @@ from comfy_api.latest import io
 import comfy.model_management
 
 from ..training.prompt_sets import parse_prompt_lines
-from . import validation
+from .checked_node import CheckedNode
 from .reward_types import DraftReward
 
 
-class DraftEvaluate(io.ComfyNode):
+class DraftEvaluate(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -30,10 +30,6 @@ class DraftEvaluate(io.ComfyNode):
             outputs=[io.Float.Output(display_name="mean_score", tooltip="Mean reward over the batch.")],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, images, reward, prompts, chunk_size) -> io.NodeOutput:

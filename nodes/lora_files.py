@@ -1,7 +1,8 @@
 """LoRA files in ComfyUI's ``models/loras``: safe paths, saving, resume.
 
-The file format (kohya keys with diffusers module names, metadata, the optimizer side file) lives
-in ``training/lora_io.py``; this module adds ComfyUI's folders and model objects.
+The file formats live in ``training/``: kohya keys with diffusers module names and metadata
+(``lora_file.py``), the diffusers folder (``lora_diffusers.py``), the optimizer side file
+(``lora_resume.py``); this module adds ComfyUI's folders and model objects.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 import folder_paths
 
-from ..training import lora_io, safe_files
+from ..training import lora_diffusers, lora_file, lora_resume, safe_files
 from ..training.lora import LoRADelta, LoRASet
 from .lora_keys import diffusers_folder_facts, lora_file_facts
 
@@ -112,11 +113,11 @@ def save_training_lora(prefix: str, tag: str, lora: LoRASet, model, meta: dict, 
     path = safe_lora_path(prefix, f"_{tag}.safetensors")
     partial = bool(meta.get("partial", True))
     metadata = _metadata(meta, model, partial, os.path.basename(path))
-    lora_io.save_kohya(path, lora, metadata=metadata, dtype=torch.float32, overwrite=True,
-                       **lora_file_facts(model))
+    lora_file.save_kohya(path, lora, metadata=metadata, dtype=torch.float32, overwrite=True,
+                         **lora_file_facts(model))
     if trainer is not None:
-        lora_io.save_training_state(lora_io.state_path_for(path), trainer.state_dict(), lora,
-                                    optimizer=trainer.optimizer)
+        lora_resume.save_training_state(lora_resume.state_path_for(path), trainer.state_dict(),
+                                        lora, optimizer=trainer.optimizer)
     return path
 
 
@@ -172,11 +173,12 @@ def save_final(lora_dict, prefix: str, precision: str, also_diffusers: bool, mod
     path = next_free_path(prefix)
     meta = dict(getattr(lora_dict, "metadata", {}) or {})
     metadata = _metadata(meta, model, bool(meta.get("partial", False)), os.path.basename(path))
-    lora_io.save_kohya(path, lora, metadata=metadata,
-                       dtype=torch.float16 if precision == "fp16" else torch.float32, **facts)
+    lora_file.save_kohya(path, lora, metadata=metadata,
+                         dtype=torch.float16 if precision == "fp16" else torch.float32, **facts)
     if also_diffusers:
-        lora_io.save_diffusers_folder(path[: -len(".safetensors")] + "_diffusers", lora,
-                                      folder["name_map"], metadata=metadata, prefix=folder["prefix"])
+        lora_diffusers.save_diffusers_folder(path[: -len(".safetensors")] + "_diffusers", lora,
+                                             folder["name_map"], metadata=metadata,
+                                             prefix=folder["prefix"])
     return relative_to_loras(path)
 
 
@@ -192,10 +194,10 @@ def load_for_resume(name: str, diffusion_model, names, model):
         raise FileNotFoundError(f"resume LoRA {name!r} not found in {loras_root()}")
     modules = dict(diffusion_model.named_modules())
     shapes = {n: tuple(modules[n].weight.shape) for n in names}
-    lora = lora_io.load_kohya(path, lora_file_facts(model)["name_map"], shapes)
-    state_file = lora_io.state_path_for(path)
+    lora = lora_file.load_kohya(path, lora_file_facts(model)["name_map"], shapes)
+    state_file = lora_resume.state_path_for(path)
     if os.path.exists(state_file):
-        return lora, lora_io.load_training_state(state_file, lora)
+        return lora, lora_resume.load_training_state(state_file, lora)
     return lora, state_from_metadata(path)
 
 

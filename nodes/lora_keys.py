@@ -1,14 +1,15 @@
 """Module names and base-model facts from ComfyUI, for the portable LoRA files.
 
 Thin glue: the maps come from ComfyUI itself (``comfy.utils.unet_to_diffusers``, the model classes);
-the file format lives in ``training/lora_io.py``, which takes these results as plain values.
+the file formats live in ``training/`` (``lora_file.py``, ``lora_diffusers.py``,
+``lora_metadata.py``), which take these results as plain values.
 """
 from __future__ import annotations
 
 import comfy.model_base
 import comfy.utils
 
-from ..training.lora_io import base_model_version_from_config  # noqa: F401  (re-exported)
+from ..training.lora_metadata import base_model_version_from_config
 from . import architectures
 
 _SUFFIXES = (".weight", ".bias")
@@ -67,7 +68,7 @@ def _base_model(model_patcher_or_model):
 
 
 def base_model_version(model_patcher_or_model) -> str | None:
-    """The ``training.lora_io.BASE_MODELS`` key of a ComfyUI model (``sd_v1``, ``sd_v2``,
+    """The ``training.lora_metadata.BASE_MODELS`` key of a ComfyUI model (``sd_v1``, ``sd_v2``,
     ``sdxl_base_v1-0``, ``sd3_5_large``, ``flux1_dev``, ``qwen_image``, ...), or None when the
     family has no such name.
 
@@ -102,7 +103,7 @@ def is_v_prediction(model_patcher_or_model) -> bool:
 
 def lora_file_facts(model_patcher_or_model) -> dict:
     """``{"name_map", "base_model", "v_prediction"}``: the keyword arguments that
-    ``training.lora_io.save_kohya`` needs from a ComfyUI model (pass ``**facts``).
+    ``training.lora_file.save_kohya`` needs from a ComfyUI model (pass ``**facts``).
 
     ``name_map`` follows the family's file naming (``architectures.Family.naming``): the
     ``{ldm: diffusers}`` UNet map for SD UNets, None for DiT families, whose kohya keys carry the
@@ -139,10 +140,10 @@ def _diffusers_slices(key_map: dict) -> dict:
 
 
 def diffusers_folder_facts(model_patcher_or_model) -> dict | None:
-    """``{"name_map", "prefix"}`` for ``training.lora_io.save_diffusers_folder``, from the family's
-    ``diffusers_layout`` (architectures table): the UNet map (prefix ``unet``), or FLUX / MMDiT
-    slices of fused layers from ComfyUI's own maps (prefix ``transformer``); None when the family
-    has no diffusers layout here."""
+    """``{"name_map", "prefix"}`` for ``training.lora_diffusers.save_diffusers_folder``, from the
+    family's ``diffusers_layout`` (architectures table): the UNet map (prefix ``unet``), or FLUX /
+    MMDiT slices of fused layers from ComfyUI's own maps (prefix ``transformer``); None when the
+    family has no diffusers layout here."""
     model = _base_model(model_patcher_or_model)
     try:
         layout = architectures.family_of(model.model_config).diffusers_layout

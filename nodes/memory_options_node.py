@@ -5,12 +5,12 @@ from comfy_api.latest import io
 
 from ..training.memory_plan import (BLOCK_CHOICES, CFG_GRADIENT_CHOICES, ROW_CHOICES,
                                     MemoryOptions)
-from . import validation
+from .checked_node import CheckedNode
 
 DraftMemory = io.Custom("DRAFT_MEMORY")
 
 
-class DraftMemoryOptions(io.ComfyNode):
+class DraftMemoryOptions(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -33,10 +33,6 @@ class DraftMemoryOptions(io.ComfyNode):
             outputs=[DraftMemory.Output(display_name="memory",
                                         tooltip="Connect to DRaFT Trainer's 'memory' input.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, block_checkpointing, rows, cfg_gradient) -> io.NodeOutput:

@@ -22,6 +22,7 @@ from ..reward_models import (AESTHETIC_HEAD, CLIP_VIT_L14_OPENAI, HPSV2, PICKSCO
                              MissingWeightsFileError, OutputSelectingEncoder, download, download_hint,
                              load_aesthetic, load_clip_score, load_hpsv2, load_pickscore)
 from . import validation
+from .checked_node import CheckedNode
 from .comfy_glue import reward_patcher
 from .reward_types import DraftReward, RewardHandle
 
@@ -129,16 +130,28 @@ def _chunk_input():
                         tooltip="Images scored per forward pass; lower it if VRAM is short.")
 
 
-class DraftAestheticReward(io.ComfyNode):
+def _reward_schema(node_id: str, display_name: str, description: str, files: list,
+                   reward_tooltip: str, optional: tuple = ()) -> io.Schema:
+    """The schema every model reward node shares: its ``files`` inputs, then dtype and
+    chunk_size, then the ``optional`` ones; one ``DRAFT_REWARD`` output."""
+    return io.Schema(
+        node_id=node_id,
+        display_name=display_name,
+        category="DRaFT/rewards",
+        description=description,
+        inputs=[*files, _dtype_input(), _chunk_input(), *optional],
+        outputs=[DraftReward.Output(display_name="reward", tooltip=reward_tooltip)],
+    )
+
+
+class DraftAestheticReward(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DRaFTAestheticReward",
-            display_name="DRaFT Aesthetic Reward (LAION v2)",
-            category="DRaFT/rewards",
-            description=("LAION aesthetic predictor v2: a linear MLP on normalised OpenAI CLIP ViT-L/14 "
-                         "image embeddings; scores about 1-10. Used in the DRaFT paper."),
-            inputs=[
+        return _reward_schema(
+            "DRaFTAestheticReward", "DRaFT Aesthetic Reward (LAION v2)",
+            ("LAION aesthetic predictor v2: a linear MLP on normalised OpenAI CLIP ViT-L/14 "
+             "image embeddings; scores about 1-10. Used in the DRaFT paper."),
+            [
                 io.Combo.Input("head", options=weight_files(AESTHETIC_HEAD),
                                tooltip=f"The head file ({AESTHETIC_HEAD.filenames[0]}) in models/reward_models; from {AESTHETIC_HEAD.source}."),
                 io.Combo.Input("clip_weights", options=["(use clip_vision input)", *weight_files()],
@@ -147,17 +160,11 @@ class DraftAestheticReward(io.ComfyNode):
                 io.Combo.Input("architecture", options=architectures("ViT-L-14-quickgelu"),
                                default="ViT-L-14-quickgelu",
                                tooltip="open_clip architecture of clip_weights (ViT-L-14-quickgelu = OpenAI CLIP ViT-L/14, whose 768-d embeddings the head expects)."),
-                _dtype_input(),
-                _chunk_input(),
-                io.ClipVision.Input("clip_vision", optional=True,
-                                    tooltip="ComfyUI's CLIP ViT-L/14 vision model (CLIPVisionLoader, e.g. clip-vit-large-patch14); preferred backbone."),
             ],
-            outputs=[DraftReward.Output(display_name="reward", tooltip="The aesthetic reward.")],
+            "The aesthetic reward.",
+            optional=(io.ClipVision.Input("clip_vision", optional=True,
+                                          tooltip="ComfyUI's CLIP ViT-L/14 vision model (CLIPVisionLoader, e.g. clip-vit-large-patch14); preferred backbone."),),
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, head, clip_weights, architecture, dtype, chunk_size, clip_vision=None) -> io.NodeOutput:
@@ -180,28 +187,20 @@ class DraftAestheticReward(io.ComfyNode):
         return io.NodeOutput(_handle(model, "aesthetic"))
 
 
-class DraftHPSv2Reward(io.ComfyNode):
+class DraftHPSv2Reward(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DRaFTHPSv2Reward",
-            display_name="DRaFT HPSv2 Reward",
-            category="DRaFT/rewards",
-            description="Human Preference Score v2 / v2.1 (open_clip ViT-H-14): text-image preference, about 0.25-0.30.",
-            inputs=[
+        return _reward_schema(
+            "DRaFTHPSv2Reward", "DRaFT HPSv2 Reward",
+            "Human Preference Score v2 / v2.1 (open_clip ViT-H-14): text-image preference, about 0.25-0.30.",
+            [
                 io.Combo.Input("checkpoint", options=weight_files(HPSV2),
                                tooltip=f"HPS_v2_compressed.pt or HPS_v2.1_compressed.pt in models/reward_models; from {HPSV2.source}."),
                 io.Combo.Input("architecture", options=architectures("ViT-H-14"), default="ViT-H-14",
                                tooltip="The open_clip architecture of the checkpoint (ViT-H-14 for the published files)."),
-                _dtype_input(),
-                _chunk_input(),
             ],
-            outputs=[DraftReward.Output(display_name="reward", tooltip="The HPSv2 reward (needs prompts).")],
+            "The HPSv2 reward (needs prompts).",
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, checkpoint, architecture, dtype, chunk_size) -> io.NodeOutput:
@@ -210,26 +209,18 @@ class DraftHPSv2Reward(io.ComfyNode):
         return io.NodeOutput(_handle(model, "hpsv2"))
 
 
-class DraftPickScoreReward(io.ComfyNode):
+class DraftPickScoreReward(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DRaFTPickScoreReward",
-            display_name="DRaFT PickScore Reward",
-            category="DRaFT/rewards",
-            description="PickScore_v1 (CLIP-H fine-tuned on Pick-a-Pic preferences): logit_scale x cosine, about 20-23.",
-            inputs=[
+        return _reward_schema(
+            "DRaFTPickScoreReward", "DRaFT PickScore Reward",
+            "PickScore_v1 (CLIP-H fine-tuned on Pick-a-Pic preferences): logit_scale x cosine, about 20-23.",
+            [
                 io.Combo.Input("model_folder", options=model_folders(PICKSCORE),
                                tooltip=f"The transformers folder PickScore_v1 (config.json + model.safetensors) in models/reward_models; from {PICKSCORE.source}."),
-                _dtype_input(),
-                _chunk_input(),
             ],
-            outputs=[DraftReward.Output(display_name="reward", tooltip="The PickScore reward (needs prompts).")],
+            "The PickScore reward (needs prompts).",
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, model_folder, dtype, chunk_size) -> io.NodeOutput:
@@ -238,29 +229,21 @@ class DraftPickScoreReward(io.ComfyNode):
         return io.NodeOutput(_handle(model, "pickscore"))
 
 
-class DraftClipScoreReward(io.ComfyNode):
+class DraftClipScoreReward(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DRaFTClipScoreReward",
-            display_name="DRaFT CLIP Score Reward",
-            category="DRaFT/rewards",
-            description="Cosine similarity of CLIP image and prompt embeddings, with any open_clip architecture and weights file.",
-            inputs=[
+        return _reward_schema(
+            "DRaFTClipScoreReward", "DRaFT CLIP Score Reward",
+            "Cosine similarity of CLIP image and prompt embeddings, with any open_clip architecture and weights file.",
+            [
                 io.Combo.Input("weights", options=weight_files(CLIP_VIT_L14_OPENAI),
                                tooltip="open_clip-format weights (e.g. open_clip_model.safetensors of a CLIP model card) in models/reward_models."),
                 io.Combo.Input("architecture", options=architectures("ViT-L-14-quickgelu"),
                                default="ViT-L-14-quickgelu",
                                tooltip="open_clip architecture of the weights (ViT-L-14-quickgelu for OpenAI's, ViT-H-14 for LAION's), or a config JSON in models/reward_models."),
-                _dtype_input(),
-                _chunk_input(),
             ],
-            outputs=[DraftReward.Output(display_name="reward", tooltip="The CLIP score reward (needs prompts).")],
+            "The CLIP score reward (needs prompts).",
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, weights, architecture, dtype, chunk_size) -> io.NodeOutput:
@@ -270,7 +253,7 @@ class DraftClipScoreReward(io.ComfyNode):
         return io.NodeOutput(_handle(model, "clip_score"))
 
 
-class DraftDownloadRewardWeights(io.ComfyNode):
+class DraftDownloadRewardWeights(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -289,10 +272,6 @@ class DraftDownloadRewardWeights(io.ComfyNode):
             outputs=[io.String.Output(display_name="path", tooltip="Where the files were written.")],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, weights, i_want_to_download) -> io.NodeOutput:

@@ -4,13 +4,13 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..reward_models import STATISTICS, CombinedReward, ImageStatReward
-from . import validation
+from .checked_node import CheckedNode
 from .reward_types import DraftReward, RewardHandle
 
 COMBINE_SLOTS = 4
 
 
-class DraftImageStatReward(io.ComfyNode):
+class DraftImageStatReward(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -32,10 +32,6 @@ class DraftImageStatReward(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
-
-    @classmethod
     def execute(cls, statistic, goal, target) -> io.NodeOutput:
         model = ImageStatReward(statistic, target=target if goal == "match target" else None,
                                 weight=-1.0 if goal == "minimise" else 1.0)
@@ -44,7 +40,7 @@ class DraftImageStatReward(io.ComfyNode):
         return io.NodeOutput(RewardHandle(model=model, patchers=[], label=label))
 
 
-class DraftCombineRewards(io.ComfyNode):
+class DraftCombineRewards(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         inputs = []
@@ -65,10 +61,6 @@ class DraftCombineRewards(io.ComfyNode):
             inputs=inputs,
             outputs=[DraftReward.Output(display_name="reward", tooltip="The combined reward.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, reward_1, weight_1, weight_2=1.0, weight_3=1.0, weight_4=1.0,

@@ -4,9 +4,10 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from . import lora_files, validation
+from .checked_node import CheckedNode
 
 
-class DraftSaveLoRA(io.ComfyNode):
+class DraftSaveLoRA(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -29,11 +30,6 @@ class DraftSaveLoRA(io.ComfyNode):
             outputs=[io.String.Output(display_name="path", tooltip="The file written (relative to models/loras).")],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        # Checked when the prompt is queued, not after the trainer upstream has run for hours.
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, lora, filename_prefix, precision, also_diffusers_folder, model=None) -> io.NodeOutput:

@@ -34,8 +34,9 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..training import input_rules
-from ..training.lora_io import LoRAFileError, state_path_for
+from ..training.lora_resume import state_path_for
 from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
+from ..training.safe_files import LoRAFileError
 from . import comfy_glue, lora_files
 
 

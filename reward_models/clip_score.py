@@ -21,12 +21,13 @@ from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 
 
 class ClipSimilarityReward(RewardModel):
-    """Image-prompt similarity with a two-tower open_clip model (``encode_image``/``encode_text``).
+    """Image-prompt similarity with a two-tower CLIP model.
 
     ``score = scale * cos(image_emb, text_emb)`` where ``scale`` is 1, or ``logit_scale.exp()`` of
     the model when ``use_logit_scale`` (PickScore's convention). The image tower runs in the model's
     dtype with gradients; the text tower runs without gradients (prompts are constants); the cosine
-    is taken in float32.
+    is taken in float32. The towers are open_clip's ``encode_image``/``encode_text``; a subclass for
+    another model layout overrides :meth:`image_features` / :meth:`text_features`.
     """
 
     name = "clip_score"
@@ -44,13 +45,21 @@ class ClipSimilarityReward(RewardModel):
     def encode_images(self, images: Tensor) -> Tensor:
         """(b, 3, H, W) in [0, 1] -> (b, D) L2-normalised float32 embeddings (with grad)."""
         pixels = self.transform(images.to(self.device, torch.float32)).to(self.dtype)
-        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        return F.normalize(self.image_features(pixels).float(), dim=-1)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """b prompts -> (b, D) L2-normalised float32 embeddings (no grad)."""
         tokens = self.tokenizer(list(prompts)).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(self.text_features(tokens).float(), dim=-1)
+
+    def image_features(self, pixels: Tensor) -> Tensor:
+        """Normalised pixels -> (b, D) image embeddings, not yet L2-normalised."""
+        return self.model.encode_image(pixels)
+
+    def text_features(self, tokens: Tensor) -> Tensor:
+        """Token ids -> (b, D) text embeddings, not yet L2-normalised."""
+        return self.model.encode_text(tokens)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         cos = (self.encode_images(images) * self.encode_prompts(prompts)).sum(-1)

@@ -61,24 +61,26 @@ AESTHETIC_HEAD = PublishedWeights(
     "https://github.com/christophschuhmann/improved-aesthetic-predictor "
     "(file sac+logos+ava1-l14-linearMSE.pth in the repository root)",
 )
-CLIP_VIT_L14_OPENAI = PublishedWeights(
-    "OpenAI CLIP ViT-L/14 (open_clip format)",
-    ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
-    "open_clip ViT-L-14-quickgelu with the 'openai' weights",
-    "https://huggingface.co/timm/vit_large_patch14_clip_224.openai (open_clip model card)",
-    hf_repo="timm/vit_large_patch14_clip_224.openai",
-    hf_files=("open_clip_model.safetensors",),
-    subfolder="clip_vit_l14_openai",
-)
-CLIP_VIT_H14_LAION = PublishedWeights(
-    "LAION CLIP ViT-H-14 laion2B-s32B-b79K (open_clip format)",
-    ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
-    "open_clip ViT-H-14",
-    "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K (open_clip model card)",
-    hf_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    hf_files=("open_clip_pytorch_model.bin",),
-    subfolder="clip_vit_h14_laion2b",
-)
+
+
+def _open_clip_card(name: str, architecture: str, *, hf_repo: str, hf_file: str,
+                    subfolder: str) -> PublishedWeights:
+    """CLIP weights in open_clip format from a Hugging Face Hub model card: either of the card's
+    file names is accepted; ``download`` fetches ``hf_file`` into ``subfolder``."""
+    return PublishedWeights(f"{name} (open_clip format)",
+                            ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+                            architecture, f"https://huggingface.co/{hf_repo} (open_clip model card)",
+                            hf_repo=hf_repo, hf_files=(hf_file,), subfolder=subfolder)
+
+
+CLIP_VIT_L14_OPENAI = _open_clip_card(
+    "OpenAI CLIP ViT-L/14", "open_clip ViT-L-14-quickgelu with the 'openai' weights",
+    hf_repo="timm/vit_large_patch14_clip_224.openai", hf_file="open_clip_model.safetensors",
+    subfolder="clip_vit_l14_openai")
+CLIP_VIT_H14_LAION = _open_clip_card(
+    "LAION CLIP ViT-H-14 laion2B-s32B-b79K", "open_clip ViT-H-14",
+    hf_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", hf_file="open_clip_pytorch_model.bin",
+    subfolder="clip_vit_h14_laion2b")
 HPSV2 = PublishedWeights(
     "HPSv2 (Human Preference Score v2 / v2.1)",
     ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt"),

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import RewardModel
@@ -42,36 +40,23 @@ PICKSCORE_CONFIG = {
 }
 
 
-class PickScoreReward(RewardModel):
-    """PickScore of (images, prompts): ``logit_scale.exp() * cos`` with a transformers ``CLIPModel``."""
+class PickScoreReward(ClipSimilarityReward):
+    """PickScore of (images, prompts): ``logit_scale.exp() * cos`` with a transformers ``CLIPModel``
+    (its pooled tower outputs through ``visual_projection`` / ``text_projection``)."""
 
     name = "pickscore"
-    needs_prompts = True
 
     def __init__(self, model: torch.nn.Module, tokenizer, transform: ImageTransform = HF_CLIP_PROCESSOR,
                  chunk_size: int | None = None):
-        super().__init__(chunk_size)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.transform = transform
-        self.freeze()
+        super().__init__(model, tokenizer, transform, use_logit_scale=True, chunk_size=chunk_size)
 
-    def encode_images(self, images: Tensor) -> Tensor:
-        """(b, 3, H, W) in [0, 1] -> (b, D) L2-normalised float32 embeddings (with grad)."""
-        pixels = self.transform(images.to(self.device, torch.float32)).to(self.dtype)
+    def image_features(self, pixels: Tensor) -> Tensor:
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+        return self.model.visual_projection(pooled)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """b prompts -> (b, D) L2-normalised float32 embeddings (no grad)."""
-        tokens = self.tokenizer(list(prompts)).to(self.device)
+    def text_features(self, tokens: Tensor) -> Tensor:
         pooled = self.model.text_model(input_ids=tokens).pooler_output
-        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
-
-    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        cos = (self.encode_images(images) * self.encode_prompts(prompts)).sum(-1)
-        return cos * self.model.logit_scale.float().exp().reshape(())
+        return self.model.text_projection(pooled)
 
 
 class OpenClipPickScoreReward(ClipSimilarityReward):

@@ -85,7 +85,7 @@ def train_configs(rank, world, init_file, out_dir):
 def die_in_update_two(rank, world, init_file, out_dir):
     """Rank 0 saves the LoRA (with its side file) after every update, as the launcher does; rank 1
     dies (``os._exit``) in the middle of update 2. Rank 0 writes what it saw to ``rank0.json``."""
-    from training import lora_io
+    from training import lora_file
     from training.distributed import PeerFailure
     from training.lora_resume import save_training_state, state_path_for
     parallel = _join(rank, world, init_file)
@@ -102,8 +102,8 @@ def die_in_update_two(rank, world, init_file, out_dir):
         for _ in range(3):
             trainer.step()
             if parallel.is_main:
-                lora_io.save_kohya(path, trainer.lora, None, metadata={"iteration": trainer.iteration},
-                                   dtype=torch.float32, overwrite=True)
+                lora_file.save_kohya(path, trainer.lora, None, metadata={"iteration": trainer.iteration},
+                                     dtype=torch.float32, overwrite=True)
                 save_training_state(state_path_for(path), trainer.state_dict(), trainer.lora)
                 outcome["saved_after"].append(trainer.iteration)
                 torch.save(lora_weights(trainer), os.path.join(out_dir, f"weights{trainer.iteration}.pt"))

@@ -253,10 +253,10 @@ def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras
     first = result.lora.names()[0]
     assert f"lora_unet_{first.replace('.', '_')}.lora_down.weight" in keys  # native kohya names
     assert len(keys) == 3 * len(result.lora)
-    from training import lora_io
-    version, architecture, _ = lora_io.BASE_MODELS[EXPECTED[kind][3]]
+    from training import lora_metadata
+    version, architecture, _ = lora_metadata.BASE_MODELS[EXPECTED[kind][3]]
     assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == architecture
-    assert meta["ss_network_module"] == lora_io.NETWORK_MODULES[EXPECTED[kind][3]]
+    assert meta["ss_network_module"] == lora_metadata.NETWORK_MODULES[EXPECTED[kind][3]]
     assert float(meta["draft_cfg"]) == run.cfg_scale
 
     sd = comfy.utils.load_torch_file(path)

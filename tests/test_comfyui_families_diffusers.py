@@ -104,7 +104,7 @@ def _twin_forward(twin, kind):
 def test_diffusers_folder_gives_the_same_output_in_a_diffusers_transformer(kind, comfy, pack, tmp_path):
     from safetensors.torch import load_file
 
-    from training import lora_io
+    from training import lora_diffusers
     patcher, twin, key_map = _flux(comfy) if kind == "flux_dev" else _sd3(comfy, kind)
     ldm_sd = patcher.model.diffusion_model.state_dict()
     twin.load_state_dict(_twin_state_dict(comfy, key_map, ldm_sd, twin.state_dict()), strict=True)
@@ -121,9 +121,9 @@ def test_diffusers_folder_gives_the_same_output_in_a_diffusers_transformer(kind,
         ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
          "single_transformer_blocks.0.attn.to_v"] if kind == "flux_dev" else
         ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"])
-    folder = lora_io.save_diffusers_folder(str(tmp_path / "peft"), lora, facts["name_map"],
-                                           prefix="transformer")
-    sd = load_file(f"{folder}/{lora_io.DIFFUSERS_WEIGHT_NAME}")
+    folder = lora_diffusers.save_diffusers_folder(str(tmp_path / "peft"), lora, facts["name_map"],
+                                                  prefix="transformer")
+    sd = load_file(f"{folder}/{lora_diffusers.DIFFUSERS_WEIGHT_NAME}")
     twin.load_lora_adapter(sd, prefix="transformer", adapter_name="draft")
     from peft.tuners.lora import LoraLayer
     wrapped = {n for n, m in twin.named_modules() if isinstance(m, LoraLayer)}

@@ -139,7 +139,7 @@ def test_sdxl_layout_trains_and_exports_keys_comfy_loads(comfy_env, tmp_path, ca
     from comfyui_draft_pack.nodes.reward_types import RewardHandle
     from comfyui_draft_pack.nodes.training_run import RunConfig, TrainingRun
     from comfyui_draft_pack.reward_models import ImageStatReward
-    from comfyui_draft_pack.training import SamplerSettings, TrainSettings, lora_io
+    from comfyui_draft_pack.training import SamplerSettings, TrainSettings, lora_file
 
     patcher = tiny_sdxl_patcher()
     vae = comfy_env["vae"]
@@ -156,8 +156,8 @@ def test_sdxl_layout_trains_and_exports_keys_comfy_loads(comfy_env, tmp_path, ca
     assert len(result.lora) == 4 * 12  # 1 input, 1 middle, 2 output transformers: 12 kohya targets each
 
     name_map = ldm_to_diffusers_module_names(patcher.model.model_config.unet_config)
-    path = lora_io.save_kohya(str(tmp_path / "sdxl.safetensors"), result.lora, name_map,
-                              base_model="sdxl_base_v1-0", dtype=torch.float32)
+    path = lora_file.save_kohya(str(tmp_path / "sdxl.safetensors"), result.lora, name_map,
+                                base_model="sdxl_base_v1-0", dtype=torch.float32)
     sd = comfy.utils.load_torch_file(path)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     with caplog.at_level(logging.WARNING):

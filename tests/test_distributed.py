@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 import distributed_workers as W
-from training import lora_io
+from training import lora_file
 from training.lora_resume import load_training_state, state_path_for
 
 pytestmark = pytest.mark.distributed
@@ -109,7 +109,7 @@ def test_a_dying_process_stops_the_job_and_leaves_the_last_save_intact():
         path = os.path.join(out, "toy_lora.safetensors")
         expected = torch.load(os.path.join(out, "weights1.pt"))
         trainer = W.toy_trainer("draft_k", 0.0, False, 1, 1)
-        saved = lora_io.load_kohya(path, {name: name for name, _ in trainer.lora.items()})
+        saved = lora_file.load_kohya(path, {name: name for name, _ in trainer.lora.items()})
         with torch.no_grad():
             for p, w in zip(trainer.params, expected):
                 p.copy_(w)

@@ -1,4 +1,4 @@
-"""training/lora_io.py without ComfyUI: kohya layout, metadata, atomic writes, import and refusals.
+"""The LoRA file modules without ComfyUI: kohya layout, metadata, atomic writes, import and refusals.
 
 The real ldm<->diffusers map and the real loaders are exercised in test_lora_io_comfy.py; here a
 small plain-torch model with ldm-like names and a made-up map stands in (lora_fixtures).
@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_fixtures import NAME_MAP, TARGETS, make_lora
-from training import lora_io
+from training import lora_diffusers, lora_file, lora_metadata, safe_files
 
 
 def shapes_of(lora):
@@ -33,10 +33,10 @@ def test_kohya_layout_conv_4d_alpha_and_metadata(tmp_path):
     ckpt.write_bytes(b"pretend checkpoint")
     settings = {"method": "draft_k", "K": 1, "n": 2, "reward": "aesthetic", "steps": 20, "cfg": 7.5,
                 "iterations": 100, "learning_rate": 1e-4, "seed": 7,
-                "prompts": ["a cat", 'a "quoted" dog'], "base_model_sha256": lora_io.sha256_file(str(ckpt)),
-                "partial": False, "step": 100}
-    path = lora_io.save_kohya(str(tmp_path / "my_lora.safetensors"), lora, NAME_MAP,
-                              metadata=lora_io.draft_metadata(settings), base_model="sd_v1",
+                "prompts": ["a cat", 'a "quoted" dog'],
+                "base_model_sha256": lora_metadata.sha256_file(str(ckpt)), "partial": False, "step": 100}
+    path = lora_file.save_kohya(str(tmp_path / "my_lora.safetensors"), lora, NAME_MAP,
+                              metadata=lora_metadata.draft_metadata(settings), base_model="sd_v1",
                               dtype=torch.float16)
     tensors, meta = read(path)
     assert len(tensors) == 3 * len(TARGETS)
@@ -77,11 +77,11 @@ def test_kohya_layout_conv_4d_alpha_and_metadata(tmp_path):
     ("sdxl_base_v1-0", None, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
 ])
 def test_base_model_metadata(base_model, v_pred, version, arch):
-    meta = lora_io.kohya_metadata(make_lora(), base_model, v_prediction=v_pred)
+    meta = lora_metadata.kohya_metadata(make_lora(), base_model, v_prediction=v_pred)
     assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == arch
     assert meta["ss_v2"] == ("True" if version == "sd_v2" else "False")
     # an alias passed as metadata is normalised too
-    meta = lora_io.kohya_metadata(make_lora(), None, {"ss_base_model_version": "sd_v2_768_v"})
+    meta = lora_metadata.kohya_metadata(make_lora(), None, {"ss_base_model_version": "sd_v2_768_v"})
     assert meta["ss_base_model_version"] == "sd_v2"
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
 
@@ -99,7 +99,7 @@ def test_base_model_metadata(base_model, v_pred, version, arch):
     ("hidream_i1", "hidream_i1", None, "networks.lora"),  # unknown: no architecture claimed
 ])
 def test_network_module_and_base_model_per_family(base_model, version, arch, module):
-    meta = lora_io.kohya_metadata(make_lora(), base_model, {"ss_network_module": "mine"})
+    meta = lora_metadata.kohya_metadata(make_lora(), base_model, {"ss_network_module": "mine"})
     assert meta["ss_base_model_version"] == version
     assert meta.get("modelspec.architecture") == arch
     assert meta["ss_network_module"] == module  # describes the file; a caller cannot override it
@@ -109,26 +109,26 @@ def test_unknown_base_model_claims_no_architecture_and_mixed_ranks_are_dynamic()
     lora = make_lora(rank=2, alpha=1.0, targets=TARGETS[:4])
     for n, d in make_lora(rank=8, alpha=8.0, targets=TARGETS[4:]).items():
         lora.add(n, d)
-    meta = lora_io.kohya_metadata(lora, "hidream_i1")
+    meta = lora_metadata.kohya_metadata(lora, "hidream_i1")
     assert meta["ss_base_model_version"] == "hidream_i1" and "modelspec.architecture" not in meta
     assert meta["ss_network_dim"] == "Dynamic" and meta["ss_network_alpha"] == "Dynamic"
-    assert lora_io.base_model_version_from_config("SD15") == "sd_v1"
-    assert lora_io.base_model_version_from_config("SSD1B") is None
+    assert lora_metadata.base_model_version_from_config("SD15") == "sd_v1"
+    assert lora_metadata.base_model_version_from_config("SSD1B") is None
 
 
 def test_caller_metadata_cannot_contradict_the_tensors():
-    meta = lora_io.kohya_metadata(make_lora(rank=4, alpha=3.0), "sd_v1",
-                                  {"ss_network_dim": "128", "modelspec.title": "Mine", "draft_x": None})
+    meta = lora_metadata.kohya_metadata(make_lora(rank=4, alpha=3.0), "sd_v1",
+                                        {"ss_network_dim": "128", "modelspec.title": "Mine", "draft_x": None})
     assert meta["ss_network_dim"] == "4" and meta["modelspec.title"] == "Mine" and "draft_x" not in meta
 
 
 def test_round_trip_fp32_is_bit_identical_and_keeps_the_model_order(tmp_path):
     lora = make_lora(alpha=0.1)  # 0.1 is not a float32: the exact alpha travels in the metadata
-    path = lora_io.save_kohya(str(tmp_path / "x.safetensors"), lora, NAME_MAP, dtype=torch.float32)
+    path = lora_file.save_kohya(str(tmp_path / "x.safetensors"), lora, NAME_MAP, dtype=torch.float32)
     _, meta = read(path)
-    assert lora_io.EXACT_ALPHA_KEY in meta
+    assert lora_metadata.EXACT_ALPHA_KEY in meta
     shapes = dict(reversed(list(shapes_of(lora).items())))
-    back = lora_io.load_kohya(path, NAME_MAP, shapes)
+    back = lora_file.load_kohya(path, NAME_MAP, shapes)
     assert back.names() == list(shapes)
     for name, d in lora.items():
         b = back[name]
@@ -139,8 +139,8 @@ def test_round_trip_fp32_is_bit_identical_and_keeps_the_model_order(tmp_path):
 
 def test_fp16_export_reads_back_close_with_exact_alpha(tmp_path):
     lora = make_lora(alpha=3.0)
-    path = lora_io.save_kohya(str(tmp_path / "x.safetensors"), lora, NAME_MAP, dtype=torch.float16)
-    back = lora_io.load_kohya(path, NAME_MAP, shapes_of(lora))
+    path = lora_file.save_kohya(str(tmp_path / "x.safetensors"), lora, NAME_MAP, dtype=torch.float16)
+    back = lora_file.load_kohya(path, NAME_MAP, shapes_of(lora))
     for name, d in lora.items():
         assert back[name].alpha == 3.0
         torch.testing.assert_close(back[name].delta(), d.delta().detach(), rtol=2e-3, atol=1e-4)
@@ -148,31 +148,31 @@ def test_fp16_export_reads_back_close_with_exact_alpha(tmp_path):
 
 def test_names_as_they_are_without_a_map(tmp_path):
     lora = make_lora()
-    path = lora_io.save_kohya(str(tmp_path / "x.safetensors"), lora, None, dtype=torch.float32)
+    path = lora_file.save_kohya(str(tmp_path / "x.safetensors"), lora, None, dtype=torch.float32)
     tensors, _ = read(path)
     assert "lora_unet_input_blocks_1_attn1_to_out_0.lora_up.weight" in tensors
-    back = lora_io.load_kohya(path, None, shapes_of(lora))
+    back = lora_file.load_kohya(path, None, shapes_of(lora))
     assert all(torch.equal(back[n].up, d.up) for n, d in lora.items())
 
 
 def test_refuses_what_it_cannot_write_faithfully(tmp_path):
     lora = make_lora()
-    with pytest.raises(lora_io.LoRAFileError, match="no diffusers name"):
-        lora_io.save_kohya(str(tmp_path / "a.safetensors"), lora, {TARGETS[0]: "x"})
+    with pytest.raises(safe_files.LoRAFileError, match="no diffusers name"):
+        lora_file.save_kohya(str(tmp_path / "a.safetensors"), lora, {TARGETS[0]: "x"})
     with torch.no_grad():
         lora[TARGETS[1]].up.mul_(1e6)
-    with pytest.raises(lora_io.LoRAFileError, match="overflows torch.float16"):
-        lora_io.save_kohya(str(tmp_path / "b.safetensors"), lora, NAME_MAP, dtype=torch.float16)
+    with pytest.raises(safe_files.LoRAFileError, match="overflows torch.float16"):
+        lora_file.save_kohya(str(tmp_path / "b.safetensors"), lora, NAME_MAP, dtype=torch.float16)
     with torch.no_grad():
         lora[TARGETS[1]].up[0, 0] = float("nan")
-    with pytest.raises(lora_io.LoRAFileError, match="not finite"):
-        lora_io.save_kohya(str(tmp_path / "c.safetensors"), lora, NAME_MAP, dtype=torch.float32)
+    with pytest.raises(safe_files.LoRAFileError, match="not finite"):
+        lora_file.save_kohya(str(tmp_path / "c.safetensors"), lora, NAME_MAP, dtype=torch.float32)
     assert os.listdir(tmp_path) == []
 
 
 def test_diffusers_layout_folds_alpha_over_rank_into_lora_b():
     lora = make_lora(rank=4, alpha=2.0)
-    sd = lora_io.diffusers_state_dict(lora, NAME_MAP)
+    sd = lora_diffusers.diffusers_state_dict(lora, NAME_MAP)
     a = sd["unet.down_blocks.0.attentions.0.attn1.to_out.0.lora_A.weight"]
     b = sd["unet.down_blocks.0.attentions.0.attn1.to_out.0.lora_B.weight"]
     torch.testing.assert_close(b @ a, lora["input_blocks.1.attn1.to_out.0"].delta().detach())
@@ -183,19 +183,19 @@ def test_diffusers_layout_folds_alpha_over_rank_into_lora_b():
 # -- atomic writes --------------------------------------------------------------------------------
 def test_never_overwrites_unless_asked_and_leaves_no_temp_files(tmp_path):
     path = str(tmp_path / "x.safetensors")
-    lora_io.save_kohya(path, make_lora(seed=0), NAME_MAP)
+    lora_file.save_kohya(path, make_lora(seed=0), NAME_MAP)
     before = open(path, "rb").read()
     with pytest.raises(FileExistsError):
-        lora_io.save_kohya(path, make_lora(seed=1), NAME_MAP)
+        lora_file.save_kohya(path, make_lora(seed=1), NAME_MAP)
     assert open(path, "rb").read() == before
-    lora_io.save_kohya(path, make_lora(seed=1), NAME_MAP, overwrite=True)
+    lora_file.save_kohya(path, make_lora(seed=1), NAME_MAP, overwrite=True)
     assert open(path, "rb").read() != before
     assert os.listdir(tmp_path) == ["x.safetensors"]
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_partial_file(tmp_path, monkeypatch):
     path = str(tmp_path / "x.safetensors")
-    lora_io.save_kohya(path, make_lora(seed=0), NAME_MAP)
+    lora_file.save_kohya(path, make_lora(seed=0), NAME_MAP)
     before = open(path, "rb").read()
 
     def dies_halfway(tensors, filename, metadata=None):
@@ -203,18 +203,18 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_partial_file(tmp_path, 
             f.write(b"\x00" * 100)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lora_io, "save_file", dies_halfway)
+    monkeypatch.setattr(safe_files, "save_file", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        lora_io.save_kohya(path, make_lora(seed=1), NAME_MAP, overwrite=True)
+        lora_file.save_kohya(path, make_lora(seed=1), NAME_MAP, overwrite=True)
     with pytest.raises(KeyboardInterrupt):
-        lora_io.save_kohya(str(tmp_path / "new.safetensors"), make_lora(seed=1), NAME_MAP)
+        lora_file.save_kohya(str(tmp_path / "new.safetensors"), make_lora(seed=1), NAME_MAP)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["x.safetensors"]
 
 
 # -- import: other trainers' files ----------------------------------------------------------------
 def kohya_tensors(lora, name_map=NAME_MAP):
-    return lora_io.kohya_state_dict(lora, name_map, torch.float32)
+    return lora_file.kohya_state_dict(lora, name_map, torch.float32)
 
 
 def write(tmp_path, tensors, name="f.safetensors", metadata=None):
@@ -234,7 +234,7 @@ def test_other_trainers_layouts_load(tmp_path):
         flat[f"diffusion_model.{n}.lora_up.weight"] = d.up.detach()
         flat[f"diffusion_model.{n}.alpha"] = torch.tensor(4.0)
     for i, sd in enumerate([no_alpha, ldm_names, flat]):
-        back = lora_io.load_kohya(write(tmp_path, sd, f"{i}.safetensors"), NAME_MAP, shapes)
+        back = lora_file.load_kohya(write(tmp_path, sd, f"{i}.safetensors"), NAME_MAP, shapes)
         for n, d in lora.items():
             assert back[n].alpha == 4.0
             assert torch.equal(back[n].delta(), d.delta()), (i, n)
@@ -246,28 +246,28 @@ def test_a_1x1_conv_lora_fits_a_linear_layer(tmp_path):
     sd = kohya_tensors(lora)
     key = "lora_unet_down_blocks_0_attentions_0_attn1_to_q"
     sd[f"{key}.lora_down.weight"] = sd[f"{key}.lora_down.weight"][:, :, None, None]
-    back = lora_io.load_kohya(write(tmp_path, sd), NAME_MAP, shapes_of(lora))
+    back = lora_file.load_kohya(write(tmp_path, sd), NAME_MAP, shapes_of(lora))
     assert torch.equal(back["input_blocks.1.attn1.to_q"].down, lora["input_blocks.1.attn1.to_q"].down)
 
 
 def test_without_shapes_they_come_from_the_file(tmp_path):
     lora = make_lora()
-    back = lora_io.load_kohya(write(tmp_path, kohya_tensors(lora)), NAME_MAP)
+    back = lora_file.load_kohya(write(tmp_path, kohya_tensors(lora)), NAME_MAP)
     assert back.names() == TARGETS and shapes_of(back) == shapes_of(lora)
 
 
 # -- import: refusals ------------------------------------------------------------------------------
 def test_truncated_empty_and_non_safetensors_files_are_refused(tmp_path):
     lora = make_lora()
-    path = lora_io.save_kohya(str(tmp_path / "x.safetensors"), lora, NAME_MAP, dtype=torch.float32)
+    path = lora_file.save_kohya(str(tmp_path / "x.safetensors"), lora, NAME_MAP, dtype=torch.float32)
     data = open(path, "rb").read()
     for name, content in [("t.safetensors", data[: len(data) - 100]), ("h.safetensors", data[:40]),
                           ("e.safetensors", b""), ("g.safetensors", b"PK\x03\x04 a zip, not safetensors")]:
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(lora_io.LoRAFileError, match="truncated or corrupt"):
-            lora_io.load_kohya(str(tmp_path / name), NAME_MAP, shapes_of(lora))
+        with pytest.raises(safe_files.LoRAFileError, match="truncated or corrupt"):
+            lora_file.load_kohya(str(tmp_path / name), NAME_MAP, shapes_of(lora))
     with pytest.raises(FileNotFoundError):
-        lora_io.load_kohya(str(tmp_path / "missing.safetensors"), NAME_MAP)
+        lora_file.load_kohya(str(tmp_path / "missing.safetensors"), NAME_MAP)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -297,20 +297,20 @@ def test_truncated_empty_and_non_safetensors_files_are_refused(tmp_path):
 def test_foreign_and_mismatched_files_are_refused_naming_the_problem(tmp_path, change, message):
     lora = make_lora()
     path = write(tmp_path, change(kohya_tensors(lora)))
-    with pytest.raises(lora_io.LoRAFileError, match=message):
-        lora_io.load_kohya(path, NAME_MAP, shapes_of(lora))
+    with pytest.raises(safe_files.LoRAFileError, match=message):
+        lora_file.load_kohya(path, NAME_MAP, shapes_of(lora))
 
 
 def test_other_widths_and_missing_layers_are_refused(tmp_path):
     lora = make_lora()
     path = write(tmp_path, kohya_tensors(lora))
     wider = {n: (s[0] * 2,) + tuple(s[1:]) for n, s in shapes_of(lora).items()}
-    with pytest.raises(lora_io.LoRAFileError, match="do not fit the layer's weight"):
-        lora_io.load_kohya(path, NAME_MAP, wider)
+    with pytest.raises(safe_files.LoRAFileError, match="do not fit the layer's weight"):
+        lora_file.load_kohya(path, NAME_MAP, wider)
     more = dict(shapes_of(lora), **{"input_blocks.3.proj_in": (16, 8, 1, 1)})
-    with pytest.raises(lora_io.LoRAFileError, match="8 of the 9 target layers"):
-        lora_io.load_kohya(path, dict(NAME_MAP, **{"input_blocks.3.proj_in": "x"}), more)
-    back = lora_io.load_kohya(path, NAME_MAP, more, strict=False)
+    with pytest.raises(safe_files.LoRAFileError, match="8 of the 9 target layers"):
+        lora_file.load_kohya(path, dict(NAME_MAP, **{"input_blocks.3.proj_in": "x"}), more)
+    back = lora_file.load_kohya(path, NAME_MAP, more, strict=False)
     assert back.names() == TARGETS
-    with pytest.raises(lora_io.LoRAFileError, match="pass the name map"):
-        lora_io.load_kohya(path)
+    with pytest.raises(safe_files.LoRAFileError, match="pass the name map"):
+        lora_file.load_kohya(path)

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 import lora_fixtures as F
-from training import lora_io
+from training import lora_diffusers, lora_file, lora_metadata, lora_naming, lora_resume
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 
@@ -86,9 +86,9 @@ def test_export_loads_identically_in_comfyui_and_diffusers(tiny, comfy, lora_key
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     kind, patcher, lora = tiny["kind"], tiny["patcher"], tiny["lora"]
-    path = lora_io.save_kohya(str(tmp_path / f"{kind}.safetensors"), lora, tiny["name_map"],
-                              base_model=lora_keys.base_model_version(patcher),
-                              v_prediction=lora_keys.is_v_prediction(patcher), dtype=torch.float32)
+    path = lora_file.save_kohya(str(tmp_path / f"{kind}.safetensors"), lora, tiny["name_map"],
+                                base_model=lora_keys.base_model_version(patcher),
+                                v_prediction=lora_keys.is_v_prediction(patcher), dtype=torch.float32)
     with safe_open(path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert len(keys) == 3 * len(lora) and all(k.startswith("lora_unet_") for k in keys)
@@ -135,10 +135,10 @@ def tiny_pipeline(kind: str, unet):
 
 def test_diffusers_folder_loads_with_pipeline_load_lora_weights(tiny, comfy, tmp_path, caplog):
     kind, lora = tiny["kind"], tiny["lora"]
-    kohya = lora_io.save_kohya(str(tmp_path / "k.safetensors"), lora, tiny["name_map"], dtype=torch.float32)
-    folder = lora_io.save_diffusers_folder(str(tmp_path / "diffusers"), lora, tiny["name_map"],
-                                           metadata={"draft_method": "draft_k"})
-    assert os.listdir(folder) == [lora_io.DIFFUSERS_WEIGHT_NAME]
+    kohya = lora_file.save_kohya(str(tmp_path / "k.safetensors"), lora, tiny["name_map"], dtype=torch.float32)
+    folder = lora_diffusers.save_diffusers_folder(str(tmp_path / "diffusers"), lora, tiny["name_map"],
+                                                  metadata={"draft_method": "draft_k"})
+    assert os.listdir(folder) == [lora_diffusers.DIFFUSERS_WEIGHT_NAME]
     pipe = tiny_pipeline(kind, copy.deepcopy(tiny["twin"]))
     pipe.load_lora_weights(folder)
     out_folder = F.diffusers_forward(pipe.unet, kind)
@@ -147,7 +147,8 @@ def test_diffusers_folder_loads_with_pipeline_load_lora_weights(tiny, comfy, tmp
     assert F.rel_err(out_folder, tiny["base"]) > 1e-2
     # Read back (alpha is folded into lora_B there): the same deltas, alpha = rank.
     shapes = {n: d.weight_shape for n, d in lora.items()}
-    back = lora_io.load_kohya(os.path.join(folder, lora_io.DIFFUSERS_WEIGHT_NAME), tiny["name_map"], shapes)
+    back = lora_file.load_kohya(os.path.join(folder, lora_diffusers.DIFFUSERS_WEIGHT_NAME),
+                                tiny["name_map"], shapes)
     for name, d in lora.items():
         assert back[name].alpha == back[name].rank
         torch.testing.assert_close(back[name].delta(), d.delta(), rtol=1e-6, atol=1e-7)
@@ -159,14 +160,14 @@ def test_kohya_files_with_ldm_names_2d_conv_factors_and_no_alpha_load(tiny, comf
     lora, name_map = tiny["lora"], tiny["name_map"]
     sd = {}
     for name, d in lora.items():
-        key = lora_io.kohya_name(name)  # lora_unet_input_blocks_...
+        key = lora_naming.kohya_name(name)  # lora_unet_input_blocks_...
         sd[f"{key}.lora_down.weight"] = d.down.detach() * (d.scale ** 0.5)
         sd[f"{key}.lora_up.weight"] = d.up.detach() * (d.scale ** 0.5)  # alpha = rank: scale 1
     from safetensors.torch import save_file
     path = str(tmp_path / "other.safetensors")
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
     shapes = {n: d.weight_shape for n, d in lora.items()}
-    back = lora_io.load_kohya(path, name_map, shapes)
+    back = lora_file.load_kohya(path, name_map, shapes)
     assert back.names() == lora.names()  # the model's order
     for name, d in lora.items():
         assert back[name].alpha == d.rank
@@ -187,7 +188,7 @@ def full_layout(comfy, config: dict):
     return unet, ldm, unet_config
 
 
-def meta_lora(ldm, names) -> "lora_io.LoRASet":
+def meta_lora(ldm, names) -> "LoRASet":
     from training.lora import LoRADelta, LoRASet
     modules = dict(ldm.named_modules())
     lora = LoRASet()
@@ -201,12 +202,12 @@ def test_full_layout_export_is_exactly_kohyas_default_modules(comfy, lora_keys, 
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
     unet, ldm, unet_config = full_layout(comfy, SD15_DIFFUSERS if layout == "sd15" else SDXL_DIFFUSERS)
     # kohya's rule applied to diffusers' own module names (independent of our mapping) ...
-    expected = {lora_io.kohya_name(n) for n in F.kohya_targets(unet, Transformer2DModel)}
+    expected = {lora_naming.kohya_name(n) for n in F.kohya_targets(unet, Transformer2DModel)}
     # ... and to ComfyUI's ldm modules, exported through the mapping.
     lora = meta_lora(ldm, F.ldm_kohya_targets(ldm))
-    path = lora_io.save_kohya(str(tmp_path / "full.safetensors"), lora,
-                              lora_keys.ldm_to_diffusers_module_names(unet_config),
-                              base_model=lora_keys.base_model_version_from_config(unet_config))
+    path = lora_file.save_kohya(str(tmp_path / "full.safetensors"), lora,
+                                lora_keys.ldm_to_diffusers_module_names(unet_config),
+                                base_model=lora_metadata.base_model_version_from_config(unet_config))
     with safe_open(path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     stems = {k.partition(".")[0] for k in keys}
@@ -224,8 +225,8 @@ def test_full_layout_export_is_exactly_kohyas_default_modules(comfy, lora_keys, 
 def test_a1111_rule_resolves_every_key_to_the_trained_compvis_module(comfy, lora_keys, layout, tmp_path):
     _, ldm, unet_config = full_layout(comfy, SD15_DIFFUSERS if layout == "sd15" else SDXL_DIFFUSERS)
     names = F.ldm_kohya_targets(ldm)
-    path = lora_io.save_kohya(str(tmp_path / "a1111.safetensors"), meta_lora(ldm, names),
-                              lora_keys.ldm_to_diffusers_module_names(unet_config))
+    path = lora_file.save_kohya(str(tmp_path / "a1111.safetensors"), meta_lora(ldm, names),
+                                lora_keys.ldm_to_diffusers_module_names(unet_config))
     # A1111 maps compvis module names (sd_model.model.named_modules(), '.' -> '_') to layers.
     compvis_modules = {"diffusion_model_" + n.replace(".", "_") for n, _ in ldm.named_modules() if n}
     resolved = {}
@@ -282,7 +283,7 @@ def test_base_model_version_and_v_prediction(comfy, lora_keys):
     v_model.model_type = comfy.model_base.ModelType.V_PREDICTION
     facts = lora_keys.lora_file_facts(v_model)
     assert facts["base_model"] == "sd_v2" and facts["v_prediction"] is True
-    assert lora_io.base_model_entry(facts["base_model"], facts["v_prediction"])[1] == \
+    assert lora_metadata.base_model_entry(facts["base_model"], facts["v_prediction"])[1] == \
         "stable-diffusion-v2-768-v/lora"
     with pytest.raises(TypeError):
         lora_keys.base_model_version(object())
@@ -290,7 +291,7 @@ def test_base_model_version_and_v_prediction(comfy, lora_keys):
 
 def test_comfyui_lists_the_lora_but_not_the_side_file_or_temp_files(comfy):
     import folder_paths
-    names = ["run.safetensors", lora_io.state_path_for("run.safetensors"),
+    names = ["run.safetensors", lora_resume.state_path_for("run.safetensors"),
              ".run.safetensors.k2j4h5.tmp"]
     listed = folder_paths.filter_files_extensions(names, folder_paths.folder_names_and_paths["loras"][1])
     assert listed == ["run.safetensors"]

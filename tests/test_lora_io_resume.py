@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lora_fixtures import NAME_MAP, make_lora
-from training import lora_io
+from training import lora_file, lora_resume, safe_files
 from training.lora import LoRASet
 
 
@@ -65,15 +65,15 @@ def test_resume_continues_bit_identically(tmp_path, amsgrad, clip):
     lora = make_lora(seed=0)
     opt = make_optimizer(lora, amsgrad)
     train(lora, opt, range(2), clip)
-    path = lora_io.save_kohya(str(tmp_path / "run.safetensors"), lora, NAME_MAP, dtype=torch.float32)
-    state_path = lora_io.save_training_state(lora_io.state_path_for(path), trainer_state(opt, 2), lora,
-                                             optimizer=opt)
+    path = lora_file.save_kohya(str(tmp_path / "run.safetensors"), lora, NAME_MAP, dtype=torch.float32)
+    state_path = lora_resume.save_training_state(lora_resume.state_path_for(path), trainer_state(opt, 2),
+                                                 lora, optimizer=opt)
     assert state_path == str(tmp_path / "run.draft_state")
     saved_opt = opt.state_dict()
     del lora, opt
 
-    resumed = lora_io.load_kohya(path, NAME_MAP, shapes_of(make_lora()))
-    state = lora_io.load_training_state(state_path, resumed)
+    resumed = lora_file.load_kohya(path, NAME_MAP, shapes_of(make_lora()))
+    state = lora_resume.load_training_state(state_path, resumed)
     opt2 = make_optimizer(resumed, amsgrad)
     opt2.load_state_dict(state["optimizer"])
     assert state["iteration"] == 2 and state["skipped_steps"] == 1
@@ -94,16 +94,16 @@ def test_state_is_matched_by_name_whatever_the_lora_order(tmp_path):
     lora = make_lora(seed=0)
     opt = make_optimizer(lora)
     train(lora, opt, range(2))
-    path = lora_io.save_kohya(str(tmp_path / "run.safetensors"), lora, NAME_MAP, dtype=torch.float32)
-    lora_io.save_training_state(lora_io.state_path_for(path), trainer_state(opt, 2), lora,
+    path = lora_file.save_kohya(str(tmp_path / "run.safetensors"), lora, NAME_MAP, dtype=torch.float32)
+    lora_resume.save_training_state(lora_resume.state_path_for(path), trainer_state(opt, 2), lora,
                                              optimizer=opt)
     train(lora, opt, range(2, 4))
     expected = {f"{n}.{k}": getattr(d, k).detach().clone() for n, d in lora.items() for k in ("down", "up")}
 
     reversed_shapes = dict(reversed(list(shapes_of(lora).items())))
-    resumed = lora_io.load_kohya(path, NAME_MAP, reversed_shapes)
+    resumed = lora_file.load_kohya(path, NAME_MAP, reversed_shapes)
     assert resumed.names() == list(reversed_shapes)
-    state = lora_io.load_training_state(lora_io.state_path_for(path), resumed)
+    state = lora_resume.load_training_state(lora_resume.state_path_for(path), resumed)
     # an optimizer built on the reversed LoRA, groups as saved (their members in this LoRA's order)
     params = resumed.trainable_parameters()
     opt2 = torch.optim.AdamW([{"params": [params[i] for i in g["params"]]}
@@ -118,42 +118,42 @@ def test_side_file_layout(tmp_path):
     lora = make_lora()
     opt = make_optimizer(lora)
     train(lora, opt, range(1))
-    path = lora_io.save_training_state(str(tmp_path / "s.draft_state"), trainer_state(opt, 1), lora,
-                                       optimizer=opt)
-    tensors, meta = lora_io.read_safetensors(path)
+    path = lora_resume.save_training_state(str(tmp_path / "s.draft_state"), trainer_state(opt, 1), lora,
+                                           optimizer=opt)
+    tensors, meta = safe_files.read_safetensors(path)
     assert meta["draft_state.step"] == "1"
     names = [f"{n}.{k}" for n in make_lora().names() for k in ("down", "up")]
     assert __import__("json").loads(meta["draft_state.param_names"]) == names
     first = names[0]
     assert tensors[f"optimizer/{first}/exp_avg"].shape == lora[first[:-5]].down.shape
     assert {k.rsplit("/", 1)[1] for k in tensors} == {"exp_avg", "exp_avg_sq", "step"}
-    assert not lora_io.state_path_for("x/y.safetensors").endswith(".safetensors")  # not listed as a LoRA
+    assert not lora_resume.state_path_for("x/y.safetensors").endswith(".safetensors")  # not listed as a LoRA
 
 
 def test_state_files_that_do_not_belong_are_refused(tmp_path):
     lora = make_lora(rank=4)
     opt = make_optimizer(lora)
     train(lora, opt, range(1))
-    path = lora_io.save_training_state(str(tmp_path / "s.draft_state"), trainer_state(opt, 1), lora,
-                                       optimizer=opt)
-    with pytest.raises(lora_io.LoRAFileError, match="other LoRA layers or ranks"):
-        lora_io.load_training_state(path, make_lora(rank=2))
-    with pytest.raises(lora_io.LoRAFileError, match="other LoRA layers or ranks"):
-        lora_io.load_training_state(path, make_lora(targets=NAME_MAP.keys() - {"input_blocks.1.conv"}))
+    path = lora_resume.save_training_state(str(tmp_path / "s.draft_state"), trainer_state(opt, 1), lora,
+                                           optimizer=opt)
+    with pytest.raises(safe_files.LoRAFileError, match="other LoRA layers or ranks"):
+        lora_resume.load_training_state(path, make_lora(rank=2))
+    with pytest.raises(safe_files.LoRAFileError, match="other LoRA layers or ranks"):
+        lora_resume.load_training_state(path, make_lora(targets=NAME_MAP.keys() - {"input_blocks.1.conv"}))
     other_weights = make_lora(rank=4, seed=5)
-    with pytest.raises(lora_io.LoRAFileError, match="weights differ"):
-        lora_io.load_training_state(path, other_weights)
-    assert lora_io.load_training_state(path, other_weights, check_weights=False)["iteration"] == 1
-    lora_file = lora_io.save_kohya(str(tmp_path / "l.safetensors"), lora, NAME_MAP)
-    with pytest.raises(lora_io.LoRAFileError, match="not a DRaFT training-state file"):
-        lora_io.load_training_state(lora_file, lora)
+    with pytest.raises(safe_files.LoRAFileError, match="weights differ"):
+        lora_resume.load_training_state(path, other_weights)
+    assert lora_resume.load_training_state(path, other_weights, check_weights=False)["iteration"] == 1
+    lora_path = lora_file.save_kohya(str(tmp_path / "l.safetensors"), lora, NAME_MAP)
+    with pytest.raises(safe_files.LoRAFileError, match="not a DRaFT training-state file"):
+        lora_resume.load_training_state(lora_path, lora)
     data = open(path, "rb").read()
     (tmp_path / "t.draft_state").write_bytes(data[: len(data) // 2])
-    with pytest.raises(lora_io.LoRAFileError, match="truncated or corrupt"):
-        lora_io.load_training_state(str(tmp_path / "t.draft_state"), lora)
+    with pytest.raises(safe_files.LoRAFileError, match="truncated or corrupt"):
+        lora_resume.load_training_state(str(tmp_path / "t.draft_state"), lora)
     with pytest.raises(ValueError, match="build it on lora.trainable_parameters"):
-        lora_io.save_training_state(str(tmp_path / "x.draft_state"), trainer_state(opt, 1),
-                                    make_lora(targets=list(NAME_MAP)[:3]))
+        lora_resume.save_training_state(str(tmp_path / "x.draft_state"), trainer_state(opt, 1),
+                                        make_lora(targets=list(NAME_MAP)[:3]))
 
 
 def test_a_single_group_optimizer_needs_no_optimizer_object(tmp_path):
@@ -161,8 +161,8 @@ def test_a_single_group_optimizer_needs_no_optimizer_object(tmp_path):
     lora = make_lora()
     opt = torch.optim.AdamW(lora.trainable_parameters(), lr=1e-2)
     train(lora, opt, range(2))
-    path = lora_io.save_training_state(str(tmp_path / "s.draft_state"), trainer_state(opt, 2), lora)
-    state = lora_io.load_training_state(path, lora)
+    path = lora_resume.save_training_state(str(tmp_path / "s.draft_state"), trainer_state(opt, 2), lora)
+    state = lora_resume.load_training_state(path, lora)
     assert state["optimizer"]["param_groups"][0]["params"] == list(range(2 * len(lora)))
     for i, s in opt.state_dict()["state"].items():
         assert all(torch.equal(state["optimizer"]["state"][i][k], v) for k, v in s.items())
@@ -170,4 +170,4 @@ def test_a_single_group_optimizer_needs_no_optimizer_object(tmp_path):
     grouped = make_optimizer(lora)
     train(lora, grouped, range(1))
     with pytest.raises(ValueError, match="has shape"):
-        lora_io.save_training_state(str(tmp_path / "g.draft_state"), trainer_state(grouped, 1), lora)
+        lora_resume.save_training_state(str(tmp_path / "g.draft_state"), trainer_state(grouped, 1), lora)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training import SamplerSettings
-from training import lora_io, safe_files
+from training import lora_file, safe_files
 from training.input_rules import (lora_ranks_alphas, rank_problem, resume_iteration_problem,
                                   resume_mismatch, schedule_problem)
 from training.lora import LoRADelta, LoRASet
@@ -97,14 +97,14 @@ def test_leftover_temp_files_of_a_killed_save_are_removed_at_the_next_save(tmp_p
     code = (
         "import os, sys, signal\n"
         "import safetensors.torch as st\n"
-        "from training import lora_io\n"
+        "from training import lora_file, safe_files\n"
         "def stop(*a, **k):\n"
         "    open(a[1], 'wb').write(b'partial')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "lora_io.save_file = stop\n"
+        "safe_files.save_file = stop\n"
         "from training.lora import LoRASet, LoRADelta\n"
         "lora = LoRASet(); lora.add('layer', LoRADelta((8, 8), 2, 2.0))\n"
-        f"lora_io.save_kohya({str(folder / 'killed.safetensors')!r}, lora, None)\n")
+        f"lora_file.save_kohya({str(folder / 'killed.safetensors')!r}, lora, None)\n")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
     assert proc.returncode != 0
@@ -128,7 +128,7 @@ def test_leftover_temp_files_of_a_killed_save_are_removed_at_the_next_save(tmp_p
     sub_left = sub / f".s.safetensors.draft-{leftovers[0].split('-')[1]}-00000000.tmp"
     sub_left.write_bytes(b"x")
 
-    lora_io.save_kohya(str(folder / "next.safetensors"), _lora(), None)
+    lora_file.save_kohya(str(folder / "next.safetensors"), _lora(), None)
     names = set(os.listdir(folder))
     assert leftovers[0] not in names and old_style.name not in names
     assert {live.name, fresh_old_style.name, foreign.name, "next.safetensors", "sub"} <= names

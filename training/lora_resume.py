@@ -1,6 +1,6 @@
 """The resume side file: optimizer state and step count beside a LoRA file.
 
-``<name>.safetensors`` (the LoRA, :mod:`training.lora_io`) gets ``<name>.draft_state`` beside it: a
+``<name>.safetensors`` (the LoRA, :mod:`training.lora_file`) gets ``<name>.draft_state`` beside it: a
 safetensors file (an extension ComfyUI does not list among LoRAs) holding
 
 * tensors ``optimizer/<param name>/<state key>``, e.g. ``optimizer/input_blocks.1.1.proj_in.down/exp_avg``
@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 
 from .lora import LoRASet
-from .lora_io import LoRAFileError, atomic_save, read_safetensors
+from .safe_files import LoRAFileError, atomic_save, read_safetensors
 
 STATE_SUFFIX = ".draft_state"
 FORMAT = "comfyui-draft-state/1"

@@ -11,6 +11,10 @@
   loss, ``kill -9``) leaves it behind; :func:`remove_leftovers`, called at every save into a folder,
   removes those whose writing process is gone (or, where that cannot be asked, that are older than
   :data:`STALE_SECONDS`), and never a temporary file that a live save is still writing.
+* :func:`atomic_save` writes a safetensors file through such a temporary file (flushed, then
+  renamed into place), so an interrupted save never leaves a truncated file;
+  :func:`read_safetensors` reads one back, raising :class:`LoRAFileError` for a truncated or
+  corrupt file. Every LoRA file, diffusers folder file and resume side file goes through these.
 """
 from __future__ import annotations
 
@@ -19,7 +23,11 @@ import re
 import secrets
 import threading
 import time
-from typing import Optional
+from typing import Mapping, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 _FORBIDDEN_CHARS = '<>:"|?*'
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
@@ -128,3 +136,80 @@ def remove_leftovers(folder: str) -> list:
             except OSError:
                 pass
     return removed
+
+
+# -- atomic safetensors saves and checked reads ---------------------------------------------------
+class LoRAFileError(ValueError):
+    """A LoRA (or resume state) file is unreadable, truncated, foreign or does not fit the model."""
+
+
+def atomic_save(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None,
+                overwrite: bool = False) -> str:
+    """``safetensors`` ``save_file`` through a hidden temporary file in the same folder
+    (:func:`temp_path_for`; left-overs of saves killed mid-write in that folder are removed
+    first).
+
+    The temporary file is flushed to disk, then moved into place: with ``os.replace`` when
+    ``overwrite``, else with ``os.link`` (atomic: fails if ``path`` appeared meanwhile). An
+    interruption leaves either the old file or the complete new one, never a truncated file.
+    Raises FileExistsError when ``path`` exists and ``overwrite`` is False. Returns ``path``.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    remove_leftovers(folder)  # temporary files of saves killed mid-write
+    tmp = temp_path_for(path)
+    try:
+        save_file(dict(tensors), tmp, metadata=dict(metadata or {}))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a models folder is shared: plain umask permissions
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # no-clobber
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; refusing to overwrite it") from None
+            except OSError:  # a filesystem without hard links
+                if os.path.exists(path):
+                    raise FileExistsError(f"{path} exists; refusing to overwrite it") from None
+                os.replace(tmp, path)
+        _fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        release_temp(tmp)
+    return path
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_safetensors(path: str) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file on the CPU; LoRAFileError if it is truncated,
+    corrupt or not safetensors; FileNotFoundError if it does not exist."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, "pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LoRAFileError(f"{name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
+    return tensors, metadata
