@@ -1,10 +1,13 @@
-"""The import structure of ``tools/``, read with ``ast`` (tests/import_cycles.py; nothing is imported)."""
+"""The import structure of ``tools/``: no import circle anywhere in the tree, and the measuring tools
+(``tools/measure``: speed, memory, fidelity) share one set-up module instead of importing each
+other's internals. Imports are read with ``ast`` (tests/import_cycles.py), nothing is imported."""
 import os
 import textwrap
 
 from import_cycles import import_cycles, import_graph
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETUP = "tools.measure.setup"
 
 
 def _write(root, files: dict) -> None:
@@ -47,3 +50,31 @@ def test_the_finder_finds_every_kind_of_import_circle(tmp_path):
     assert import_cycles(graph) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.d", "pkg.e"],
                                     ["scripts.bench", "scripts.peers"]]
 
+
+def test_no_import_circle_under_tools():
+    graph = import_graph(REPO, ["tools"])
+    # the tree was read: the measuring tools and the others
+    assert {"tools.demo", SETUP, "tools.measure.speed.bench", "tools.measure.memory.vram",
+            "tools.measure.fidelity.run"} <= set(graph)
+    assert import_cycles(graph) == []
+
+
+def test_measuring_tools_share_only_the_setup_module():
+    """speed/, memory/ and fidelity/ import nothing of one another; what they share is in
+    tools/measure/setup.py, which imports no other tool."""
+    graph = import_graph(REPO, ["tools"])
+    assert graph[SETUP] == set()
+    crossing = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if not target.startswith("tools.measure.") or target == SETUP:
+                continue
+            if module.split(".")[:3] != target.split(".")[:3]:
+                crossing.append(f"{module} -> {target}")
+    assert crossing == []
+    # one way inside a group: the driver uses its helpers, never the reverse
+    assert "tools.measure.speed.peers" in graph["tools.measure.speed.bench"]
+    assert "tools.measure.memory.vram_dit" in graph["tools.measure.memory.vram"]
+    for helper in ("tools.measure.speed.peers", "tools.measure.speed.cfg_gradient_study",
+                   "tools.measure.memory.vram_dit"):
+        assert SETUP in graph[helper], helper

@@ -1,4 +1,4 @@
-"""``make vram`` rows for the DiT / flow families (called by tools/vram.py; same method).
+"""``make vram`` rows for the DiT / flow families (called by :mod:`.vram`; same method).
 
 Full-size diffusers transformers built under ``FakeTensorMode`` (nothing allocated or computed),
 the project's own update (``DifferentiableSampler`` + ``DraftTrainer.step()``, lean mode: block
@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import time
 
-GIB = 1024 ** 3
+from tools.measure.setup import (GIB, METHODS, allocate_adam_state_only, build_aesthetic_reward,
+                                 memory_mode, vae_decoder)
+
 DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024}
 
 
@@ -41,18 +43,6 @@ def build_transformer(model: str):
             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
     raise ValueError(model)
-
-
-def build_vae16_decoder():
-    """The FLUX / SD3 VAE's decoder (AutoencoderKL, 16 latent channels, no quant convs)."""
-    from diffusers import AutoencoderKL
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
-                        block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4,
-                        use_quant_conv=False, use_post_quant_conv=False)
-    del vae.encoder
-    return vae
 
 
 def attention_targets(transformer) -> list:
@@ -88,15 +78,13 @@ def block_units(transformer) -> list:
 
 def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int,
                 mode: str = "lean") -> dict:
-    """Peak bytes of one update (tools/vram.py's ``measure`` for a DiT). ``mode``: ``lean`` (block
+    """Peak bytes of one update (vram.py's ``measure`` for a DiT). ``mode``: ``lean`` (block
     checkpointing, one row at a time), ``lean_decoder`` (the decoder's blocks only, one row at a
     time) or ``before`` (per-step and whole-decode checkpointing, every row at once)."""
     import torch
     from torch import nn
     from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
     from training.memory_trace import LiveBytes, fake_mode, module_bytes, tensor_bytes
-
-    from vram import METHODS, allocate_adam_state_only, build_aesthetic_reward, memory_mode  # noqa: E402
 
     torch.set_default_dtype(torch.bfloat16)
     flux = model == "flux_dev_1024"
@@ -112,7 +100,7 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
     with fake_mode():
         latent = resolution // 8
         transformer = build_transformer(model)
-        vae = build_vae16_decoder()
+        vae = vae_decoder(16)
         reward = build_aesthetic_reward()
         for m in (transformer, vae, reward):
             m.eval().requires_grad_(False)
