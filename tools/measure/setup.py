@@ -8,8 +8,8 @@
   (:func:`bench_unet`, :func:`bench_decoder`) and :class:`Setup`, the model, LoRA, decoder, schedule
   and prompts of one worker of ``speed/bench``, ``speed/peers`` and ``speed/cfg_gradient_study``;
 * one update traced on fake tensors, for ``memory/vram`` (UNets) and ``memory/vram_dit`` (DiTs):
-  :data:`METHODS`, :func:`build_aesthetic_reward`, :func:`memory_mode` and
-  :func:`allocate_adam_state_only`.
+  :data:`METHODS`, :func:`build_aesthetic_reward`, :func:`memory_mode`, :func:`update_sampler`,
+  :func:`update_trainer` and :func:`trace_update`.
 
 Nothing here imports torch, diffusers or the project's packages until a function needs them, so a
 tool's ``--help`` stays instant.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
@@ -265,3 +266,65 @@ def allocate_adam_state_only(trainer) -> None:
             if id(p) not in moments:
                 moments[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
     trainer.optimizer.step = adam_state_only
+
+
+def update_sampler(method: str, sigmas, **kwargs):
+    """The sampler of a row's ``method`` (a key of :data:`METHODS`, DRaFT-LV with 2 samples,
+    checkpointed) on real ``sigmas``; its denoiser is set by :func:`update_trainer`."""
+    from training import DifferentiableSampler, SamplerSettings
+    name, k = METHODS[method]
+    settings = SamplerSettings(method=name, k=k or 1, lv_samples=2, checkpointing=True)
+    return DifferentiableSampler(None, sigmas, settings, **kwargs)
+
+
+def update_trainer(sampler, denoiser, vae, latent_scale: float, latent_shift, reward, lora,
+                   latent_shape: tuple, batch: int, mode: str, denoiser_units: list):
+    """The ``DraftTrainer`` of one traced update: ``denoiser`` in ``sampler``, the decode through
+    ``vae`` (latent / ``latent_scale`` + ``latent_shift`` unless None, to [0, 1]), ``reward`` on 4
+    prompts, the memory settings of ``mode`` and AdamW's state allocated without its step."""
+    from training import DraftTrainer, TrainSettings
+
+    def decode(z):
+        z = z / latent_scale if latent_shift is None else z / latent_scale + latent_shift
+        img = vae.decode(z, return_dict=False)[0]
+        return (img.float() * 0.5 + 0.5).clamp(0, 1)
+
+    sampler.denoise = denoiser
+    trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
+                           lora, latent_shape, TrainSettings(batch_size=batch, seed=0),
+                           **memory_mode(mode, denoiser_units, vae.decoder))
+    allocate_adam_state_only(trainer)
+    return trainer
+
+
+def trace_update(trainer, row: dict, denoiser, vae, reward, lora, started: float,
+                 streamed: set = frozenset()) -> dict:
+    """Run one update of ``trainer`` under :class:`training.memory_trace.LiveBytes` and return
+    ``row`` (model, method, batch, mode, lowvram, steps, resolution) with the GiB of the resident
+    weights (the denoiser's without its LoRA factors and the ``streamed`` weights, by id; the VAE's,
+    the reward model's; the LoRA factors with their gradients and AdamW's two moments) and of the
+    update's peak (``peak_update_gib``), their sum (``total_gib``), what the update left
+    allocated, its K and the seconds since ``started``."""
+    from training.memory_trace import LiveBytes, module_bytes, tensor_bytes
+    lora_ids = {id(p) for p in lora.parameters()}
+    denoiser_bytes = tensor_bytes([p for p in list(denoiser.parameters()) + list(denoiser.buffers())
+                                   if id(p) not in lora_ids and id(p) not in streamed])
+    lora_bytes = tensor_bytes(lora.parameters())
+    # The update runs outside the fake mode: the models' tensors are fake (every op on them is
+    # faked by their own mode), while the engine's small host-side draws (prompt indices, noises,
+    # the schedule) stay real, as on a GPU run.
+    counter = LiveBytes()
+    with counter:
+        report = trainer.step()
+    activations, left_after_update = counter.peak, counter.live
+    # LoRA factors + AdamW's two moments are resident between updates; the counter's peak holds the
+    # gradients (and, in a first update, the moments' creation after the activations are gone).
+    lora_resident = 3 * lora_bytes
+    weights = denoiser_bytes + module_bytes(vae) + module_bytes(reward) + lora_resident
+    total = weights + activations
+    return dict(row, **{
+        "unet_weights_gib": denoiser_bytes / GIB, "vae_weights_gib": module_bytes(vae) / GIB,
+        "reward_weights_gib": module_bytes(reward) / GIB, "lora_and_adam_gib": lora_resident / GIB,
+        "peak_update_gib": activations / GIB, "total_gib": total / GIB,
+        "left_after_update_gib": left_after_update / GIB, "k": report.k,
+        "seconds": time.perf_counter() - started})

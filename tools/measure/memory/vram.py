@@ -32,8 +32,8 @@ branch without gradient.
     .venv/bin/python -m tools.measure.memory.vram --only sd15_512 --steps 4 --batches 1  # a smoke run
     .venv/bin/python -m tools.measure.memory.vram --validate # counter on real vs fake tensors (small)
 
-(from the repository root). The DiT rows are in :mod:`.vram_dit`; what both share (the reward
-model, the memory modes, AdamW's state) in :mod:`tools.measure.setup`.
+(from the repository root). The DiT rows are in :mod:`.vram_dit`; what both share (the traced
+update, the reward model, the memory modes) in :mod:`tools.measure.setup`.
 
 Last line: one JSON object (``sd15_512_lv2_gib`` ... ``sdxl_1024_k1_lowvram_gib`` and every row).
 """
@@ -48,9 +48,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tools.measure.memory.vram_dit import DIT_MODELS, measure_dit
-from tools.measure.setup import (GIB, METHODS, REPO, allocate_adam_state_only,
-                                 attention_projections, build_aesthetic_reward, memory_mode,
-                                 sd_schedule, vae_decoder, worker_command)
+from tools.measure.setup import (GIB, METHODS, REPO, attention_projections, build_aesthetic_reward,
+                                 sd_schedule, trace_update, update_sampler, update_trainer,
+                                 vae_decoder, worker_command)
 
 MODELS = {  # name: resolution (px)
     "sd15_512": 512, "sd21v_768": 768, "sdxl_1024": 1024,
@@ -113,17 +113,15 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
     import contextlib
     import torch
     from torch import nn
-    from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
+    from training import wrap_module
     from training.checkpointing import diffusers_unet_units
-    from training.memory_trace import LiveBytes, fake_mode, module_bytes, tensor_bytes
+    from training.memory_trace import fake_mode
 
     torch.set_default_dtype(dtype or torch.bfloat16)
     ctx = fake_mode() if fake else contextlib.nullcontext()
     # The schedule is real data (the sampler reads its values); SD's scaled-linear betas, ddim_uniform.
     log_sigmas, sigmas = sd_schedule(steps)
-    name, k = METHODS[method]
-    settings = SamplerSettings(method=name, k=k or 1, lv_samples=2, checkpointing=True)
-    sampler = DifferentiableSampler(None, sigmas, settings)  # built on real sigmas, outside ctx
+    sampler = update_sampler(method, sigmas)  # built on real sigmas, outside ctx
     started = time.perf_counter()
     with ctx:
         latent = resolution // 8
@@ -185,43 +183,16 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
                                    torch.cat([pu, pc]) if sdxl else None).chunk(2)
                 return x - s * (e_u + cfg * (e_c - e_u)).to(x.dtype)
 
-        def decode(z):
-            img = vae.decode(z / 0.18215, return_dict=False)[0]
-            return (img.float() * 0.5 + 0.5).clamp(0, 1)
-
-        sampler.denoise = Denoiser()
-        trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
-                               lora, (4, latent, latent), TrainSettings(batch_size=batch, seed=0),
-                               **memory_mode(mode, diffusers_unet_units(unet), vae.decoder))
-        allocate_adam_state_only(trainer)
-        lora_ids = {id(p) for p in lora.parameters()}
+        trainer = update_trainer(sampler, Denoiser(), vae, 0.18215, None, reward, lora,
+                                 (4, latent, latent), batch, mode, diffusers_unet_units(unet))
         streamed = set()
         if lowvram:  # the base weights of parametrized layers stay in system RAM
             from torch.nn.utils import parametrize
             streamed = {id(m.parametrizations.weight.original) for m in unet.modules()
                         if parametrize.is_parametrized(m, "weight")}
-        unet_bytes = tensor_bytes([p for p in list(unet.parameters()) + list(unet.buffers())
-                                   if id(p) not in lora_ids and id(p) not in streamed])
-        lora_bytes = tensor_bytes(lora.parameters())
-    # The update runs outside the fake mode: the models' tensors are fake (every op on them is
-    # faked by their own mode), while the engine's small host-side draws (prompt indices, noises,
-    # the schedule) stay real, as on a GPU run.
-    counter = LiveBytes()
-    with counter:
-        report = trainer.step()
-    activations = counter.peak
-    left_after_update = counter.live
-    # LoRA factors + AdamW's two moments are resident between updates; the counter's peak holds the
-    # gradients (and, in a first update, the moments' creation after the activations are gone).
-    lora_resident = 3 * lora_bytes
-    weights = unet_bytes + module_bytes(vae) + module_bytes(reward) + lora_resident
-    total = weights + activations
-    return {"model": model, "method": method, "batch": batch, "mode": mode, "lowvram": lowvram,
-            "steps": steps, "resolution": resolution,
-            "unet_weights_gib": unet_bytes / GIB, "vae_weights_gib": module_bytes(vae) / GIB,
-            "reward_weights_gib": module_bytes(reward) / GIB, "lora_and_adam_gib": lora_resident / GIB,
-            "peak_update_gib": activations / GIB, "total_gib": total / GIB,
-            "left_after_update_gib": left_after_update / GIB, "k": report.k, "seconds": time.perf_counter() - started}
+    row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=lowvram, steps=steps,
+               resolution=resolution)
+    return trace_update(trainer, row, unet, vae, reward, lora, started, streamed)
 
 
 # ---------------------------------------------------------------------------------------------
