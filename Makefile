@@ -51,13 +51,13 @@ demo: comfyui-deps
 	$(PY) tools/demo.py
 
 bench: deps
-	$(PY) tools/bench.py
+	$(PY) -m tools.measure.speed.bench
 
 vram: deps
-	$(PY) tools/vram.py
+	$(PY) -m tools.measure.memory.vram
 
 fidelity: deps
-	$(PY) -m tools.fidelity.run
+	$(PY) -m tools.measure.fidelity.run
 
 clean:
 	rm -rf .cache bench_out demo_out .pytest_cache

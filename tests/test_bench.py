@@ -1,4 +1,5 @@
-"""``make bench`` keeps working: a miniature run of ``tools/bench.py`` (4 steps, 64 px, one round).
+"""``make bench`` keeps working: a miniature run of ``tools.measure.speed.bench`` (4 steps, 64 px,
+one round).
 
 The real figures (50 steps, the targets) come from ``make bench`` on an idle machine; this test only
 checks that the script runs end to end, prints its JSON summary as the last line, and that the
@@ -14,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_runs_and_checkpointing_cuts_saved_activations():
-    cmd = [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--device", "cpu",
+    cmd = [sys.executable, "-m", "tools.measure.speed.bench", "--device", "cpu",
            "--steps", "4", "--ks", "1,4", "--resolution", "64", "--cfg", "0", "--reps", "1",
            "--threads", "1", "--no-components", "--timeout", "300", "--no-peers",
            "--only", "sample,k1_ckpt,k4_ckpt,k4_nockpt,lv2_ckpt,k1_lean,lv2_lean"]
@@ -39,7 +40,7 @@ def test_bench_runs_and_checkpointing_cuts_saved_activations():
 def test_bench_peers_against_trl_alignprop_runs_and_the_lean_update_holds_less():
     """TRL 0.23.1's AlignProp update beside ours on the same UNet, SD VAE decoder and LoRA (4 steps,
     64 px, one round): both run, and ours (decoder blocks checkpointed) holds less memory."""
-    cmd = [sys.executable, os.path.join(REPO, "tools", "bench_peers.py"), "--steps", "4",
+    cmd = [sys.executable, "-m", "tools.measure.speed.peers", "--steps", "4",
            "--resolution", "64", "--reps", "1", "--threads", "1"]
     env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)

@@ -46,7 +46,7 @@ METHOD_ROWS = {"k1": 1, "lv2": 2, "full": 1}  # differentiated rows per batch ro
 
 def _measured():
     if not os.path.exists(FIGURES):
-        pytest.fail(f"{FIGURES} is missing: run `make vram` (tools/vram.py --json-out {FIGURES})")
+        pytest.fail(f"{FIGURES} is missing: run `make vram` (python -m tools.measure.memory.vram --json-out {FIGURES})")
     with open(FIGURES) as f:
         return json.load(f)["rows"]
 

@@ -21,7 +21,7 @@ CLAIMS = ("small_k_beats_full", "lv_lower_variance", "lv_fewer_updates", "streng
 @pytest.mark.slow
 def test_fidelity_pipeline_tiny_budget(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cmd = [sys.executable, "-m", "tools.fidelity.run", "--tiny", "--out", str(out),
+    cmd = [sys.executable, "-m", "tools.measure.fidelity.run", "--tiny", "--out", str(out),
            "--cache", str(cache)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -50,13 +50,13 @@ def test_fidelity_pipeline_tiny_budget(tmp_path):
         "denoiser_w32_s8_b16_seed0.pt", "judge_clf_s10_seed2.pt", "reward_clf_s10_seed1.pt"]
 
     # the report re-renders from the saved results without training
-    from tools.fidelity.run import main
+    from tools.measure.fidelity.run import main
     (out / "fidelity.md").unlink()
     assert main(["--redoc", "--out", str(out)]) == 0
     assert (out / "fidelity.md").read_text() == doc
 
     # a second run takes the models from the cache instead of training them again
-    from tools.fidelity.data import splits
-    from tools.fidelity.run import TINY, build_models
+    from tools.measure.fidelity.data import splits
+    from tools.measure.fidelity.run import TINY, build_models
     *_, seconds, from_cache = build_models(TINY, str(cache), splits(0))
     assert from_cache and all(v > 0 for v in seconds.values())  # the recorded build times

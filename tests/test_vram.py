@@ -11,11 +11,10 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
 
 def test_counter_on_fake_tensors_matches_real_tensors_within_2_percent():
-    import vram
+    from tools.measure.memory import vram
     result = vram.validate(steps=2)
     for mode, figures in result.items():
         assert figures["real_bytes"] > 100_000, figures
@@ -27,7 +26,7 @@ def test_counter_on_fake_tensors_matches_real_tensors_within_2_percent():
 @pytest.mark.slow
 def test_make_vram_smoke_full_size_sd15_row():
     out = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "vram.py"), "--only", "sd15_512",
+        [sys.executable, "-m", "tools.measure.memory.vram", "--only", "sd15_512",
          "--methods", "k1", "--batches", "1", "--modes", "lean", "--jobs", "1"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -7,7 +7,9 @@ prediction without gradient): peak memory of one update (live tensor bytes), tim
 (interleaved rounds, median ratio) and the reward on 8 held-out seeds every 5 updates over 30
 updates from the same initial LoRA and the same prompt/noise draws.
 
-    .venv/bin/python tools/cfg_gradient_study.py     # last line: one JSON object
+    .venv/bin/python -m tools.measure.speed.cfg_gradient_study   # last line: one JSON object
+
+(from the repository root; the models are :class:`tools.measure.setup.Setup`'s, as bench's).
 """
 from __future__ import annotations
 
@@ -18,16 +20,11 @@ import sys
 import time
 from types import SimpleNamespace
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for p in (REPO, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from tools.measure.setup import Setup
 
 
 def build(cond_only: bool, steps: int, resolution: int):
     import torch
-    from bench import Setup
     from training.sampler import DifferentiableSampler, SamplerSettings
     from training.toy_models import colour_reward
     from training.trainer import DraftTrainer, TrainSettings

@@ -20,7 +20,10 @@ update, and our no-grad sampling against ComfyUI's own KSampler.
   previews and rollouts are) against ``comfy.sample.sample`` with sampler ``ddim``, scheduler
   ``ddim_uniform``, the same steps, cfg and latent; needs ``COMFYUI_PATH``.
 
-    .venv/bin/python tools/bench_peers.py            # prints a JSON object as its last line
+    .venv/bin/python -m tools.measure.speed.peers    # prints a JSON object as its last line
+
+(from the repository root; ``make bench`` runs it at the end, :mod:`.bench`). The models are
+:class:`tools.measure.setup.Setup`'s, as bench's.
 """
 from __future__ import annotations
 
@@ -33,11 +36,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for p in (REPO, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from tools.measure.setup import REPO, Setup, last_json_line, worker_command
 
 TRL_TARGETS = {"mem_vs_trl_k1": 0.6, "mem_vs_trl_full": 0.6, "time_vs_trl_k1": 1.0,
                "time_vs_trl_full": 1.0}
@@ -49,7 +48,6 @@ KSAMPLER_TARGET = 1.05
 # ---------------------------------------------------------------------------------------------
 def _setup(args):
     import torch
-    from bench import Setup
     torch.set_num_threads(args.threads)
     bench_args = SimpleNamespace(model="small", decoder="vae", resolution=args.resolution,
                                  rank=8, steps=args.steps, cfg=7.5)
@@ -258,15 +256,15 @@ def ksampler_worker(args) -> dict:
 # driver
 # ---------------------------------------------------------------------------------------------
 def _run(args, flag: str, payload: str = "") -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), flag] + ([payload] if payload else [])
+    cmd = worker_command(__spec__.name, flag, *([payload] if payload else []))
     cmd += ["--steps", str(args.steps), "--resolution", str(args.resolution), "--reps",
             str(args.reps), "--threads", str(args.threads), "--ksampler-resolution",
             str(args.ksampler_resolution)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    line = last_json_line(proc.stdout)
+    if proc.returncode != 0 or line is None:
         return {"error": (proc.stderr or proc.stdout).strip()[-600:]}
-    return json.loads(lines[-1])
+    return json.loads(line)
 
 
 def _ratios(times: dict, a: str, b: str) -> list:

@@ -1,7 +1,7 @@
-"""``make fidelity`` / ``python -m tools.fidelity.run``: the whole pipeline, last line one JSON.
+"""``make fidelity`` / ``python -m tools.measure.fidelity.run``: the whole pipeline, last line one JSON.
 
-    python -m tools.fidelity.run                 # full budget, writes docs/fidelity.md + PNGs
-    python -m tools.fidelity.run --tiny --out D  # CI smoke: seconds, everything under D
+    python -m tools.measure.fidelity.run                 # full budget, writes docs/fidelity.md + PNGs
+    python -m tools.measure.fidelity.run --tiny --out D  # CI smoke: seconds, everything under D
 
 Models (denoiser, reward classifier, judge) are cached under ``--cache`` (default
 ``.cache/fidelity``), keyed by their training settings.
@@ -18,17 +18,14 @@ from dataclasses import asdict
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tools.measure.setup import REPO
 
-from tools.fidelity.data import splits, to_unit  # noqa: E402
-from tools.fidelity.doc import markdown  # noqa: E402
-from tools.fidelity.experiments import METHODS, Budget, Lab  # noqa: E402
-from tools.fidelity.metrics import grid_image, nn_distance  # noqa: E402
-from tools.fidelity.models import (DigitClassifier, TinyUNet, accuracy, cached,  # noqa: E402
-                                   train_classifier, train_denoiser)
-from tools.fidelity.report import decide_claims, plots, summary, write_json  # noqa: E402
+from .data import splits, to_unit
+from .doc import markdown
+from .experiments import METHODS, Budget, Lab
+from .metrics import grid_image, nn_distance
+from .models import DigitClassifier, TinyUNet, accuracy, cached, train_classifier, train_denoiser
+from .report import decide_claims, plots, summary, write_json
 
 FULL = dict(budget=Budget(), denoiser_steps=1200, denoiser_batch=64, classifier_steps=600)
 TINY = dict(budget=Budget(steps=3, updates=2, eval_every=1, eval_seeds=4, batch_size=2,

@@ -1,4 +1,5 @@
-"""``make vram`` rows for the DiT / flow families (called by tools/vram.py; same method).
+"""``make vram`` rows for the DiT / flow families (called by :mod:`.vram`; same method, the traced
+update of :mod:`tools.measure.setup`).
 
 Full-size diffusers transformers built under ``FakeTensorMode`` (nothing allocated or computed),
 the project's own update (``DifferentiableSampler`` + ``DraftTrainer.step()``, lean mode: block
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import time
 
-GIB = 1024 ** 3
+from tools.measure.setup import (build_aesthetic_reward, trace_update, update_sampler,
+                                 update_trainer, vae_decoder)
+
 DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024}
 
 
@@ -41,18 +44,6 @@ def build_transformer(model: str):
             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
     raise ValueError(model)
-
-
-def build_vae16_decoder():
-    """The FLUX / SD3 VAE's decoder (AutoencoderKL, 16 latent channels, no quant convs)."""
-    from diffusers import AutoencoderKL
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
-                        block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4,
-                        use_quant_conv=False, use_post_quant_conv=False)
-    del vae.encoder
-    return vae
 
 
 def attention_targets(transformer) -> list:
@@ -88,31 +79,27 @@ def block_units(transformer) -> list:
 
 def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int,
                 mode: str = "lean") -> dict:
-    """Peak bytes of one update (tools/vram.py's ``measure`` for a DiT). ``mode``: ``lean`` (block
+    """Peak bytes of one update (vram.py's ``measure`` for a DiT). ``mode``: ``lean`` (block
     checkpointing, one row at a time), ``lean_decoder`` (the decoder's blocks only, one row at a
     time) or ``before`` (per-step and whole-decode checkpointing, every row at once)."""
     import torch
     from torch import nn
-    from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
-    from training.memory_trace import LiveBytes, fake_mode, module_bytes, tensor_bytes
-
-    from vram import METHODS, allocate_adam_state_only, build_aesthetic_reward, memory_mode  # noqa: E402
+    from training import wrap_module
+    from training.memory_trace import fake_mode
 
     torch.set_default_dtype(torch.bfloat16)
     flux = model == "flux_dev_1024"
     shift = 3.0  # SD3's; FLUX's resolution-dependent shift gives a schedule of the same length
     t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     sigmas = (shift * t / (1 + (shift - 1) * t)).float()
-    name, k = METHODS[method]
-    settings = SamplerSettings(method=name, k=k or 1, lv_samples=2, checkpointing=True)
-    sampler = DifferentiableSampler(None, sigmas, settings,
-                                    renoise=lambda s, n, x0: s.reshape(-1, 1, 1, 1).to(n) * n
-                                    + (1 - s.reshape(-1, 1, 1, 1).to(n)) * x0)
+    sampler = update_sampler(method, sigmas,
+                             renoise=lambda s, n, x0: s.reshape(-1, 1, 1, 1).to(n) * n
+                             + (1 - s.reshape(-1, 1, 1, 1).to(n)) * x0)
     started = time.perf_counter()
     with fake_mode():
         latent = resolution // 8
         transformer = build_transformer(model)
-        vae = build_vae16_decoder()
+        vae = vae_decoder(16)
         reward = build_aesthetic_reward()
         for m in (transformer, vae, reward):
             m.eval().requires_grad_(False)
@@ -157,30 +144,8 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
                 return x - s.reshape(-1, 1, 1, 1) * v.to(x.dtype)
 
         scale, shift_z = (0.3611, 0.1159) if flux else (1.5305, 0.0609)
-
-        def decode(z):
-            img = vae.decode(z / scale + shift_z, return_dict=False)[0]
-            return (img.float() * 0.5 + 0.5).clamp(0, 1)
-
-        sampler.denoise = Denoiser()
-        trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
-                               lora, (16, latent, latent), TrainSettings(batch_size=batch, seed=0),
-                               **memory_mode(mode, block_units(transformer), vae.decoder))
-        allocate_adam_state_only(trainer)
-        lora_ids = {id(p) for p in lora.parameters()}
-        transformer_bytes = tensor_bytes([p for p in list(transformer.parameters()) + list(transformer.buffers())
-                                          if id(p) not in lora_ids])
-        lora_bytes = tensor_bytes(lora.parameters())
-    counter = LiveBytes()
-    with counter:
-        report = trainer.step()
-    lora_resident = 3 * lora_bytes
-    weights = transformer_bytes + module_bytes(vae) + module_bytes(reward) + lora_resident
-    total = weights + counter.peak
-    return {"model": model, "method": method, "batch": batch, "mode": mode, "lowvram": False,
-            "steps": steps, "resolution": resolution,
-            "unet_weights_gib": transformer_bytes / GIB, "vae_weights_gib": module_bytes(vae) / GIB,
-            "reward_weights_gib": module_bytes(reward) / GIB, "lora_and_adam_gib": lora_resident / GIB,
-            "peak_update_gib": counter.peak / GIB, "total_gib": total / GIB,
-            "left_after_update_gib": counter.live / GIB, "k": report.k,
-            "seconds": time.perf_counter() - started}
+        trainer = update_trainer(sampler, Denoiser(), vae, scale, shift_z, reward, lora,
+                                 (16, latent, latent), batch, mode, block_units(transformer))
+    row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=False, steps=steps,
+               resolution=resolution)
+    return trace_update(trainer, row, transformer, vae, reward, lora, started)

@@ -24,8 +24,11 @@ Prints a table and, as its last line, one JSON object with ``peak_mem_ratio_k50_
 ratio of the iteration's added peak memory), ``time_ratio_draft1_vs_sampling``,
 ``time_ratio_lv2_vs_sampling``, ``time_ratio_full_vs_sampling`` and all raw figures.
 
-    .venv/bin/python tools/bench.py                                   # CPU, --model small
-    .venv/bin/python tools/bench.py --device cuda --model sd15 --resolution 512
+    .venv/bin/python -m tools.measure.speed.bench                     # CPU, --model small
+    .venv/bin/python -m tools.measure.speed.bench --device cuda --model sd15 --resolution 512
+
+(from the repository root). The models (:class:`tools.measure.setup.Setup`) are shared with
+:mod:`.peers` (the side-by-side with TRL and ComfyUI, run at the end) and :mod:`.cfg_gradient_study`.
 """
 from __future__ import annotations
 
@@ -41,10 +44,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tools.measure.setup import REPO, Setup, last_json_line, worker_command
 
 TARGETS = {  # key: (limit, description)
     "peak_mem_ratio_k50_k1": (1.25, "peak memory K=T / K=1, checkpointed"),
@@ -53,166 +53,6 @@ TARGETS = {  # key: (limit, description)
 }
 
 MODEL_DEFAULT_RESOLUTION = {"small": 256, "sd15": 512}
-
-
-# ---------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------
-def sd_alphas_cumprod():
-    """Stable Diffusion 1.x's ``scaled_linear`` schedule (beta 0.00085 -> 0.012, 1000 steps)."""
-    import torch
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def build_unet(model: str, latent: int):
-    from diffusers import UNet2DConditionModel
-    if model == "small":
-        # The real block structure (cross-attention down/up blocks, mid block with attention,
-        # resnets, time embedding), reduced width. Two heads per block give head dims of 32 and 64,
-        # in the range of SD's (SD1.x 40-160, SD2/SDXL 64): with tiny heads (e.g. 8 heads of 4
-        # channels) CPU attention and its backward dominate everything and the time ratios say
-        # more about that kernel than about DRaFT.
-        return UNet2DConditionModel(
-            sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-            attention_head_dim=2, norm_num_groups=32)
-    if model == "sd15":
-        # diffusers' defaults are SD1.x's UNet except the text width (CLIP ViT-L/14: 768).
-        return UNet2DConditionModel(sample_size=latent, cross_attention_dim=768)
-    raise ValueError(model)
-
-
-def build_decoder(kind: str, model: str):
-    """Latent (B, 4, h, w) -> image (B, 3, 8h, 8w) in [0, 1]."""
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    if kind == "vae":
-        from diffusers import AutoencoderKL
-        vae = AutoencoderKL(  # the SD1.x VAE's architecture, random weights; only the decoder runs
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4)
-        del vae.encoder, vae.quant_conv
-
-        class VaeDecoder(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.vae = vae
-
-            def forward(self, z):
-                img = self.vae.decode(z / 0.18215, return_dict=False)[0]
-                return (img * 0.5 + 0.5).clamp(0, 1)
-
-        return VaeDecoder()
-
-    widths = (32, 16, 16, 16) if model == "small" else (64, 32, 16, 16)
-
-    class SmallDecoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv_in = nn.Conv2d(4, widths[0], 3, padding=1)
-            self.ups = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 3, padding=1)
-                                     for i in range(3))
-            self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
-
-        def forward(self, z):
-            h = F.silu(self.conv_in(z))
-            for conv in self.ups:
-                h = F.silu(conv(F.interpolate(h, scale_factor=2, mode="nearest")))
-            return torch.sigmoid(self.conv_out(h))
-
-    return SmallDecoder()
-
-
-def attention_projections(unet) -> list:
-    suffixes = (".to_q", ".to_k", ".to_v", ".to_out.0")
-    return [name for name, _ in unet.named_modules()
-            if (".attn1" in name or ".attn2" in name) and name.endswith(suffixes)]
-
-
-class Setup:
-    """Model, LoRA, decoder, sampler schedule and prompts for one worker."""
-
-    def __init__(self, args, device):
-        import torch
-        from torch import nn
-        from training.lora import wrap_module
-        from training.sampler import vp_sigmas_from_alphas_cumprod
-
-        self.device = device
-        latent = args.resolution // 8
-        self.latent_shape = (4, latent, latent)
-        torch.manual_seed(0)
-        unet = build_unet(args.model, latent)
-        decoder = build_decoder(args.decoder, args.model)
-        for module in (unet, decoder):
-            module.eval().requires_grad_(False)
-        self.lora = wrap_module(unet, attention_projections(unet), rank=args.rank,
-                                alpha=float(args.rank), seed=0)
-        # A random LoRA "up" (instead of PEFT's zero init) so its gradient path is non-trivial.
-        with torch.no_grad():
-            for p in self.lora.trainable_parameters():
-                p.normal_(0.0, 1e-3)
-        self.unet = unet.to(device)
-        self.lora.to(device)
-        self.decoder = decoder.to(device)
-
-        alphas_cumprod = sd_alphas_cumprod()
-        self.log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod).sqrt().log()
-                           .float().to(device))
-        stride = 1000 // args.steps
-        timesteps = list(range(1, 1000, stride))[:args.steps][::-1]  # ddim_uniform-like
-        self.sigmas = vp_sigmas_from_alphas_cumprod(alphas_cumprod, timesteps)
-        dim = unet.config.cross_attention_dim
-        g = torch.Generator().manual_seed(1)
-        self.prompts = [f"prompt {i}" for i in range(4)]
-        self.context = torch.randn(len(self.prompts), 77, dim, generator=g).to(device)
-        self.uncond = torch.randn(1, 77, dim, generator=g).to(device)
-        self.cfg = float(args.cfg)
-        self.cond_only = bool(getattr(args, "cond_only", False))
-        setup = self
-
-        class Denoiser(nn.Module):
-            """``x0 = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma), context)`` (EPS, VP)."""
-
-            def forward(self, x, sigma, prompt_index):
-                s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
-                x_in = x / torch.sqrt(1.0 + s ** 2)
-                # ComfyUI's ModelSamplingDiscrete.timestep: nearest log-sigma of the 1000.
-                t = (sigma.float().log()[None, :] - setup.log_sigmas[:, None]).abs().argmin(dim=0)
-                ctx = setup.context[prompt_index]
-                if setup.cfg > 0 and setup.cond_only and torch.is_grad_enabled():
-                    # the unconditional branch without gradient (batched as usual under no_grad)
-                    eps_c = setup.unet(x_in, t, encoder_hidden_states=ctx, return_dict=False)[0]
-                    with torch.no_grad():
-                        eps_u = setup.unet(x_in, t, encoder_hidden_states=setup.uncond.expand(
-                            x.shape[0], -1, -1), return_dict=False)[0]
-                    eps = eps_u + setup.cfg * (eps_c - eps_u)
-                    return x - s * eps.to(x.dtype)
-                if setup.cfg > 0:
-                    x_in, t = torch.cat([x_in, x_in]), torch.cat([t, t])
-                    ctx = torch.cat([setup.uncond.expand(x.shape[0], -1, -1), ctx])
-                eps = setup.unet(x_in, t, encoder_hidden_states=ctx, return_dict=False)[0]
-                if setup.cfg > 0:
-                    eps_u, eps_c = eps.chunk(2)
-                    eps = eps_u + setup.cfg * (eps_c - eps_u)
-                return x - s * eps.to(x.dtype)
-
-        self.denoise = Denoiser()
-
-    def weight_storages(self) -> set:
-        """Storage addresses of everything that exists before an iteration (weights, context)."""
-        ptrs = set()
-        tensors = [*self.unet.parameters(), *self.unet.buffers(), *self.decoder.parameters(),
-                   *self.decoder.buffers(), *self.lora.parameters(), self.context, self.uncond,
-                   self.log_sigmas]
-        for t in tensors:
-            ptrs.add(t.untyped_storage().data_ptr())
-        return ptrs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,7 +428,7 @@ def _cpu_jiffies():
 
 def run_worker(args, mode: str, payload) -> dict:
     """Run ``--worker-<mode> payload`` in a fresh process; its last stdout line is its JSON."""
-    cmd = [sys.executable, os.path.abspath(__file__), f"--worker-{mode}", json.dumps(payload)]
+    cmd = worker_command(__spec__.name, f"--worker-{mode}", json.dumps(payload))
     cmd += worker_args(args)
     env = dict(os.environ, **WORKER_ENV[mode])
     start = time.perf_counter()
@@ -597,13 +437,13 @@ def run_worker(args, mode: str, payload) -> dict:
                               cwd=REPO, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    line = last_json_line(proc.stdout)
+    if proc.returncode != 0 or line is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         if proc.returncode < 0:
             tail.append(f"killed by signal {-proc.returncode} (out of memory?)")
         return {"error": " | ".join(tail)[-300:] or f"exit status {proc.returncode}"}
-    result = json.loads(lines[-1])
+    result = json.loads(line)
     result["process_s"] = time.perf_counter() - start
     return result
 
@@ -744,7 +584,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json-out", default="", help="also write the JSON object to this file")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="skip the comparison with TRL's AlignProp and ComfyUI's KSampler "
-                             "(tools/bench_peers.py)")
+                             "(tools.measure.speed.peers)")
     parser.add_argument("--peer-resolution", type=int, default=256,
                         help="image side of the peer comparisons (SD VAE decoder at this size)")
     parser.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
@@ -884,7 +724,7 @@ def main(argv=None) -> int:
               f"bench; the timings are not reliable. Run it again on an idle machine.")
     peers = {}
     if args.peers:
-        import bench_peers
+        from tools.measure.speed import peers as bench_peers
         print("  peers: TRL AlignProp update and ComfyUI KSampler side by side ...", flush=True)
         peers = bench_peers.compare(bench_peers.parse(
             ["--steps", str(args.steps), "--resolution", str(args.peer_resolution),

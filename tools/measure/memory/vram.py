@@ -28,9 +28,12 @@ checkpointing, every row at once); ``lean`` adds block checkpointing and one row
 kept; rows one at a time: the trainer's middle way); ``lean_cond`` also runs CFG's unconditional
 branch without gradient.
 
-    .venv/bin/python tools/vram.py                       # every row (minutes on 2 cores)
-    .venv/bin/python tools/vram.py --only sd15_512 --steps 4 --batches 1   # a smoke run
-    .venv/bin/python tools/vram.py --validate            # counter on real vs fake tensors (small)
+    .venv/bin/python -m tools.measure.memory.vram            # every row (minutes on 2 cores)
+    .venv/bin/python -m tools.measure.memory.vram --only sd15_512 --steps 4 --batches 1  # a smoke run
+    .venv/bin/python -m tools.measure.memory.vram --validate # counter on real vs fake tensors (small)
+
+(from the repository root). The DiT rows are in :mod:`.vram_dit`; what both share (the traced
+update, the reward model, the memory modes) in :mod:`tools.measure.setup`.
 
 Last line: one JSON object (``sd15_512_lv2_gib`` ... ``sdxl_1024_k1_lowvram_gib`` and every row).
 """
@@ -44,17 +47,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tools.measure.memory.vram_dit import DIT_MODELS, measure_dit
+from tools.measure.setup import (GIB, METHODS, REPO, attention_projections, build_aesthetic_reward,
+                                 sd_schedule, trace_update, update_sampler, update_trainer,
+                                 vae_decoder, worker_command)
 
-GIB = 1024 ** 3
-METHODS = {"lv2": ("draft_lv", 1), "k1": ("draft_k", 1), "full": ("draft", None)}
 MODELS = {  # name: resolution (px)
     "sd15_512": 512, "sd21v_768": 768, "sdxl_1024": 1024,
 }
-DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024}  # tools/vram_dit.py
 DIT_ROWS = [("flux_dev_1024", "k1"), ("sd35m_1024", "lv2")]
 TARGETS = {  # key: (limit GiB or ratio, what)
     "flux_dev_1024_k1_gib": (22.0, "FLUX.1-dev 1024 px fp8 base weights DRaFT-1, batch 1"),
@@ -88,52 +88,6 @@ def build_unet(model: str, latent: int):
     raise ValueError(model)
 
 
-def build_vae_decoder():
-    """The SD / SDXL VAE's decoder (AutoencoderKL, 4 latent channels)."""
-    from diffusers import AutoencoderKL
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                        block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4)
-    del vae.encoder, vae.quant_conv
-    return vae
-
-
-def build_aesthetic_reward():
-    from reward_models.aesthetic import AestheticHead, AestheticReward
-    from reward_models.open_clip_backbone import build_open_clip
-    from reward_models.preprocess import ImageTransform
-    clip = build_open_clip("ViT-L-14-quickgelu")
-    return AestheticReward(AestheticHead(), clip.visual, ImageTransform("crop", 224))
-
-
-def allocate_adam_state_only(trainer) -> None:
-    """Replace the trainer's AdamW step by the allocation of its state: AdamW reads its step
-    counter as a Python number, which fake tensors do not have; its memory is two float32 moments
-    per LoRA factor, allocated here as AdamW's first step would."""
-    import torch
-    moments = {}
-
-    def adam_state_only(*a, **kw):
-        for p in trainer.params:
-            if id(p) not in moments:
-                moments[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
-    trainer.optimizer.step = adam_state_only
-
-
-def attention_projections(unet) -> list:
-    suffixes = (".to_q", ".to_k", ".to_v", ".to_out.0")
-    return [n for n, _ in unet.named_modules()
-            if (".attn1" in n or ".attn2" in n) and n.endswith(suffixes)]
-
-
-class _CopyOnUse:
-    """Parametrization standing for a weight streamed from system RAM: a fresh copy per use."""
-
-    def __call__(self, weight):
-        return weight.clone()
-
-
 def stream_weights(unet) -> None:
     """lowvram: every Linear/Conv weight of ``unet`` is copied on use (the GPU's transient copy)."""
     import torch
@@ -152,19 +106,6 @@ def stream_weights(unet) -> None:
 # ---------------------------------------------------------------------------------------------
 # one configuration
 # ---------------------------------------------------------------------------------------------
-def memory_mode(mode: str, denoiser_units: list, decoder) -> dict:
-    """DraftTrainer's memory settings for a row's ``mode`` (see the module docstring), given the
-    denoiser's checkpoint units and the diffusers VAE ``decoder``."""
-    from training.checkpointing import diffusers_decoder_units
-    every_block = mode in ("lean", "lean_cond")
-    lean = mode != "before"
-    return dict(
-        block_units=(denoiser_units + diffusers_decoder_units(decoder)) if every_block else [],
-        selective_units=diffusers_decoder_units(decoder) if mode == "lean_decoder" else [],
-        decoder_blocks_checkpointed=lean, row_by_row=lean, denoiser_blocks_checkpointed=every_block,
-        channels_last_decode=False)  # the decode as on a CUDA device (NCHW), not the CPU's layout
-
-
 def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps: int,
             resolution: int, fake: bool = True, tiny: bool = False, dtype=None) -> dict:
     """Peak bytes of one update; see the module docstring. ``tiny``: a small model (validation);
@@ -172,22 +113,15 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
     import contextlib
     import torch
     from torch import nn
-    from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
+    from training import wrap_module
     from training.checkpointing import diffusers_unet_units
-    from training.memory_trace import LiveBytes, fake_mode, module_bytes, tensor_bytes
-    from training.sampler import vp_sigmas_from_alphas_cumprod
+    from training.memory_trace import fake_mode
 
     torch.set_default_dtype(dtype or torch.bfloat16)
     ctx = fake_mode() if fake else contextlib.nullcontext()
     # The schedule is real data (the sampler reads its values); SD's scaled-linear betas, ddim_uniform.
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    log_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().log().float()
-    stride = max(1, 1000 // steps)
-    sigmas = vp_sigmas_from_alphas_cumprod(alphas_cumprod, list(range(1, 1000, stride))[:steps][::-1])
-    name, k = METHODS[method]
-    settings = SamplerSettings(method=name, k=k or 1, lv_samples=2, checkpointing=True)
-    sampler = DifferentiableSampler(None, sigmas, settings)  # built on real sigmas, outside ctx
+    log_sigmas, sigmas = sd_schedule(steps)
+    sampler = update_sampler(method, sigmas)  # built on real sigmas, outside ctx
     started = time.perf_counter()
     with ctx:
         latent = resolution // 8
@@ -207,7 +141,7 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
             reward = ImageStatReward("saturation")
         else:
             unet = build_unet(model, latent)
-            vae = build_vae_decoder()
+            vae = vae_decoder()
             reward = build_aesthetic_reward()
         for m in (unet, vae, reward):
             m.eval().requires_grad_(False)
@@ -249,43 +183,16 @@ def measure(model: str, method: str, batch: int, mode: str, lowvram: bool, steps
                                    torch.cat([pu, pc]) if sdxl else None).chunk(2)
                 return x - s * (e_u + cfg * (e_c - e_u)).to(x.dtype)
 
-        def decode(z):
-            img = vae.decode(z / 0.18215, return_dict=False)[0]
-            return (img.float() * 0.5 + 0.5).clamp(0, 1)
-
-        sampler.denoise = Denoiser()
-        trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
-                               lora, (4, latent, latent), TrainSettings(batch_size=batch, seed=0),
-                               **memory_mode(mode, diffusers_unet_units(unet), vae.decoder))
-        allocate_adam_state_only(trainer)
-        lora_ids = {id(p) for p in lora.parameters()}
+        trainer = update_trainer(sampler, Denoiser(), vae, 0.18215, None, reward, lora,
+                                 (4, latent, latent), batch, mode, diffusers_unet_units(unet))
         streamed = set()
         if lowvram:  # the base weights of parametrized layers stay in system RAM
             from torch.nn.utils import parametrize
             streamed = {id(m.parametrizations.weight.original) for m in unet.modules()
                         if parametrize.is_parametrized(m, "weight")}
-        unet_bytes = tensor_bytes([p for p in list(unet.parameters()) + list(unet.buffers())
-                                   if id(p) not in lora_ids and id(p) not in streamed])
-        lora_bytes = tensor_bytes(lora.parameters())
-    # The update runs outside the fake mode: the models' tensors are fake (every op on them is
-    # faked by their own mode), while the engine's small host-side draws (prompt indices, noises,
-    # the schedule) stay real, as on a GPU run.
-    counter = LiveBytes()
-    with counter:
-        report = trainer.step()
-    activations = counter.peak
-    left_after_update = counter.live
-    # LoRA factors + AdamW's two moments are resident between updates; the counter's peak holds the
-    # gradients (and, in a first update, the moments' creation after the activations are gone).
-    lora_resident = 3 * lora_bytes
-    weights = unet_bytes + module_bytes(vae) + module_bytes(reward) + lora_resident
-    total = weights + activations
-    return {"model": model, "method": method, "batch": batch, "mode": mode, "lowvram": lowvram,
-            "steps": steps, "resolution": resolution,
-            "unet_weights_gib": unet_bytes / GIB, "vae_weights_gib": module_bytes(vae) / GIB,
-            "reward_weights_gib": module_bytes(reward) / GIB, "lora_and_adam_gib": lora_resident / GIB,
-            "peak_update_gib": activations / GIB, "total_gib": total / GIB,
-            "left_after_update_gib": left_after_update / GIB, "k": report.k, "seconds": time.perf_counter() - started}
+    row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=lowvram, steps=steps,
+               resolution=resolution)
+    return trace_update(trainer, row, unet, vae, reward, lora, started, streamed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +205,7 @@ def rows_to_run(args) -> list:
     (50) differentiated, at batch 1 (its memory is flat in K; batch 4 is 4 x the time)."""
     rows = []
     models = args.only or list(MODELS) + list(DIT_MODELS)
-    for model, method in DIT_ROWS:  # tools/vram_dit.py: batch 1
+    for model, method in DIT_ROWS:  # vram_dit.py: batch 1
         if model in models:
             for mode in [m for m in args.modes if m != "lean_cond"]:  # (cond-only: UNets only)
                 rows.append(dict(model=model, method=method, batch=1, mode=mode, lowvram=False,
@@ -344,7 +251,7 @@ def run_row(row: dict, args) -> dict:
     if args.reuse and os.path.exists(cached):
         with open(cached) as f:
             return json.load(f)
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(row)]
+    cmd = worker_command(__spec__.name, "--one", json.dumps(row))
     if args.resolution:
         cmd += ["--resolution", str(args.resolution)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -459,7 +366,6 @@ def main(argv=None) -> int:
     if args.one:
         row = json.loads(args.one)
         if row["model"] in DIT_MODELS:
-            from vram_dit import measure_dit
             res = args.resolution or DIT_MODELS[row["model"]]
             result = measure_dit(row["model"], row["method"], row["batch"],
                                  row.get("steps", args.steps), res, row["mode"])
