@@ -93,6 +93,22 @@ def imports_of(module: str, path: str, modules, foreign: Iterable[str] = ()) -> 
     return found
 
 
+def foreign_imports(path: str, modules, foreign: Iterable[str] = ()) -> Set[str]:
+    """The top-level names of the absolute imports in the file at ``path`` that are not modules of
+    the tree (``modules``), plus any in ``foreign``: ``torch``, ``comfy``, ComfyUI's ``nodes``..."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module)
+    foreign = set(foreign)
+    return {n.split(".")[0] for n in names
+            if n.split(".")[0] in foreign or _deepest(n, modules) is None}
+
+
 def import_graph(root: str, folders: Iterable[str], foreign: Iterable[str] = ()) -> Dict[str, Set[str]]:
     """``{module: the modules of the tree it imports}`` for the modules below ``root/<folders>``
     (``foreign``: see :func:`imports_of`)."""

@@ -16,7 +16,7 @@ Every way gives the same gradient (tests/test_memory_lean.py); they differ in ti
 :func:`estimate_update_bytes` gives the peak activation bytes of each from two per-model figures
 that ComfyUI knows for every family (``model.memory_required`` for one UNet/DiT forward of a shape,
 ``vae.memory_used_decode`` for one decode), with factors measured by ``make vram`` on the full-size
-architectures (the denoiser's per family; tools/vram.py, README "Memory at full size").
+architectures (the denoiser's per family; tools/measure/memory/vram.py, README "Memory at full size").
 :func:`choose_plan` takes the first of fast / rows one at a time / decoder and reward blocks / all
 blocks that fits the free memory, and refuses before the first iteration, saying what to lower,
 when not even the leanest does.
@@ -31,7 +31,7 @@ BLOCK_CHOICES = ("auto", "on", "decoder and reward", "off")
 ROW_CHOICES = ("auto", "one at a time", "all at once")
 CFG_GRADIENT_CHOICES = ("both branches", "conditional only")
 
-# Measured by `make vram` (tools/vram.py: bf16, full-size SD1.5 512 px, SD2.1-v 768 px, SDXL,
+# Measured by `make vram` (tools/measure/memory/vram.py: bf16, full-size SD1.5 512 px, SD2.1-v 768 px, SDXL,
 # FLUX.1-dev and SD3.5-medium at 1024 px, aesthetic reward; docs/vram_figures.json, checked by
 # tests/test_comfyui_memory_estimate.py). The decoder's backward and the denoiser step's come one
 # after the other, so an update peaks at the larger of the two, per row at once. Each is a factor
