@@ -10,9 +10,9 @@ import traceback
 
 import torch
 
-from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
+from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings
 from training.sampler import karras_sigmas
-from training.toy_models import TOY_LORA_TARGETS, build_toy_model, colour_reward
+from training.toy_models import build_toy_model, colour_reward, toy_lora
 
 PROMPTS = ["a", "b", "c", "d", "e"]
 # (method, eta, row_by_row, grad_accum, batch per process): LV with its re-noising draws, random K
@@ -24,11 +24,7 @@ UPDATES = 3
 def toy_trainer(method, eta, row_by_row, grad_accum, batch, parallel=None, reward=colour_reward):
     """A toy DRaFT trainer with non-zero LoRA factors (so every factor gets a gradient)."""
     denoiser, decoder = build_toy_model(seed=0)
-    lora = wrap_module(denoiser, TOY_LORA_TARGETS, rank=2, alpha=2, seed=0)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in lora.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lora = toy_lora(denoiser)
     sampler = DifferentiableSampler(denoiser, karras_sigmas(5), SamplerSettings(
         method=method, k=2, k_min=1, k_max=4, lv_samples=2, eta=eta))
     settings = TrainSettings(batch_size=batch, grad_accum=grad_accum, learning_rate=1e-2, seed=7,

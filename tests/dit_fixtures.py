@@ -15,11 +15,10 @@ Nothing here is imported by the project.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from lora_fixtures import import_comfy
+from lora_fixtures import fill_ as lora_fill_, import_comfy
 
 _FLUX = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=32,
              context_in_dim=32, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2,
@@ -50,20 +49,12 @@ TEXT_WIDTH, TEXT_TOKENS = 32, 6
 
 
 def fill_(module: torch.nn.Module, seed: int) -> None:
-    """Seeded explicit init: fan-in-scaled normals for matrices, 1 + noise for norm scales,
-    small biases, and MMDiT's position-embedding buffer."""
-    g = torch.Generator().manual_seed(seed)
+    """lora_fixtures.fill_'s seeded init, plus MMDiT's position-embedding buffer (registered empty:
+    a checkpoint fills it)."""
+    g = lora_fill_(module, seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("bias"):
-                p.copy_(0.02 * noise)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.05 * noise)
-            else:
-                p.copy_(noise / math.sqrt(max(1, math.prod(p.shape[1:]))))
         for name, b in module.named_buffers():
-            if name.endswith("pos_embed"):  # MMDiT registers it empty (a checkpoint fills it)
+            if name.endswith("pos_embed"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 

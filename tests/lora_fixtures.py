@@ -119,9 +119,10 @@ TINY = {
 }
 
 
-def fill_(module: nn.Module, seed: int) -> None:
+def fill_(module: nn.Module, seed: int) -> torch.Generator:
     """Seeded explicit init (ComfyUI's ops leave weights empty): fan-in-scaled normals for
-    matrices, 1 + noise for norm scales, small non-zero biases (so a mis-mapped bias shows)."""
+    matrices, 1 + noise for norm scales, small non-zero biases (so a mis-mapped bias shows).
+    Returns the generator, for what a caller fills next."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -132,6 +133,7 @@ def fill_(module: nn.Module, seed: int) -> None:
                 p.copy_(1.0 + 0.05 * noise)
             else:
                 p.copy_(noise / math.sqrt(max(1, math.prod(p.shape[1:]))))
+    return g
 
 
 def comfy_tiny_model(kind: str, seed: int = 0):

@@ -5,10 +5,10 @@ import torch
 
 from reward_models.combine import CombinedReward
 from reward_models.image_stats import ImageStatReward
-from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings, wrap_module
+from training import DifferentiableSampler, DraftTrainer, SamplerSettings, TrainSettings
 from training.checkpointing import checkpoint_blocks, is_wrapped
 from training.sampler import karras_sigmas
-from training.toy_models import TOY_LORA_TARGETS, build_toy_model, colour_reward
+from training.toy_models import build_toy_model, colour_reward, toy_lora
 
 PROMPTS = ["a", "b", "c"]
 
@@ -17,11 +17,7 @@ def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3
                 kl=0.0, channels_last=None):
     torch.manual_seed(0)
     denoiser, decoder = build_toy_model(seed=0)
-    lora = wrap_module(denoiser, TOY_LORA_TARGETS, rank=2, alpha=2, seed=0)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in lora.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lora = toy_lora(denoiser)
     ref = None
     if kl:
         def ref(x, s, i):

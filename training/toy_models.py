@@ -105,3 +105,15 @@ def build_toy_model(seed: int = 0, num_prompts: int = 8, width: int = 32):
 
 TOY_LORA_TARGETS = ("eps_net.conv_in", "eps_net.mid.0", "eps_net.mid.2", "eps_net.conv_out",
                     "eps_net.time_proj", "eps_net.prompt_proj")
+
+
+def toy_lora(denoiser: nn.Module, rank: int = 2, seed: int = 5):
+    """A rank-``rank`` LoRA (alpha = rank) on :data:`TOY_LORA_TARGETS` of ``denoiser`` with both
+    factors seeded non-zero (N(0, 0.05^2), generator ``seed``), so every factor gets a gradient."""
+    from .lora import wrap_module
+    lora = wrap_module(denoiser, TOY_LORA_TARGETS, rank=rank, alpha=rank, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return lora
