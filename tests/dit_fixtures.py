@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_fixtures import fill_ as lora_fill_, import_comfy
+from lora_fixtures import fill_ as lora_fill_, import_comfy, tiny_patcher
 
 _FLUX = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=32,
              context_in_dim=32, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2,
@@ -60,14 +60,8 @@ def fill_(module: torch.nn.Module, seed: int) -> None:
 
 def tiny_model(kind: str, seed: int = 0):
     """A ``ModelPatcher`` around a tiny ComfyUI model of ``kind`` (a key of :data:`FAMILIES`)."""
-    comfy = import_comfy()
     class_name, unet_config, _ = FAMILIES[kind]
-    model_config = getattr(comfy.supported_models, class_name)(dict(unet_config))
-    model = model_config.get_model({})
-    fill_(model.diffusion_model, seed)
-    model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
-                                            offload_device=torch.device("cpu"))
+    return tiny_patcher(class_name, unet_config, seed, fill=fill_)
 
 
 def conditioning(kind: str):

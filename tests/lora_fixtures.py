@@ -139,11 +139,16 @@ def fill_(module: nn.Module, seed: int) -> torch.Generator:
 def comfy_tiny_model(kind: str, seed: int = 0):
     """A ``ModelPatcher`` around a tiny ComfyUI model of ``kind`` (``sd15`` or ``sdxl``) whose
     ``model_config`` is ComfyUI's own ``SD15``/``SDXL`` class."""
-    comfy = import_comfy()
     config_class, ldm, _ = TINY[kind]
-    model_config = getattr(comfy.supported_models, config_class)(dict(ldm))
-    model = model_config.get_model({})
-    fill_(model.diffusion_model, seed)
+    return tiny_patcher(config_class, ldm, seed)
+
+
+def tiny_patcher(config_class: str, unet_config: dict, seed: int, fill=None):
+    """A CPU ``ModelPatcher`` around ComfyUI's model class ``comfy.supported_models.<config_class>``
+    built from ``unet_config``, its weights set by ``fill(module, seed)`` (default :func:`fill_`)."""
+    comfy = import_comfy()
+    model = getattr(comfy.supported_models, config_class)(dict(unet_config)).get_model({})
+    (fill or fill_)(model.diffusion_model, seed)
     model.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                             offload_device=torch.device("cpu"))
