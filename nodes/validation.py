@@ -182,7 +182,7 @@ def _trainer_rules(v: dict, sources: Optional[dict] = None) -> list:
         if problem:
             out.append(("lora_name", problem))
     resume = v.get("resume_lora")
-    if resume not in (None, "none"):
+    if isinstance(resume, str) and resume != "none":  # not a string: not one of the choices (schema)
         path = folder_paths.get_full_path("loras", resume)
         if not path:
             out.append(("resume_lora", f"{resume!r} is not in models/loras ({lora_files.loras_root()})"))

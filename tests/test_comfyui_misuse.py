@@ -120,8 +120,8 @@ QUEUE_TIME_CASES = [
     ("4", "lora_name", "../escape"), ("4", "lora_name", ""), ("4", "lora_name", "a\x01b"),
     ("5", "filename_prefix", "out|put"), ("5", "filename_prefix", "/tmp/abs"),
     ("5", "filename_prefix", "x?"),
-    # a resume file that is not there
-    ("4", "resume_lora", "gone/missing.safetensors"),
+    # a resume file that is not there; a number (an old 24-widget trainer's grad_clip, shifted)
+    ("4", "resume_lora", "gone/missing.safetensors"), ("4", "resume_lora", 10.0),
 ]
 
 
