@@ -6,8 +6,9 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (evaluate_node, guidance_node, memory_options_node, reward_model_nodes,
-               reward_nodes, routes, sampler_node, save_lora_node, trainer_node)
+from . import (evaluate_node, guidance_node, lora_settings_node, memory_options_node,
+               optimizer_node, reward_model_nodes, reward_nodes, routes, sampler_node,
+               save_lora_node, save_preview_node, trainer_node)
 
 
 class DraftExtension(ComfyExtension):
@@ -17,6 +18,9 @@ class DraftExtension(ComfyExtension):
             sampler_node.DraftSamplerNode,
             memory_options_node.DraftMemoryOptions,
             trainer_node.DraftTrainerNode,
+            lora_settings_node.DraftLoRASettings,
+            optimizer_node.DraftOptimizer,
+            save_preview_node.DraftSavePreview,
             save_lora_node.DraftSaveLoRA,
             evaluate_node.DraftEvaluate,
             guidance_node.DraftGuidanceNode,

@@ -5,24 +5,24 @@ from comfy_api.latest import io
 
 from ..training.memory_plan import (BLOCK_CHOICES, CFG_GRADIENT_CHOICES, ROW_CHOICES,
                                     MemoryOptions)
-from .checked_node import CheckedNode
+from .options_node import OptionsNode
 
 DraftMemory = io.Custom("DRAFT_MEMORY")
 
 
-class DraftMemoryOptions(CheckedNode):
+class DraftMemoryOptions(OptionsNode):
+    OPTIONS, TYPE, TRAINER_INPUT = MemoryOptions, DraftMemory, "memory"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DRaFTMemoryOptions",
-            display_name="DRaFT Memory Options",
-            category="DRaFT",
-            description=("Optional settings for DRaFT Trainer's memory use. 'auto' runs the fastest way "
-                         "that fits the free VRAM: all rows at once, then rows one at a time, then "
-                         "the decoder's and reward's blocks checkpointed, then every block; the "
-                         "trainer logs what it chose and refuses before the first iteration when "
-                         "nothing fits."),
-            inputs=[
+        return cls.options_schema(
+            "DRaFTMemoryOptions", "DRaFT Memory Options",
+            ("Optional settings for DRaFT Trainer's memory use. 'auto' runs the fastest way "
+             "that fits the free VRAM: all rows at once, then rows one at a time, then "
+             "the decoder's and reward's blocks checkpointed, then every block; the "
+             "trainer logs what it chose and refuses before the first iteration when "
+             "nothing fits."),
+            [
                 io.Combo.Input("block_checkpointing", options=list(BLOCK_CHOICES), default="auto",
                                tooltip="Recompute blocks one by one in the backward pass, so the peak becomes one block's activations. on: the UNet's/DiT's, the VAE decoder's and the reward's blocks (about one extra denoiser forward per differentiated step); decoder and reward: only theirs, the decoder's selectively (its convolutions' outputs kept: a few percent of a decode, once per update whatever K); auto: as little as fits the free VRAM. Same gradient."),
                 io.Combo.Input("rows", options=list(ROW_CHOICES), default="auto",
@@ -30,11 +30,4 @@ class DraftMemoryOptions(CheckedNode):
                 io.Combo.Input("cfg_gradient", options=list(CFG_GRADIENT_CHOICES), default="both branches",
                                tooltip="Both branches: the exact gradient through classifier-free guidance. Conditional only: the unconditional prediction runs without gradient (less memory and time; a different gradient, as some peers do)."),
             ],
-            outputs=[DraftMemory.Output(display_name="memory",
-                                        tooltip="Connect to DRaFT Trainer's 'memory' input.")],
         )
-
-    @classmethod
-    def execute(cls, block_checkpointing, rows, cfg_gradient) -> io.NodeOutput:
-        return io.NodeOutput(MemoryOptions(block_checkpointing=block_checkpointing, rows=rows,
-                                           cfg_gradient=cfg_gradient))

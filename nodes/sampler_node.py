@@ -13,7 +13,7 @@ from comfy_api.latest import io
 import comfy.samplers
 
 from ..training.sampler import SamplerSettings, ddim_step, signal_scale
-from . import validation
+from .checked_node import CheckedNode
 
 METHOD_CHOICES = {
     "DRaFT-LV": "draft_lv",
@@ -57,7 +57,7 @@ class DraftKSampler(comfy.samplers.KSAMPLER):
         self.draft_settings = settings
 
 
-class DraftSamplerNode(io.ComfyNode):
+class DraftSamplerNode(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -91,10 +91,6 @@ class DraftSamplerNode(io.ComfyNode):
             outputs=[io.Sampler.Output(display_name="sampler",
                                        tooltip="A SAMPLER for DRaFT Trainer, or for SamplerCustomAdvanced as a plain DDIM sampler.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs):
-        return validation.check_queued(cls, kwargs)  # every input, once (nodes/validation.py)
 
     @classmethod
     def execute(cls, method, k, k_min, k_max, lv_samples, lv_include_original, eta,

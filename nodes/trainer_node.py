@@ -9,12 +9,14 @@ import comfy.samplers
 from ..training.plot import reward_curve_image
 from ..training.prompt_sets import PROMPT_SETS
 from ..training.memory_plan import MemoryOptions
-from ..training.trainer import TrainSettings
 from . import lora_files, progress_events, validation
-from .architectures import TARGET_SET_HELP, TARGET_SETS
+from .checked_node import CheckedNode
 from .guidance_node import DraftGuidance
+from .lora_settings_node import DraftLoRASettingsType
 from .memory_options_node import DraftMemory
+from .optimizer_node import DraftOptimizerType
 from .reward_types import DraftReward
+from .save_preview_node import DraftSavePreviewType
 from .training_run import RunConfig, TrainingRun, clip_encoder
 
 DraftHistory = io.Custom("DRAFT_HISTORY")
@@ -25,7 +27,7 @@ def _pil_to_image(pil) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-class DraftTrainerNode(io.ComfyNode):
+class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at the start of execute
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -34,7 +36,9 @@ class DraftTrainerNode(io.ComfyNode):
             category="DRaFT",
             description=("Trains a LoRA on this checkpoint so that its samples score higher on the "
                          "reward, by backpropagating through the last sampling steps (DRaFT, "
-                         "arXiv 2309.17400). Watch the reward curve; stop early if it reward-hacks."),
+                         "arXiv 2309.17400). Watch the reward curve; stop early if it reward-hacks. "
+                         "Optional nodes set the rest: DRaFT LoRA Settings, Optimizer, Save & "
+                         "Preview, Memory Options, Guidance (FLUX)."),
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image). It is not modified: the LoRA is trained on a clone."),
                 io.Vae.Input("vae", tooltip="Decodes samples for the reward; gradients flow through it."),
@@ -58,40 +62,27 @@ class DraftTrainerNode(io.ComfyNode):
                 io.Int.Input("iterations", default=200, min=1, max=100000,
                              tooltip="Optimizer updates in total (a resumed run continues up to this number). Paper: 2k small, 10k large."),
                 io.Int.Input("batch_size", default=1, min=1, max=64,
-                             tooltip="Prompts per micro-batch (paper: 4 small / 16 large; use accumulation when VRAM is short)."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=256,
-                             tooltip="Micro-batches per update: effective batch = batch_size x grad_accumulation."),
+                             tooltip="Prompts per micro-batch (paper: 4 small / 16 large; when VRAM is short, DRaFT Optimizer's grad_accumulation adds micro-batches)."),
                 io.Float.Input("learning_rate", default=4e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate (paper: 4e-4 small runs, 2e-4 large)."),
-                io.Float.Input("weight_decay", default=0.1, min=0.0, max=1.0, step=0.01,
-                               tooltip="AdamW weight decay (paper: 0.1)."),
-                io.Float.Input("grad_clip", default=10.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip="Max gradient norm; 0 disables (DRaFT+ uses 10)."),
-                io.Int.Input("lora_rank", default=8, min=1, max=256, tooltip="LoRA rank (paper: 8 small runs, 32 large)."),
-                io.Float.Input("lora_alpha", default=8.0, min=0.01, max=1024.0, step=0.5,
-                               tooltip="LoRA alpha; the update is scaled by alpha / rank (kohya convention)."),
-                io.Combo.Input("target_modules", options=list(TARGET_SETS), default="attention",
-                               tooltip="Layers that get a LoRA (inside the model's blocks): " + TARGET_SET_HELP + "."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds LoRA init, prompts, noises; same seed and settings give the same LoRA."),
-                io.Combo.Input("mixed_precision", options=["auto", "no", "bf16", "fp16"], default="auto",
-                               tooltip="Autocast dtype; LoRA weights stay float32. auto follows the model's dtype (fp16 uses loss scaling)."),
-                io.Float.Input("kl_coeff", default=0.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="DRaFT+ penalty on the LoRA model drifting from the base model's predictions (0 = off; costs one extra forward per differentiated step)."),
-                io.Int.Input("save_every", default=0, min=0, max=100000,
-                             tooltip="Also save the LoRA into models/loras every N iterations (0 = never; Cancel always saves a partial LoRA)."),
-                io.Int.Input("preview_every", default=10, min=0, max=100000,
-                             tooltip="Every N iterations, preview a fixed-seed sample on the node (0 = show the latest training sample only)."),
                 io.String.Input("lora_name", default="draft/draft_lora",
-                                tooltip="File prefix inside models/loras for periodic and partial saves (sub-folders allowed)."),
+                                tooltip="File prefix inside models/loras for periodic saves (DRaFT Save & Preview) and the partial save on Cancel (sub-folders allowed)."),
                 io.Combo.Input("resume_lora", options=lora_files.resume_choices(), default="none",
-                               tooltip="Continue training from a LoRA in models/loras (our files resume optimizer state and step count too)."),
+                               tooltip="Continue training from a LoRA in models/loras (our files resume optimizer state and step count too); its rank, alpha and layers must match DRaFT LoRA Settings (or its defaults)."),
                 io.Sigmas.Input("sigmas", optional=True,
                                 tooltip="Optional sigma schedule from a scheduler node (overrides steps/scheduler); must end at 0."),
                 DraftMemory.Input("memory", optional=True,
                                   tooltip="Optional DRaFT Memory Options (default: automatic: lean settings only when the fast way does not fit the free VRAM)."),
                 DraftGuidance.Input("guidance", optional=True,
                                     tooltip="Optional DRaFT Guidance node: FLUX.1 dev's embedded guidance (default 3.5 without it)."),
+                DraftLoRASettingsType.Input("lora_settings", optional=True,
+                                            tooltip="Optional DRaFT LoRA Settings: rank, alpha, target layers (default rank 8, alpha 8, attention)."),
+                DraftOptimizerType.Input("optimizer", optional=True,
+                                         tooltip="Optional DRaFT Optimizer: weight decay, gradient clipping and accumulation, KL penalty, mixed precision (default AdamW decay 0.1, clip 10, no accumulation, no KL, auto precision)."),
+                DraftSavePreviewType.Input("saving", optional=True,
+                                           tooltip="Optional DRaFT Save & Preview: periodic saves and previews (default: no periodic saves, a preview every 10 iterations)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
@@ -108,30 +99,22 @@ class DraftTrainerNode(io.ComfyNode):
         return lora_files.file_fingerprint(resume_lora)
 
     @classmethod
-    def validate_inputs(cls, **kwargs):
-        # Every input, once, when queued; the rest at the start of execute (nodes/validation.py).
-        return validation.check_queued(cls, kwargs)
-
-    @classmethod
     def execute(cls, model, vae, clip, reward, sampler, prompt_set, prompts, negative_prompt,
-                steps, scheduler, cfg, width, height, iterations, batch_size, grad_accumulation,
-                learning_rate, weight_decay, grad_clip, lora_rank, lora_alpha, target_modules,
-                seed, mixed_precision, kl_coeff, save_every, preview_every, lora_name,
-                resume_lora, sigmas=None, memory=None, guidance=None) -> io.NodeOutput:
+                steps, scheduler, cfg, width, height, iterations, batch_size, learning_rate, seed,
+                lora_name, resume_lora, sigmas=None, memory=None, guidance=None,
+                lora_settings=None, optimizer=None, saving=None) -> io.NodeOutput:
         values = dict(locals())
         checked = validation.check_trainer(cls, values, model, vae, sampler, sigmas,
                                            prompt=cls.hidden.prompt, node_id=cls.hidden.unique_id)
-        settings = sampler.draft_settings
-        train = TrainSettings(iterations=iterations, batch_size=batch_size,
-                              grad_accum=grad_accumulation, learning_rate=learning_rate,
-                              weight_decay=weight_decay, grad_clip=grad_clip, kl_coeff=kl_coeff,
-                              seed=seed)
+        lora, opt, save = (checked["options"][k] for k in ("lora_settings", "optimizer", "saving"))
         config = RunConfig(
             prompts=checked["prompts"], negative_prompt=negative_prompt,
-            sampler=settings, steps=steps, scheduler=scheduler, cfg=cfg, width=width,
-            height=height, train=train, rank=lora_rank, alpha=lora_alpha,
-            target_set=target_modules, mixed_precision=mixed_precision, save_every=save_every,
-            preview_every=preview_every, lora_name=lora_name,
+            sampler=sampler.draft_settings, steps=steps, scheduler=scheduler, cfg=cfg, width=width,
+            height=height, train=opt.train_settings(iterations=iterations, batch_size=batch_size,
+                                                    learning_rate=learning_rate, seed=seed),
+            rank=lora.lora_rank, alpha=lora.lora_alpha, target_set=lora.target_modules,
+            mixed_precision=opt.mixed_precision, save_every=save.save_every,
+            preview_every=save.preview_every, lora_name=lora_name,
             resume_lora=None if resume_lora in (None, "none") else resume_lora,
             sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label,
             memory=memory if memory is not None else MemoryOptions(), guidance=guidance)

@@ -21,6 +21,13 @@ What needs the connected objects is checked at the start of the trainer's execut
 iteration runs: the DRaFT Sampler's K against the schedule (steps or SIGMAS), width/height against
 the VAE, the LoRA rank against the layers, the resume file against the model's layers and the
 target modules (plus everything above once more, for callers that bypass ``/prompt``).
+
+Settings that live on the trainer's optional nodes (DRaFT LoRA Settings, Optimizer, Save &
+Preview: :func:`option_nodes`) are checked on their own node when queued; a cross-check with the
+trainer's inputs names the node and its input (``lora_rank of DRaFT LoRA Settings (node 11)``), or
+says the default was used when none is connected. A node's values reach the trainer only when it
+runs, so a resume file against a *connected* LoRA Settings node is checked at the start of execute
+(against the defaults, when none is connected, already when queued).
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import folder_paths
 from ..training import input_rules
 from ..training.lora_resume import state_path_for
 from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
+from ..training.run_options import LoRAOptions
 from ..training.safe_files import LoRAFileError
 from . import comfy_glue, lora_files
 
@@ -120,7 +128,50 @@ def resume_header(path: str) -> dict:
     return {"ranks": ranks, "alphas": alphas, "step": int(step), "side_file": os.path.exists(side)}
 
 
-def _trainer_rules(v: dict) -> list:
+def option_nodes() -> dict:
+    """DRaFT Trainer's optional settings inputs -> the node class feeding each (its ``OPTIONS``
+    dataclass, whose defaults apply when nothing is connected)."""
+    from .lora_settings_node import DraftLoRASettings  # imported here: they import this module
+    from .optimizer_node import DraftOptimizer
+    from .save_preview_node import DraftSavePreview
+    return {"lora_settings": DraftLoRASettings, "optimizer": DraftOptimizer, "saving": DraftSavePreview}
+
+
+def trainer_options(values: dict) -> dict:
+    """``{input: options}`` for the trainer's optional settings inputs: the connected node's
+    dataclass, or its defaults where nothing is connected (absent or None)."""
+    return {name: values[name] if values.get(name) is not None else node.OPTIONS()
+            for name, node in option_nodes().items()}
+
+
+def linked_node(prompt, node_id, name) -> Optional[str]:
+    """The id of the node linked to input ``name`` of node ``node_id`` in a queued ``prompt``."""
+    link = ((prompt or {}).get(str(node_id)) or {}).get("inputs", {}).get(name)
+    return str(link[0]) if isinstance(link, list) and link else None
+
+
+def option_node_label(option_input: str, source: Optional[str]) -> str:
+    """``DRaFT LoRA Settings (node 11)``: the node feeding the trainer's ``option_input``
+    (``source``: its id, "" if unknown, None if nothing is connected: ``no DRaFT LoRA Settings
+    node connected``)."""
+    title = option_nodes()[option_input].define_schema().display_name
+    if source is None:
+        return f"no {title} node connected"
+    return title + (f" (node {source})" if source else "")
+
+
+def setting_label(option_input: str, name: str, source: Optional[str]) -> str:
+    """How a problem names setting ``name`` of the trainer's ``option_input``: ``lora_rank of
+    DRaFT LoRA Settings (node 11)``, or ``lora_rank (the default: no DRaFT LoRA Settings node
+    connected)``."""
+    node = option_node_label(option_input, source)
+    return f"{name} (the default: {node})" if source is None else f"{name} of {node}"
+
+
+def _trainer_rules(v: dict, sources: Optional[dict] = None) -> list:
+    """The trainer's own rules. ``sources``: ``{optional input: linked node id}`` (see
+    :func:`setting_label`); None when queued, where an option input is absent when nothing is
+    connected (the defaults apply) and None when linked (its values are not known yet)."""
     out = []
     if v.get("prompt_set") in ("custom", *PROMPT_SETS) and v.get("prompts") is not None:
         try:
@@ -132,7 +183,7 @@ def _trainer_rules(v: dict) -> list:
         if problem:
             out.append(("lora_name", problem))
     resume = v.get("resume_lora")
-    if resume not in (None, "none"):
+    if isinstance(resume, str) and resume != "none":  # not a string: not one of the choices (schema)
         path = folder_paths.get_full_path("loras", resume)
         if not path:
             out.append(("resume_lora", f"{resume!r} is not in models/loras ({lora_files.loras_root()})"))
@@ -142,8 +193,13 @@ def _trainer_rules(v: dict) -> list:
         except Exception as e:  # unreadable: the loader says exactly why at execute time
             out.append(("resume_lora", f"{resume!r} is not a readable LoRA file ({e})"))
             return out
-        if v.get("lora_rank") is not None and v.get("lora_alpha") is not None:
-            bad = input_rules.resume_mismatch(head["ranks"], head["alphas"], v["lora_rank"], v["lora_alpha"])
+        lora = v.get("lora_settings", LoRAOptions())
+        if lora is not None:
+            source = (sources or {}).get("lora_settings")
+            node = option_node_label("lora_settings", source)
+            where = f"{node} says" if source is not None else f"the trainer's defaults ({node}) are"
+            bad = input_rules.resume_mismatch(head["ranks"], head["alphas"], lora.lora_rank,
+                                              lora.lora_alpha, where)
             if bad:
                 out.append(("resume_lora", bad))
         if v.get("iterations") is not None:
@@ -220,7 +276,10 @@ def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prom
     problem (one line each, ``input: what is wrong``). Nothing is loaded to the device.
     ``prompt`` (the queued graph) adds the other DRaFT nodes' problems (:func:`other_node_problems`).
 
-    Returns what it worked out on the way: ``{"prompts": [...], "steps": int}``.
+    ``values`` holds the trainer's inputs; its optional settings inputs (:func:`option_nodes`)
+    are the connected nodes' dataclasses, or None where nothing is connected (the defaults).
+    Returns what it worked out on the way: ``{"prompts": [...], "steps": int, "options":
+    {optional input: dataclass}}``.
     """
     problems = schema_problems(node_cls, values) + other_node_problems(prompt, node_id)
     bad_inputs = {name for name, _ in problems}
@@ -230,7 +289,14 @@ def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prom
             problems.append((name, text))
             bad_inputs.add(name)
 
-    for name, text in _trainer_rules(values):
+    options = trainer_options(values)
+    sources = {name: None if values.get(name) is None else (linked_node(prompt, node_id, name) or "")
+               for name in options}
+    lora: LoRAOptions = options["lora_settings"]
+    # a LoRA Settings node with bad values of its own: reported above, nothing to cross-check
+    lora_ok = sources["lora_settings"] is None or f"node {sources['lora_settings']}" not in bad_inputs
+    for name, text in _trainer_rules({**values, **options, **({} if lora_ok else {"lora_settings": None})},
+                                     sources):
         add(name, text)
     settings = getattr(sampler, "draft_settings", None)
     if settings is None:
@@ -252,28 +318,30 @@ def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prom
 
     diffusion_model = model.model.diffusion_model
     names = []
-    if "target_modules" not in bad_inputs:
+    if lora_ok:
         try:
-            names = comfy_glue.target_module_names(diffusion_model, values["target_modules"])
+            names = comfy_glue.target_module_names(diffusion_model, lora.target_modules)
         except ValueError as e:
             add("model", str(e))
     resume = values.get("resume_lora")
-    if names and "lora_rank" not in bad_inputs and resume in (None, "none"):
-        bad = input_rules.rank_problem(int(values["lora_rank"]), _layer_widths(diffusion_model, names))
+    if names and resume in (None, "none"):
+        bad = input_rules.rank_problem(int(lora.lora_rank), _layer_widths(diffusion_model, names))
         if bad:
-            add("lora_rank", bad)
+            add(setting_label("lora_settings", "lora_rank", sources["lora_settings"]), bad)
     if resume not in (None, "none") and names and not {"resume_lora", "iterations"} & bad_inputs:
         try:
             lora_files.load_for_resume(resume, diffusion_model, names, model)
         except (LoRAFileError, OSError) as e:
             text = str(e)
             if "target layers" in text or "matches no target layer" in text:
-                text += (f" -- target_modules is {values['target_modules']!r}: choose the target "
-                         "set the file was trained with")
+                where = setting_label("lora_settings", "target_modules", sources["lora_settings"])
+                text += (f" -- {where} is {lora.target_modules!r}: choose the target set the file "
+                         "was trained with")
             add("resume_lora", text)
 
     _raise("DRaFT Trainer", problems, "nothing was loaded or trained")
-    return {"prompts": resolve_prompts(values["prompt_set"], values["prompts"]), "steps": steps}
+    return {"prompts": resolve_prompts(values["prompt_set"], values["prompts"]), "steps": steps,
+            "options": options}
 
 
 def check_save_lora(filename_prefix) -> None:

@@ -33,7 +33,12 @@ DOCS_SHOT = os.path.join(REPO, "docs", "draft_trainer_chart.png")
 UPDATE_ASSETS = os.environ.get("DRAFT_UPDATE_ASSETS", "") not in ("", "0")
 TEMPLATES = bh.template_paths()
 OUR_NODES = {"DRaFTTrainer", "DRaFTSampler", "DRaFTSaveLoRA", "DRaFTEvaluate", "DRaFTImageStatReward",
-             "DRaFTCombineRewards"}
+             "DRaFTCombineRewards", "DRaFTLoRASettings", "DRaFTOptimizer", "DRaFTSavePreview"}
+MAX_TRAINER_WIDGETS = 16  # issue 23: a trainer a newcomer reads at a glance
+# The trainer's optional settings nodes: its input -> the node feeding it.
+TRAINER_OPTIONS = {"lora_settings": "DRaFTLoRASettings", "optimizer": "DRaFTOptimizer",
+                   "saving": "DRaFTSavePreview", "memory": "DRaFTMemoryOptions", "guidance": "DRaFTGuidance"}
+SETTINGS_WIDGETS = """(n) => n.widgets.filter(w => !w.name.startsWith('draft_')).map(w => w.name)"""
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +192,44 @@ def test_several_trainers_without_a_run_draw_cleanly_and_serialize_only_schema_w
     assert_no_problems_from_us(cpage)
 
 
+def test_trainer_shows_at_most_16_widgets_and_takes_the_rest_from_optional_nodes(server, cpage):
+    """The real frontend's trainer: its settings widgets (the chart, ``draft_reward_chart``, is
+    ours and shows no setting) are the schema's, at most 16; each optional settings node connects
+    to its input, and the prompt the frontend sends carries the links."""
+    from workflow_api import widget_names
+    made = cpage.evaluate("""([options, settings]) => {
+        app.graph.clear();
+        const trainer = LiteGraph.createNode('DRaFTTrainer');
+        trainer.pos = [500, 50];
+        app.graph.add(trainer);
+        const linked = {};
+        Object.entries(options).forEach(([input, type], i) => {
+            const n = LiteGraph.createNode(type);
+            n.pos = [50, 50 + 210 * i];
+            app.graph.add(n);
+            n.connect(0, trainer, trainer.findInputSlot(input));
+            linked[input] = trainer.inputs[trainer.findInputSlot(input)].link !== null;
+        });
+        app.canvas.setDirty(true, true);
+        return {id: trainer.id, widgets: eval(settings)(trainer),
+                all: trainer.widgets.map(w => w.name), linked};
+    }""", [TRAINER_OPTIONS, SETTINGS_WIDGETS])
+    print(f"DRaFT Trainer in the frontend: {len(made['widgets'])} settings widgets "
+          f"({len(made['all'])} with the chart): {made['widgets']}")
+    assert len(made["widgets"]) <= MAX_TRAINER_WIDGETS, made
+    assert made["widgets"] == [n for n, _ in widget_names(server.object_info["DRaFTTrainer"])], made
+    assert set(made["all"]) - set(made["widgets"]) == {"draft_reward_chart"}, made
+    assert made["linked"] == {name: True for name in TRAINER_OPTIONS}, made
+    prompt = cpage.evaluate("async () => (await app.graphToPrompt()).output")
+    inputs = prompt[str(made["id"])]["inputs"]
+    for name, node_type in TRAINER_OPTIONS.items():
+        source = inputs[name][0]
+        assert prompt[str(source)]["class_type"] == node_type, (name, prompt)
+    cpage.fit_view()
+    cpage.screenshot(os.path.join(OUT, "trainer_with_options.png"))
+    assert_no_problems_from_us(cpage)
+
+
 def send(cpage, event, detail):
     """Deliver a websocket-style event to the page's api object (as the server's would arrive)."""
     cpage.evaluate("([t, d]) => window.comfyAPI.api.api.dispatchCustomEvent(t, d)", [event, detail])
@@ -262,6 +305,9 @@ def test_template_loads_without_missing_nodes(tpage, path):
     assert not result["missing_dialog"], result["dialogs"]
     assert os.path.getsize(result["screenshot"]) > 10_000
     trainers = tpage.evaluate("() => app.graph.nodes.filter(n => n.type === 'DRaFTTrainer').map(n => n.id)")
+    for node_id in trainers:
+        widgets = tpage.evaluate(f"(id) => ({SETTINGS_WIDGETS})(app.graph.getNodeById(id))", node_id)
+        assert 0 < len(widgets) <= MAX_TRAINER_WIDGETS, widgets
     for node_id in trainers:  # every trainer got its chart, below all of its widgets
         layout = tpage.evaluate("""(id) => { const n = app.graph.getNodeById(id);
             const w = n.widgets.find(w => w.name === 'draft_reward_chart');
@@ -271,10 +317,10 @@ def test_template_loads_without_missing_nodes(tpage, path):
 
 
 def test_live_chart_survives_reload_and_matches_the_servers_rewards(server, cpage):
-    from test_comfyui_nodes import trainer_graph
+    from test_comfyui_nodes import SAVING_NODE, trainer_graph
     iterations = 12
     graph = trainer_graph(server.ckpt_name, iterations=iterations, seed=3, lora_name="draft/browser")
-    graph["4"]["inputs"]["preview_every"] = 0  # preview the training samples: no extra sampling
+    graph[SAVING_NODE]["inputs"]["preview_every"] = 0  # preview the training samples: no extra sampling
     # Evaluate shows its text; a second trainer on the canvas must keep an empty chart.
     graph["7"] = {"class_type": "DRaFTEvaluate", "inputs": {
         "images": ["4", 3], "reward": ["2", 0], "prompts": "a cat", "chunk_size": 8}}

@@ -39,7 +39,7 @@ def comfy_env():
     with torch.inference_mode():  # as ComfyUI's executor loads it
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
         cond = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))[0][0]
-    return {"model": model, "vae": vae, "glue": comfy_glue, "cond": cond}
+    return {"model": model, "vae": vae, "clip": clip, "glue": comfy_glue, "cond": cond}
 
 
 def unet_forward(patcher, cond, seed=0):

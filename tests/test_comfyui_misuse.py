@@ -9,7 +9,7 @@ import torch
 
 from conftest import comfyui_path
 from comfy_server import post_prompt
-from test_comfyui_nodes import free, trainer_graph
+from test_comfyui_nodes import LORA_NODE, OPTIMIZER_NODE, SAVING_NODE, free, trainer_graph
 
 pytestmark = pytest.mark.comfyui
 
@@ -90,10 +90,15 @@ def wait_status(srv, pred, timeout=900):  # generous: the CI machines' CPUs are 
 # -- refused when queued ----------------------------------------------------------------------------
 QUEUE_TIME_CASES = [
     # (node, input, value): out of range or not a choice; ComfyUI's own checks, one message each
-    ("4", "iterations", 0), ("4", "steps", 0), ("4", "lora_rank", 9999), ("4", "width", 8),
-    ("4", "cfg", 31.0), ("4", "batch_size", 0), ("4", "learning_rate", 0.0), ("4", "save_every", -1),
-    ("4", "seed", -5), ("4", "scheduler", "bogus"), ("4", "target_modules", "everything"),
-    ("4", "mixed_precision", "fp8"), ("4", "prompt_set", "nope"),
+    ("4", "iterations", 0), ("4", "steps", 0), ("4", "width", 8), ("4", "cfg", 31.0),
+    ("4", "batch_size", 0), ("4", "learning_rate", 0.0), ("4", "seed", -5),
+    ("4", "scheduler", "bogus"), ("4", "prompt_set", "nope"),
+    # the trainer's settings on its optional nodes: refused on their own node
+    (LORA_NODE, "lora_rank", 9999), (LORA_NODE, "lora_alpha", 0.0),
+    (LORA_NODE, "target_modules", "everything"), (OPTIMIZER_NODE, "mixed_precision", "fp8"),
+    (OPTIMIZER_NODE, "grad_clip", -1.0), (OPTIMIZER_NODE, "grad_accumulation", 0),
+    (OPTIMIZER_NODE, "weight_decay", 2.0), (OPTIMIZER_NODE, "kl_coeff", float("inf")),
+    (SAVING_NODE, "save_every", -1), (SAVING_NODE, "preview_every", -2),
     ("3", "k", 0), ("3", "eta", 1.5), ("3", "method", "DRaFT-Z"), ("3", "lv_samples", 100),
     ("2", "statistic", "beauty"),
     # names other systems cannot hold, or outside models/loras: our validate_inputs
@@ -101,8 +106,8 @@ QUEUE_TIME_CASES = [
     ("4", "lora_name", "../escape"), ("4", "lora_name", ""), ("4", "lora_name", "a\x01b"),
     ("5", "filename_prefix", "out|put"), ("5", "filename_prefix", "/tmp/abs"),
     ("5", "filename_prefix", "x?"),
-    # a resume file that is not there
-    ("4", "resume_lora", "gone/missing.safetensors"),
+    # a resume file that is not there; a number (an old 24-widget trainer's grad_clip, shifted)
+    ("4", "resume_lora", "gone/missing.safetensors"), ("4", "resume_lora", 10.0),
 ]
 
 
@@ -298,20 +303,37 @@ def test_resume_without_side_file_continues_from_metadata_with_a_fresh_optimizer
 def test_resume_file_that_does_not_fit_the_settings_is_refused_before_training(server):
     server.run_prompt(trainer_graph(server.ckpt_name, iterations=2, seed=91, lora_name="draft/fit", save_every=2))
     name = "draft/fit_step00002.safetensors"
-    # what the file itself says (rank, alpha, step) is checked when the prompt is queued
-    cases = [({"lora_rank": 8}, "resume_lora", ["rank 4", "lora_rank 8"]),
-             ({"lora_alpha": 2.0}, "resume_lora", ["alpha 4", "lora_alpha 2"]),
-             ({"iterations": 2}, "iterations", ["already holds 2 updates"])]
-    for change, name_, expected in cases:
+
+    def graph_with(node, **change):
         graph = trainer_graph(server.ckpt_name, iterations=4, seed=91, lora_name="draft/fit_more")
         graph["4"]["inputs"]["resume_lora"] = name
-        graph["4"]["inputs"].update(change)
-        status, body = post_prompt(server, graph)
-        assert status == 400, body
-        problems = problem_lines(errors_by_node(body)["4"][0]["details"])
-        assert list(problems) == [name_] and all(f in problems[name_] for f in expected), problems
+        graph[node]["inputs"].update(change)
+        return graph
+
+    # what the file itself says (step; rank and alpha against the trainer's defaults when no
+    # LoRA Settings node is connected) is checked when the prompt is queued
+    graph = graph_with("4", iterations=2)
+    status, body = post_prompt(server, graph)
+    assert status == 400, body
+    problems = problem_lines(errors_by_node(body)["4"][0]["details"])
+    assert list(problems) == ["iterations"] and "already holds 2 updates" in problems["iterations"], problems
+    graph = graph_with("4")
+    del graph["4"]["inputs"]["lora_settings"], graph[LORA_NODE]
+    status, body = post_prompt(server, graph)
+    assert status == 400, body
+    problems = problem_lines(errors_by_node(body)["4"][0]["details"])
+    assert list(problems) == ["resume_lora"], problems
+    for expected in ("rank 4, alpha 4", "defaults (no DRaFT LoRA Settings node connected)", "lora_rank 8"):
+        assert expected in problems["resume_lora"], problems
+    # a connected LoRA Settings node's values: at the start of execute, naming the node
+    cases = [({"lora_rank": 8}, ["rank 4", "DRaFT LoRA Settings (node 11) says lora_rank 8"]),
+             ({"lora_alpha": 2.0}, ["alpha 4", "DRaFT LoRA Settings (node 11) says", "lora_alpha 2"])]
+    for change, expected in cases:
+        problems = problem_lines(run_expecting_refusal(server, graph_with(LORA_NODE, **change)))
+        assert list(problems) == ["resume_lora"], problems
+        assert all(f in problems["resume_lora"] for f in expected), problems
     # the file against the model's layers of the chosen target set: at the start of execute
-    graph = trainer_graph(server.ckpt_name, iterations=4, seed=91, lora_name="draft/fit_more")
-    graph["4"]["inputs"].update(resume_lora=name, target_modules="kohya default")
+    graph = graph_with(LORA_NODE, target_modules="kohya default")
     problems = problem_lines(run_expecting_refusal(server, graph))
-    assert list(problems) == ["resume_lora"] and "target_modules is 'kohya default'" in problems["resume_lora"]
+    assert list(problems) == ["resume_lora"], problems
+    assert "target_modules of DRaFT LoRA Settings (node 11) is 'kohya default'" in problems["resume_lora"], problems

@@ -36,9 +36,15 @@ def server():
         yield srv
 
 
+# The trainer's optional settings nodes in trainer_graph (ids free in the tests' other additions).
+LORA_NODE, OPTIMIZER_NODE, SAVING_NODE = "11", "12", "13"
+
+
 def trainer_graph(ckpt, iterations=3, seed=0, lr=0.05, lora_name="draft/test", save_every=0,
                   method="DRaFT-LV", statistic="saturation", steps=6):
-    """API graph: tiny checkpoint -> DRaFT Trainer -> Save LoRA (+ reward curve preview)."""
+    """API graph: tiny checkpoint -> DRaFT Trainer -> Save LoRA (+ reward curve preview), with
+    DRaFT LoRA Settings (rank 4), Optimizer (no weight decay) and Save & Preview (a preview every
+    2 iterations) connected: ids LORA_NODE, OPTIMIZER_NODE, SAVING_NODE."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "DRaFTImageStatReward", "inputs": {"statistic": statistic, "goal": "maximise", "target": 0.5}},
@@ -50,10 +56,15 @@ def trainer_graph(ckpt, iterations=3, seed=0, lr=0.05, lora_name="draft/test", s
             "sampler": ["3", 0], "prompt_set": "custom", "prompts": "a cat\na dog",
             "negative_prompt": "", "steps": steps, "scheduler": "ddim_uniform", "cfg": 3.0,
             "width": 64, "height": 64, "iterations": iterations, "batch_size": 1,
-            "grad_accumulation": 1, "learning_rate": lr, "weight_decay": 0.0, "grad_clip": 10.0,
-            "lora_rank": 4, "lora_alpha": 4.0, "target_modules": "attention", "seed": seed,
-            "mixed_precision": "auto", "kl_coeff": 0.0, "save_every": save_every,
-            "preview_every": 2, "lora_name": lora_name, "resume_lora": "none"}},
+            "learning_rate": lr, "seed": seed, "lora_name": lora_name, "resume_lora": "none",
+            "lora_settings": [LORA_NODE, 0], "optimizer": [OPTIMIZER_NODE, 0], "saving": [SAVING_NODE, 0]}},
+        LORA_NODE: {"class_type": "DRaFTLoRASettings", "inputs": {
+            "lora_rank": 4, "lora_alpha": 4.0, "target_modules": "attention"}},
+        OPTIMIZER_NODE: {"class_type": "DRaFTOptimizer", "inputs": {
+            "weight_decay": 0.0, "grad_clip": 10.0, "grad_accumulation": 1, "kl_coeff": 0.0,
+            "mixed_precision": "auto"}},
+        SAVING_NODE: {"class_type": "DRaFTSavePreview", "inputs": {
+            "save_every": save_every, "preview_every": 2}},
         "5": {"class_type": "DRaFTSaveLoRA", "inputs": {
             "lora": ["4", 1], "filename_prefix": lora_name, "precision": "fp32",
             "also_diffusers_folder": False}},
@@ -115,7 +126,8 @@ def free(srv):
 def test_pack_loads_with_tooltips_on_every_input_and_output(server):
     ours = {k: v for k, v in server.object_info.items() if k.startswith("DRaFT")}
     expected = {"DRaFTSampler", "DRaFTTrainer", "DRaFTSaveLoRA", "DRaFTEvaluate", "DRaFTImageStatReward",
-                "DRaFTCombineRewards"}
+                "DRaFTCombineRewards", "DRaFTLoRASettings", "DRaFTOptimizer", "DRaFTSavePreview",
+                "DRaFTMemoryOptions", "DRaFTGuidance"}
     assert expected <= set(ours), sorted(ours)
     for node_id, info in ours.items():
         assert info["category"].startswith("DRaFT"), node_id
@@ -164,7 +176,11 @@ def test_requeue_unchanged_graph_is_cached_and_changed_input_retrains(server):
     assert server.get("/draft/status")["4"]["run"] == run1  # trainer not executed again
     graph["4"]["inputs"]["seed"] = 12
     server.run_prompt(graph)
-    assert server.get("/draft/status")["4"]["run"] != run1
+    run2 = server.get("/draft/status")["4"]["run"]
+    assert run2 != run1
+    graph[OPTIMIZER_NODE]["inputs"]["grad_clip"] = 5.0  # a setting on an optional node
+    server.run_prompt(graph)
+    assert server.get("/draft/status")["4"]["run"] != run2
 
 
 def test_interrupt_stops_within_one_iteration_and_saves_loadable_partial_lora(server):

@@ -114,8 +114,11 @@ def shrink_for_tiny_model(api, ckpt, lora_file):
         if t == "KSampler":
             inp["steps"] = 6
         if t == "DRaFTTrainer":
-            inp.update(width=64, height=64, steps=6, iterations=3, batch_size=1, save_every=0,
-                       mixed_precision="auto")
+            inp.update(width=64, height=64, steps=6, iterations=3, batch_size=1)
+        if t == "DRaFTSavePreview":
+            inp["save_every"] = 0
+        if t == "DRaFTOptimizer":
+            inp["mixed_precision"] = "auto"
         if t == "LoraLoader" and lora_file:
             inp["lora_name"] = lora_file
 

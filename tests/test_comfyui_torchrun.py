@@ -28,9 +28,10 @@ LAUNCHER = os.path.join(REPO, "tools", "draft_torchrun.py")
 
 
 def workflow(ckpt_name: str) -> dict:
-    from test_comfyui_nodes import trainer_graph
+    from test_comfyui_nodes import OPTIMIZER_NODE, SAVING_NODE, trainer_graph
     g = trainer_graph(ckpt_name, iterations=3, lora_name="draft/x", save_every=1, lr=1e-3)
-    g["4"]["inputs"].update(preview_every=0, grad_clip=0.05)  # clipping active: the global norm
+    g[SAVING_NODE]["inputs"]["preview_every"] = 0
+    g[OPTIMIZER_NODE]["inputs"]["grad_clip"] = 0.05  # clipping active: the global norm
     return g
 
 

@@ -162,5 +162,7 @@ def test_rank_and_resume_rules():
     assert "rank 2" in resume_mismatch(ranks, alphas, 8, 2.0)
     assert "alpha 2" in resume_mismatch(ranks, alphas, 2, 8.0)
     assert "2..4" in resume_mismatch([2, 4], [2.0, 2.0], 2, 2.0)
+    where = "DRaFT LoRA Settings (node 11) says"  # the settings' node, as the trainer names it
+    assert f"{where} lora_rank 8, lora_alpha 2" in resume_mismatch(ranks, alphas, 8, 2.0, where)
     assert resume_iteration_problem(3, 5) is None
     assert "above 5" in resume_iteration_problem(5, 5)

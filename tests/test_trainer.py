@@ -163,3 +163,22 @@ def test_state_dict_round_trip_continues_identically():
     assert b.iteration == 3
     b.step()
     assert all(torch.equal(x, y) for x, y in zip(weights(lora_a), weights(lora_b)))
+
+
+def test_optional_settings_nodes_defaults_are_the_trainers():
+    """The dataclasses DRaFT LoRA Settings / Optimizer / Save & Preview output: their defaults are
+    the trainer's (a node left out trains as the node at its defaults); immutable; checked."""
+    import dataclasses
+    from training.run_options import LoRAOptions, OptimizerOptions, SavePreviewOptions
+    settings = OptimizerOptions().train_settings(iterations=7, batch_size=2, learning_rate=1e-3, seed=3)
+    assert settings == TrainSettings(iterations=7, batch_size=2, learning_rate=1e-3, seed=3)
+    assert (settings.weight_decay, settings.grad_clip, settings.grad_accum, settings.kl_coeff) == (0.1, 10.0, 1, 0.0)
+    custom = OptimizerOptions(weight_decay=0.0, grad_clip=1.0, grad_accumulation=4, kl_coeff=0.5)
+    assert custom.train_settings(iterations=1) == TrainSettings(iterations=1, weight_decay=0.0, grad_clip=1.0,
+                                                                grad_accum=4, kl_coeff=0.5)
+    assert (LoRAOptions().lora_rank, LoRAOptions().lora_alpha, LoRAOptions().target_modules) == (8, 8.0, "attention")
+    assert (SavePreviewOptions().save_every, SavePreviewOptions().preview_every) == (0, 10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LoRAOptions().lora_rank = 4
+    with pytest.raises(ValueError, match="mixed_precision"):
+        OptimizerOptions(mixed_precision="fp8")

@@ -29,8 +29,8 @@ from workflow_api import to_api  # noqa: E402
 
 TEMPLATE = os.path.join(REPO, "example_workflows", "draft_quickstart.json")
 TINY_OVERRIDES = {
-    "DRaFTTrainer": dict(width=64, height=64, steps=10, iterations=40, learning_rate=1e-2,
-                         preview_every=10, cfg=3.0),
+    # (a fixed-seed preview every 10 iterations: the trainer's default without DRaFT Save & Preview)
+    "DRaFTTrainer": dict(width=64, height=64, steps=10, iterations=40, learning_rate=1e-2, cfg=3.0),
     "KSampler": dict(steps=10, cfg=3.0),
     "EmptyLatentImage": dict(width=64, height=64),
 }

@@ -21,6 +21,7 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 HELD_OUT_SEED = 424242
 PROMPT = "a photo of a cat"
 QUICKSTART_PROMPTS = "a photo of a cat\na photo of a dog\na lighthouse at sunset\na bowl of fruit"
+TRAINER_SIZE = (360, 940)  # its widgets, then the reward chart below them
 
 
 class Graph:
@@ -106,7 +107,7 @@ def quickstart(info) -> dict:
     reward = g.add("DRaFTImageStatReward", (0, 520), statistic="saturation", size=(320, 100))
     sampler = g.add("DRaFTSampler", (0, 680), method="DRaFT-LV", size=(320, 260))
     trainer = g.add("DRaFTTrainer", (760, 0), prompts=QUICKSTART_PROMPTS, iterations=100,
-                    steps=50, cfg=7.5, lora_name="draft/quickstart", size=(360, 1100))
+                    steps=50, cfg=7.5, lora_name="draft/quickstart", size=TRAINER_SIZE)
     for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
         g.link(ckpt, out, trainer, inp)
     g.link(reward, "reward", trainer, "reward")
@@ -163,18 +164,21 @@ def strength_sweep(info) -> dict:
 
 
 def aesthetic_draft_k(info) -> dict:
-    """DRaFT-K (K = 1) on the LAION aesthetic predictor (needs its files in models/)."""
+    """DRaFT-K (K = 1) on the LAION aesthetic predictor (needs its files in models/); a save
+    every 200 updates from DRaFT Save & Preview."""
     g = Graph(info)
     ckpt = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15, size=(320, 100))
     reward = g.add("DRaFTAestheticReward", (0, 160), head="sac+logos+ava1-l14-linearMSE.pth",
                    clip_weights="clip_vit_l14_openai/open_clip_model.safetensors", size=(360, 200))
     sampler = g.add("DRaFTSampler", (0, 380), method="DRaFT-K", k=1, size=(320, 260))
+    saving = g.add("DRaFTSavePreview", (0, 680), save_every=200, size=(320, 110))
     trainer = g.add("DRaFTTrainer", (420, 0), prompt_set="simple animals", iterations=2000,
-                    cfg=7.5, batch_size=4, lora_name="draft/aesthetic", save_every=200, size=(360, 1100))
+                    cfg=7.5, batch_size=4, lora_name="draft/aesthetic", size=TRAINER_SIZE)
     for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
         g.link(ckpt, out, trainer, inp)
     g.link(reward, "reward", trainer, "reward")
     g.link(sampler, "sampler", trainer, "sampler")
+    g.link(saving, "saving", trainer, "saving")
     save = g.add("DRaFTSaveLoRA", (820, 0), filename_prefix="draft/aesthetic", size=(320, 160))
     g.link(trainer, "lora", save, "lora")
     curve = g.add("PreviewImage", (820, 220), title="Reward curve", size=(320, 260))
@@ -184,7 +188,9 @@ def aesthetic_draft_k(info) -> dict:
 
 def flux_lv(info) -> dict:
     """FLUX.1-dev (fp8 base weights), DRaFT-LV on HPSv2.1: cfg 1 (guidance-distilled), the
-    embedded guidance from DRaFT Guidance, ComfyUI's resolution-aware ModelSamplingFlux shift."""
+    embedded guidance from DRaFT Guidance, ComfyUI's resolution-aware ModelSamplingFlux shift;
+    rank 16 from DRaFT LoRA Settings, bf16 from DRaFT Optimizer, a save every 100 updates from
+    DRaFT Save & Preview."""
     g = Graph(info)
     unet = g.add("UNETLoader", (0, 0), unet_name="flux1-dev.safetensors", weight_dtype="fp8_e4m3fn",
                  size=(320, 110))
@@ -196,19 +202,24 @@ def flux_lv(info) -> dict:
     reward = g.add("DRaFTHPSv2Reward", (0, 630), checkpoint="HPS_v2.1_compressed.pt", size=(360, 150))
     sampler = g.add("DRaFTSampler", (0, 820), method="DRaFT-LV", size=(320, 260))
     guidance = g.add("DRaFTGuidance", (0, 1120), guidance=3.5, size=(320, 80))
-    trainer = g.add("DRaFTTrainer", (420, 0), prompt_set="custom", prompts=QUICKSTART_PROMPTS,
+    lora = g.add("DRaFTLoRASettings", (400, 0), lora_rank=16, lora_alpha=16.0, size=(320, 130))
+    optimizer = g.add("DRaFTOptimizer", (400, 170), mixed_precision="bf16", size=(320, 180))
+    saving = g.add("DRaFTSavePreview", (400, 390), save_every=100, size=(320, 110))
+    trainer = g.add("DRaFTTrainer", (800, 0), prompt_set="custom", prompts=QUICKSTART_PROMPTS,
                     steps=28, scheduler="simple", cfg=1.0, width=1024, height=1024, iterations=400,
-                    learning_rate=2e-4, lora_rank=16, lora_alpha=16.0, mixed_precision="bf16",
-                    lora_name="draft/flux_dev_hps", save_every=100, size=(360, 1100))
+                    learning_rate=2e-4, lora_name="draft/flux_dev_hps", size=TRAINER_SIZE)
     g.link(shift, "MODEL", trainer, "model")
     g.link(vae, "VAE", trainer, "vae")
     g.link(clip, "CLIP", trainer, "clip")
     g.link(reward, "reward", trainer, "reward")
     g.link(sampler, "sampler", trainer, "sampler")
     g.link(guidance, "guidance", trainer, "guidance")
-    save = g.add("DRaFTSaveLoRA", (820, 0), filename_prefix="draft/flux_dev_hps", size=(320, 160))
+    g.link(lora, "lora_settings", trainer, "lora_settings")
+    g.link(optimizer, "optimizer", trainer, "optimizer")
+    g.link(saving, "saving", trainer, "saving")
+    save = g.add("DRaFTSaveLoRA", (1200, 0), filename_prefix="draft/flux_dev_hps", size=(320, 160))
     g.link(trainer, "lora", save, "lora")
-    curve = g.add("PreviewImage", (820, 220), title="Reward curve", size=(320, 260))
+    curve = g.add("PreviewImage", (1200, 220), title="Reward curve", size=(320, 260))
     g.link(trainer, "reward_curve", curve, "images")
     return g.workflow()
 

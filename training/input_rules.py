@@ -60,9 +60,11 @@ def rank_problem(rank: int, widths: dict) -> Optional[str]:
             f"layer: use at most {narrowest}")
 
 
-def resume_mismatch(ranks, alphas, rank: int, alpha: float) -> Optional[str]:
+def resume_mismatch(ranks, alphas, rank: int, alpha: float,
+                    where: str = "this node says") -> Optional[str]:
     """The ranks/alphas a resume file's layers were trained with, when they differ from the
-    widgets' ``rank``/``alpha``.
+    settings' ``rank``/``alpha``; ``where`` says where those come from (e.g. "DRaFT LoRA Settings
+    (node 11) says").
 
     A resumed LoRA keeps the file's factors, so a different rank or alpha in the settings would
     be silently ignored: refuse it instead."""
@@ -72,7 +74,7 @@ def resume_mismatch(ranks, alphas, rank: int, alpha: float) -> Optional[str]:
     if ranks != [int(rank)] or not all(math.isclose(a, float(alpha), rel_tol=1e-6) for a in alphas):
         shown_r = ranks[0] if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
         shown_a = f"{alphas[0]:g}" if len(alphas) == 1 else f"{alphas[0]:g}..{alphas[-1]:g}"
-        return (f"the file was trained with rank {shown_r}, alpha {shown_a}; this node says "
+        return (f"the file was trained with rank {shown_r}, alpha {shown_a}; {where} "
                 f"lora_rank {rank}, lora_alpha {float(alpha):g}: set them to the file's values to "
                 "resume, or choose resume_lora 'none' to start a new LoRA")
     return None

@@ -303,7 +303,7 @@ function infoLines(state, text) {
     lines.push(l1);
     lines.push(`reward ${fmtNum(last)}  ·  mean of ${MA_WINDOW} ${fmtNum(lastMa)}  ·  skipped (NaN) ${state.skipped}`);
     lines.push(state.saved ? `saved: ${shortPath(state.saved)}`
-      : state.status === "running" ? "saved: not yet (every save_every iterations, or on Cancel)"
+      : state.status === "running" ? "saved: not yet (save_every of DRaFT Save & Preview, or Cancel)"
       : "saved: no file from the trainer (DRaFT Save LoRA writes the result)");
   }
   else {
