@@ -7,17 +7,19 @@ from comfy_api.latest import io
 from ..training.run_options import LoRAOptions
 from .architectures import TARGET_SET_HELP, TARGET_SETS
 from .options_node import OptionsNode
+from .trainer_options import OPTION_INPUTS
 
 DraftLoRASettingsType = io.Custom("DRAFT_LORA_SETTINGS")
 
 
 class DraftLoRASettings(OptionsNode):
-    OPTIONS, TYPE, TRAINER_INPUT = LoRAOptions, DraftLoRASettingsType, "lora_settings"
+    TRAINER_INPUT, TYPE = "lora_settings", DraftLoRASettingsType
+    TITLE, OPTIONS = OPTION_INPUTS[TRAINER_INPUT]
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return cls.options_schema(
-            "DRaFTLoRASettings", "DRaFT LoRA Settings",
+            "DRaFTLoRASettings", cls.TITLE,
             ("Optional: the shape of the LoRA DRaFT Trainer trains (without this node: "
              "rank 8, alpha 8, attention layers). A resumed LoRA keeps its file's rank, "
              "alpha and layers: these must match them."),

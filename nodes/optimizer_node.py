@@ -6,17 +6,19 @@ from comfy_api.latest import io
 
 from ..training.run_options import PRECISION_CHOICES, OptimizerOptions
 from .options_node import OptionsNode
+from .trainer_options import OPTION_INPUTS
 
 DraftOptimizerType = io.Custom("DRAFT_OPTIMIZER")
 
 
 class DraftOptimizer(OptionsNode):
-    OPTIONS, TYPE, TRAINER_INPUT = OptimizerOptions, DraftOptimizerType, "optimizer"
+    TRAINER_INPUT, TYPE = "optimizer", DraftOptimizerType
+    TITLE, OPTIONS = OPTION_INPUTS[TRAINER_INPUT]
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return cls.options_schema(
-            "DRaFTOptimizer", "DRaFT Optimizer",
+            "DRaFTOptimizer", cls.TITLE,
             ("Optional: how DRaFT Trainer updates the LoRA beyond the learning rate "
              "(without this node: AdamW weight decay 0.1, gradient clipping at 10, no "
              "accumulation, no KL penalty, automatic mixed precision)."),

@@ -6,17 +6,19 @@ from comfy_api.latest import io
 
 from ..training.run_options import SavePreviewOptions
 from .options_node import OptionsNode
+from .trainer_options import OPTION_INPUTS
 
 DraftSavePreviewType = io.Custom("DRAFT_SAVE_PREVIEW")
 
 
 class DraftSavePreview(OptionsNode):
-    OPTIONS, TYPE, TRAINER_INPUT = SavePreviewOptions, DraftSavePreviewType, "saving"
+    TRAINER_INPUT, TYPE = "saving", DraftSavePreviewType
+    TITLE, OPTIONS = OPTION_INPUTS[TRAINER_INPUT]
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return cls.options_schema(
-            "DRaFTSavePreview", "DRaFT Save & Preview",
+            "DRaFTSavePreview", cls.TITLE,
             ("Optional: what DRaFT Trainer saves and shows while it runs (without this "
              "node: no periodic saves, a fixed-seed preview every 10 iterations). Files "
              "go to models/loras under the trainer's lora_name; Cancel always saves a "

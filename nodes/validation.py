@@ -23,7 +23,7 @@ the VAE, the LoRA rank against the layers, the resume file against the model's l
 target modules (plus everything above once more, for callers that bypass ``/prompt``).
 
 Settings that live on the trainer's optional nodes (DRaFT LoRA Settings, Optimizer, Save &
-Preview: :func:`option_nodes`) are checked on their own node when queued; a cross-check with the
+Preview: :data:`OPTION_INPUTS`) are checked on their own node when queued; a cross-check with the
 trainer's inputs names the node and its input (``lora_rank of DRaFT LoRA Settings (node 11)``), or
 says the default was used when none is connected. A node's values reach the trainer only when it
 runs, so a resume file against a *connected* LoRA Settings node is checked at the start of execute
@@ -46,6 +46,7 @@ from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
 from ..training.run_options import LoRAOptions
 from ..training.safe_files import LoRAFileError
 from . import comfy_glue, lora_files
+from .trainer_options import OPTION_INPUTS
 
 
 class InputError(ValueError):
@@ -128,20 +129,11 @@ def resume_header(path: str) -> dict:
     return {"ranks": ranks, "alphas": alphas, "step": int(step), "side_file": os.path.exists(side)}
 
 
-def option_nodes() -> dict:
-    """DRaFT Trainer's optional settings inputs -> the node class feeding each (its ``OPTIONS``
-    dataclass, whose defaults apply when nothing is connected)."""
-    from .lora_settings_node import DraftLoRASettings  # imported here: they import this module
-    from .optimizer_node import DraftOptimizer
-    from .save_preview_node import DraftSavePreview
-    return {"lora_settings": DraftLoRASettings, "optimizer": DraftOptimizer, "saving": DraftSavePreview}
-
-
 def trainer_options(values: dict) -> dict:
-    """``{input: options}`` for the trainer's optional settings inputs: the connected node's
-    dataclass, or its defaults where nothing is connected (absent or None)."""
-    return {name: values[name] if values.get(name) is not None else node.OPTIONS()
-            for name, node in option_nodes().items()}
+    """``{input: options}`` for the trainer's optional settings inputs (:data:`OPTION_INPUTS`): the
+    connected node's dataclass, or its defaults where nothing is connected (absent or None)."""
+    return {name: values[name] if values.get(name) is not None else entry.options()
+            for name, entry in OPTION_INPUTS.items()}
 
 
 def linked_node(prompt, node_id, name) -> Optional[str]:
@@ -154,7 +146,7 @@ def option_node_label(option_input: str, source: Optional[str]) -> str:
     """``DRaFT LoRA Settings (node 11)``: the node feeding the trainer's ``option_input``
     (``source``: its id, "" if unknown, None if nothing is connected: ``no DRaFT LoRA Settings
     node connected``)."""
-    title = option_nodes()[option_input].define_schema().display_name
+    title = OPTION_INPUTS[option_input].title
     if source is None:
         return f"no {title} node connected"
     return title + (f" (node {source})" if source else "")
@@ -276,7 +268,7 @@ def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prom
     problem (one line each, ``input: what is wrong``). Nothing is loaded to the device.
     ``prompt`` (the queued graph) adds the other DRaFT nodes' problems (:func:`other_node_problems`).
 
-    ``values`` holds the trainer's inputs; its optional settings inputs (:func:`option_nodes`)
+    ``values`` holds the trainer's inputs; its optional settings inputs (:data:`OPTION_INPUTS`)
     are the connected nodes' dataclasses, or None where nothing is connected (the defaults).
     Returns what it worked out on the way: ``{"prompts": [...], "steps": int, "options":
     {optional input: dataclass}}``.

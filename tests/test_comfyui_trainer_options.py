@@ -34,8 +34,14 @@ def _sampler_and_reward():
 
 
 def _option_nodes():
-    from comfyui_draft_pack.nodes import validation
-    return validation.option_nodes()
+    """The trainer's optional settings input -> the node class feeding it."""
+    from comfyui_draft_pack.nodes.lora_settings_node import DraftLoRASettings
+    from comfyui_draft_pack.nodes.optimizer_node import DraftOptimizer
+    from comfyui_draft_pack.nodes.save_preview_node import DraftSavePreview
+    from comfyui_draft_pack.nodes.trainer_options import OPTION_INPUTS
+    nodes = {n.TRAINER_INPUT: n for n in (DraftLoRASettings, DraftOptimizer, DraftSavePreview)}
+    assert set(nodes) == set(OPTION_INPUTS)
+    return nodes
 
 
 def _train_node(env, **optional) -> dict:
