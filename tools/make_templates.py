@@ -126,13 +126,20 @@ def quickstart(info) -> dict:
     for ev, dec in ((eval_before, before), (eval_after, after)):
         g.link(dec, "IMAGE", ev, "images")
         g.link(reward, "reward", ev, "reward")
-    stitch = g.add("ImageStitch", (2240, 0), title="Before | after", direction="right",
+    stitch = _join(g, "ImageStitch", (2240, 0), before, after, title="Before | after", direction="right",
                    match_image_size=True, spacing_width=16, spacing_color="white", size=(300, 150))
-    g.link(before, "IMAGE", stitch, "image1")
-    g.link(after, "IMAGE", stitch, "image2")
     show = g.add("PreviewImage", (2240, 200), title="Before (left) | after (right)", size=(420, 420))
     g.link(stitch, "IMAGE", show, "images")
     return g.workflow()
+
+
+def _join(g, node_type: str, pos, first, second, **widgets) -> int:
+    """A ``node_type`` node (ImageStitch, ImageBatch) at ``pos`` joining the IMAGE outputs of
+    ``first`` (its image1) and ``second`` (its image2)."""
+    node = g.add(node_type, pos, **widgets)
+    g.link(first, "IMAGE", node, "image1")
+    g.link(second, "IMAGE", node, "image2")
+    return node
 
 
 def strength_sweep(info) -> dict:
@@ -149,15 +156,9 @@ def strength_sweep(info) -> dict:
         g.link(ckpt, "CLIP", lora, "clip")
         images.append(_sample_decode(g, (lora, "MODEL"), pos, neg, latent, ckpt, 760 + 340 * i, 180,
                                      f"strength {strength}"))
-    batch1 = g.add("ImageBatch", (760, 600), size=(220, 50))
-    g.link(images[0], "IMAGE", batch1, "image1")
-    g.link(images[1], "IMAGE", batch1, "image2")
-    batch2 = g.add("ImageBatch", (1000, 600), size=(220, 50))
-    g.link(images[2], "IMAGE", batch2, "image1")
-    g.link(images[3], "IMAGE", batch2, "image2")
-    batch = g.add("ImageBatch", (1240, 600), size=(220, 50))
-    g.link(batch1, "IMAGE", batch, "image1")
-    g.link(batch2, "IMAGE", batch, "image2")
+    batch1 = _join(g, "ImageBatch", (760, 600), images[0], images[1], size=(220, 50))
+    batch2 = _join(g, "ImageBatch", (1000, 600), images[2], images[3], size=(220, 50))
+    batch = _join(g, "ImageBatch", (1240, 600), batch1, batch2, size=(220, 50))
     show = g.add("PreviewImage", (1500, 600), title="Strength 0 / 0.5 / 1 / 1.5", size=(600, 300))
     g.link(batch, "IMAGE", show, "images")
     return g.workflow()
