@@ -56,6 +56,7 @@ class ComfyServer:
                  extra_args=(), log_path: str | None = None):
         self.comfyui_path = comfyui_path
         self.checkpoint = checkpoint
+        self.ckpt_name = os.path.basename(checkpoint) if checkpoint else None  # as a loader lists it
         self.port = free_port()
         self._own_base = base_dir is None
         self.base = base_dir or tempfile.mkdtemp(prefix="draft-comfy-")

@@ -57,7 +57,6 @@ def server():
         finally:
             if saved is None:
                 del os.environ["OMP_NUM_THREADS"]
-        srv.ckpt_name = os.path.basename(ckpt)
         srv.object_info = srv.get("/object_info")
         bh.configure_server(srv)
         yield srv

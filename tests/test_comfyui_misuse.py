@@ -18,9 +18,7 @@ pytestmark = pytest.mark.comfyui
 def server():
     from comfy_server import ComfyServer, tiny_checkpoint
     path = comfyui_path()
-    ckpt = tiny_checkpoint(path)
-    with ComfyServer(path, checkpoint=ckpt) as srv:
-        srv.ckpt_name = os.path.basename(ckpt)
+    with ComfyServer(path, checkpoint=tiny_checkpoint(path)) as srv:
         yield srv
 
 

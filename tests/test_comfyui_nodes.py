@@ -29,9 +29,7 @@ EXAMPLES = os.path.join(REPO, "example_workflows")
 def server():
     from comfy_server import ComfyServer, tiny_checkpoint
     path = comfyui_path()
-    ckpt = tiny_checkpoint(path)
-    with ComfyServer(path, checkpoint=ckpt) as srv:
-        srv.ckpt_name = os.path.basename(ckpt)
+    with ComfyServer(path, checkpoint=tiny_checkpoint(path)) as srv:
         srv.object_info = srv.get("/object_info")
         yield srv
 

@@ -25,7 +25,6 @@ def server(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("comfy-rewards"))
     widgets = install_reward_files(os.path.join(base, "models"))
     with ComfyServer(path, checkpoint=ckpt, base_dir=base) as srv:
-        srv.ckpt_name = os.path.basename(ckpt)
         srv.reward_widgets = widgets
         yield srv
 

@@ -71,6 +71,11 @@ class Graph:
         s["outputs"][slot]["links"].append(link_id)
         self.links.append([link_id, src, slot, dst, len(d["inputs"]) - 1, ltype])
 
+    def link_into(self, dst: int, **sources) -> None:
+        """``link`` each ``input_name=(src, output)`` into node ``dst``, in the order given."""
+        for input_name, (src, output) in sources.items():
+            self.link(src, output, dst, input_name)
+
     def workflow(self) -> dict:
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links),
                 "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
@@ -90,14 +95,20 @@ def _loader_and_text(g: Graph, y=0):
 def _sample_decode(g, model, pos, neg, latent, vae, x, y, title):
     ks = g.add("KSampler", (x, y), title=f"KSampler ({title})", seed=HELD_OUT_SEED, steps=30,
                cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0, size=(300, 270))
-    g.link(model[0], model[1], ks, "model")
-    g.link(pos, "CONDITIONING", ks, "positive")
-    g.link(neg, "CONDITIONING", ks, "negative")
-    g.link(latent, "LATENT", ks, "latent_image")
+    g.link_into(ks, model=model, positive=(pos, "CONDITIONING"), negative=(neg, "CONDITIONING"),
+                latent_image=(latent, "LATENT"))
     dec = g.add("VAEDecode", (x, y + 320), title=f"Decode ({title})", size=(220, 50))
-    g.link(ks, "LATENT", dec, "samples")
-    g.link(vae, "VAE", dec, "vae")
+    g.link_into(dec, samples=(ks, "LATENT"), vae=(vae, "VAE"))
     return dec
+
+
+def _save_and_curve(g, trainer: int, x: int, prefix: str) -> None:
+    """DRaFT Save LoRA (file prefix ``prefix``) and the reward curve's preview, in a column at ``x``
+    right of the trainer."""
+    save = g.add("DRaFTSaveLoRA", (x, 0), filename_prefix=prefix, size=(320, 160))
+    g.link(trainer, "lora", save, "lora")
+    curve = g.add("PreviewImage", (x, 220), title="Reward curve", size=(320, 260))
+    g.link(trainer, "reward_curve", curve, "images")
 
 
 def quickstart(info) -> dict:
@@ -112,10 +123,7 @@ def quickstart(info) -> dict:
         g.link(ckpt, out, trainer, inp)
     g.link(reward, "reward", trainer, "reward")
     g.link(sampler, "sampler", trainer, "sampler")
-    save = g.add("DRaFTSaveLoRA", (1180, 0), filename_prefix="draft/quickstart", size=(320, 160))
-    g.link(trainer, "lora", save, "lora")
-    curve = g.add("PreviewImage", (1180, 220), title="Reward curve", size=(320, 260))
-    g.link(trainer, "reward_curve", curve, "images")
+    _save_and_curve(g, trainer, 1180, "draft/quickstart")
     before = _sample_decode(g, (ckpt, "MODEL"), pos, neg, latent, ckpt, 1560, 0, "before")
     lora_model = g.add("LoraModelLoader", (1560, 400), title="Apply trained LoRA", strength_model=1.0, size=(300, 80))
     g.link(ckpt, "MODEL", lora_model, "model")
@@ -137,8 +145,7 @@ def _join(g, node_type: str, pos, first, second, **widgets) -> int:
     """A ``node_type`` node (ImageStitch, ImageBatch) at ``pos`` joining the IMAGE outputs of
     ``first`` (its image1) and ``second`` (its image2)."""
     node = g.add(node_type, pos, **widgets)
-    g.link(first, "IMAGE", node, "image1")
-    g.link(second, "IMAGE", node, "image2")
+    g.link_into(node, image1=(first, "IMAGE"), image2=(second, "IMAGE"))
     return node
 
 
@@ -180,10 +187,7 @@ def aesthetic_draft_k(info) -> dict:
     g.link(reward, "reward", trainer, "reward")
     g.link(sampler, "sampler", trainer, "sampler")
     g.link(saving, "saving", trainer, "saving")
-    save = g.add("DRaFTSaveLoRA", (820, 0), filename_prefix="draft/aesthetic", size=(320, 160))
-    g.link(trainer, "lora", save, "lora")
-    curve = g.add("PreviewImage", (820, 220), title="Reward curve", size=(320, 260))
-    g.link(trainer, "reward_curve", curve, "images")
+    _save_and_curve(g, trainer, 820, "draft/aesthetic")
     return g.workflow()
 
 
@@ -218,10 +222,7 @@ def flux_lv(info) -> dict:
     g.link(lora, "lora_settings", trainer, "lora_settings")
     g.link(optimizer, "optimizer", trainer, "optimizer")
     g.link(saving, "saving", trainer, "saving")
-    save = g.add("DRaFTSaveLoRA", (1200, 0), filename_prefix="draft/flux_dev_hps", size=(320, 160))
-    g.link(trainer, "lora", save, "lora")
-    curve = g.add("PreviewImage", (1200, 220), title="Reward curve", size=(320, 260))
-    g.link(trainer, "reward_curve", curve, "images")
+    _save_and_curve(g, trainer, 1200, "draft/flux_dev_hps")
     return g.workflow()
 
 
