@@ -102,7 +102,7 @@ def main(env=os.environ, sources=SOURCES, cache: str = CACHE) -> int:
             path = ensure(src, env, log=say, cache=cache)
         except boot.BootstrapError as e:
             reason = str(e).strip().splitlines()[-1][:300]
-            say(f"{src.name}: {src.tiers} tier skipped: {reason}")
+            say(f"{src.name}: {src.tiers} tier {'cannot run' if in_ci(env) else 'skipped'}: {reason}")
             missing.append(src.name)
             continue
         print(f"export {src.env}_PATH={shlex.quote(path)}")
