@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from tools.test_sources import in_ci  # CI runs every tier: a test missing a dependency fails there
+
 
 def comfyui_path():
     """The ComfyUI checkout to test against, or None."""
@@ -75,11 +77,6 @@ def chromium_path():
         if found:
             return found
     return None
-
-
-def in_ci() -> bool:
-    """CI (``CI`` set to true/1) runs every tier: a test whose dependency is missing fails there."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 # Each test belongs to one tier, the first of these whose marker it carries ("cpu" otherwise).
