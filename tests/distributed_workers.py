@@ -75,6 +75,7 @@ def train_configs(rank, world, init_file, out_dir):
     reports = [trainer.step() for _ in range(3)]
     torch.save({"skipped": [(r.skipped, r.skip_reason) for r in reports],
                 "weights": lora_weights(trainer)}, os.path.join(out_dir, f"nan{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
 
 
