@@ -23,7 +23,7 @@ import node_helpers
 
 from ..training import distributed
 from ..training.lora import LoRASet
-from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan
+from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan, trainer_memory_kwargs
 from ..training.plot import moving_average
 from ..training.sampler import DifferentiableSampler, SamplerSettings
 from ..training.trainer import DraftTrainer, StepReport, TrainSettings
@@ -279,22 +279,17 @@ class TrainingRun:
         settings = TrainSettings(**{**cfg.train.__dict__, "mixed_precision": _resolve_precision(
             cfg.mixed_precision, st["patcher"])})
         plan: MemoryPlan = st["plan"]
-        units, selective = [], []
-        if plan.block_checkpointing:  # the decoder's and reward's blocks (and the denoiser's)
-            decoder_units = comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model)
-            if plan.denoiser_blocks:  # the leanest way: every block recomputed whole
-                units = comfy_glue.denoiser_checkpoint_units(inner.diffusion_model) + decoder_units
-            else:  # the middle way: the decoder's convolution outputs kept (a cheap recompute)
-                selective = decoder_units
-            if hasattr(reward_model, "checkpoint_units"):
-                units += reward_model.checkpoint_units()
+        memory = {}
+        if plan.block_checkpointing:  # which modules each way checkpoints: trainer_memory_kwargs
+            memory = dict(
+                denoiser_units=comfy_glue.denoiser_checkpoint_units(inner.diffusion_model),
+                decoder_units=comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model),
+                reward_units=(reward_model.checkpoint_units()
+                              if hasattr(reward_model, "checkpoint_units") else ()))
         trainer = DraftTrainer(sampler, comfy_glue.make_decoder(self.vae, inner), reward_fn,
                                cfg.prompts, lora, st["latent_shape"], settings,
-                               device=st["patcher"].load_device, block_units=units,
-                               decoder_blocks_checkpointed=plan.block_checkpointing,
-                               denoiser_blocks_checkpointed=plan.denoiser_blocks,
-                               selective_units=selective,
-                               row_by_row=plan.row_by_row,
+                               device=st["patcher"].load_device,
+                               **trainer_memory_kwargs(plan, **memory),
                                # NCHW on a GPU unless ComfyUI was started with --force-channels-last
                                channels_last_decode=comfy.model_management.force_channels_last() or None,
                                reward_statistics=getattr(reward_model, "deferred_statistics", None),

@@ -34,6 +34,11 @@ def test_bench_runs_and_checkpointing_cuts_saved_activations():
     # The lean settings (block checkpointing, LV copies one at a time) hold less than the fast way.
     assert rows["lv2_lean"]["mem_added_mib"] < rows["lv2_ckpt"]["mem_added_mib"], rows
     assert isinstance(summary["lean_time_ratio_draft1_vs_sampling"], float), summary
+    # against the floor (T + 3K)/T of plain sampling: the measured ratio over it
+    assert abs(summary["time_ratio_draft1_vs_floor"]
+               - rows["k1_ckpt"]["time_ratio_vs_sampling"] / ((4 + 3) / 4)) < 2e-3, summary
+    assert abs(summary["time_ratio_full_vs_floor"]
+               - rows["k4_ckpt"]["time_ratio_vs_sampling"] / ((4 + 12) / 4)) < 2e-3, summary
     assert "full DRaFT" in proc.stdout and "plain sampling" in proc.stdout
 
 
@@ -48,7 +53,13 @@ def test_bench_peers_against_trl_alignprop_runs_and_the_lean_update_holds_less()
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "trl_error" not in out, out
     for key in ("mem_vs_trl_k1", "mem_vs_trl_full", "time_vs_trl_k1", "time_vs_trl_full",
-                "time_vs_trl_k1_nchw", "time_vs_trl_full_nchw", "decode_channels_last_vs_nchw"):
+                "auto_time_vs_trl_k1", "auto_time_vs_trl_full", "auto_time_vs_trl_k1_nchw",
+                "auto_time_vs_trl_full_nchw", "auto_mem_vs_trl_k1", "auto_mem_vs_trl_full",
+                "decode_channels_last_vs_nchw"):
         assert isinstance(out[key], float) and out[key] > 0, (key, out)
+        assert "mem" in key or key.startswith("decode") or len(out[f"{key}_rounds"]) == 1
     assert out["mem_vs_trl_k1"] < 1.0 and out["mem_vs_trl_full"] < 1.0, out
+    # auto on a roomy device is the fast way: more memory than the middle way, which is leaner
+    for which in ("k1", "full"):
+        assert out[f"auto_{which}_peak_mib"] > out[f"ours_{which}_peak_mib"], out
     assert "COMFYUI_PATH" in out["ksampler_error"]

@@ -45,7 +45,7 @@ def _grads(env, patcher, lora, lean: bool, method="draft_k"):
     colour = lambda images, prompts: -((images - 0.7) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
     trainer = DraftTrainer(sampler, glue.make_decoder(vae, model), colour, ["a", "b"], lora,
                            (4, 8, 8), TrainSettings(batch_size=2, seed=0), block_units=units,
-                           decoder_blocks_checkpointed=lean, row_by_row=lean)
+                           row_by_row=lean)
     captured = []
     trainer.optimizer.step = lambda *a, **k: captured.append(
         [p.grad.detach().clone() for p in trainer.params])

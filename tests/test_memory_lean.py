@@ -36,7 +36,7 @@ def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3
             units, selective = [], [decoder]
     trainer = DraftTrainer(sampler, decoder, reward or colour_reward, PROMPTS, lora, (4, 8, 8),
                            TrainSettings(batch_size=batch, seed=3, kl_coeff=kl), block_units=units,
-                           decoder_blocks_checkpointed=bool(blocks), row_by_row=row_by_row,
+                           row_by_row=row_by_row,
                            denoiser_blocks_checkpointed=blocks is True, selective_units=selective,
                            channels_last_decode=channels_last)
     captured = []

@@ -2,8 +2,11 @@
 
 Every way gives the same gradient (tests/test_memory_lean.py); they differ in time and peak memory:
 
-* **fast**: every differentiated row (batch rows x CFG branches x LV copies) at once; the step and
-  the decode checkpointed as wholes. Fewer kernel launches, the most memory.
+* **fast**: every differentiated row (batch rows x CFG branches x LV copies) at once; each
+  differentiated step checkpointed, the decoder not at all (the way TRL's AlignProp runs; a
+  checkpoint around the whole decode never lowered a peak ``make vram`` traced, since the decoder's
+  own backward is the peak either way, and it cost a decode: a quarter of a DRaFT-1 update).
+  Fewer kernel launches, the most memory.
 * **rows one at a time**: the differentiated tail, decode and reward run per row, each
   backpropagated before the next; the peak is one row's. Costs almost nothing.
 * **decoder and reward blocks**: the VAE decoder's blocks checkpointed selectively (their
@@ -24,6 +27,7 @@ when not even the leanest does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 GIB = 1024 ** 3
 
@@ -170,5 +174,24 @@ def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_
                       denoiser_blocks=blocks == "on")
 
 
+def trainer_memory_kwargs(plan: MemoryPlan, denoiser_units: Sequence = (),
+                          decoder_units: Sequence = (), reward_units: Sequence = ()) -> dict:
+    """``DraftTrainer``'s memory arguments for ``plan``, given the modules that can be checkpointed
+    one by one (the denoiser's, the decoder's and the reward model's blocks): the fast way
+    checkpoints none; the middle way the decoder's selectively (their convolution outputs kept)
+    and the reward's; the leanest every block whole. What the trainer node and ``make bench``
+    build, so the bench times the ways ``auto`` picks."""
+    units, selective = [], []
+    if plan.block_checkpointing:
+        if plan.denoiser_blocks:
+            units = list(denoiser_units) + list(decoder_units)
+        else:
+            selective = list(decoder_units)
+        units += list(reward_units)
+    return dict(block_units=units, selective_units=selective, row_by_row=plan.row_by_row,
+                denoiser_blocks_checkpointed=plan.denoiser_blocks)
+
+
 __all__ = ["MemoryOptions", "MemoryPlan", "DoesNotFit", "estimate_update_bytes", "choose_plan",
-           "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES", "UNET_DENOISER_FACTORS", "WAYS"]
+           "trainer_memory_kwargs", "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES",
+           "UNET_DENOISER_FACTORS", "WAYS"]

@@ -30,9 +30,11 @@ Gradient truncation (DRAFT_METHOD.md):
   gives ``x0_hat_i``; the caller averages the reward over the ``n`` samples. Optionally the chain's
   own last step is differentiated too (``n + 1`` terms).
 
-Each differentiated step runs under non-reentrant activation checkpointing when ``checkpointing``
-is on: only the latent entering the step is stored, the denoiser's activations are recomputed in the
-backward pass, so activation memory does not grow with ``K``.
+Each differentiated step runs under activation checkpointing when ``checkpointing`` is on: only
+the latent entering the step is stored, the denoiser's activations are recomputed in the backward
+pass, so activation memory does not grow with ``K``. Given the trained parameters (the trainer
+passes them), the step's first forward builds no autograd graph at all
+(:mod:`training.step_checkpoint`).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .step_checkpoint import recomputed_step
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Renoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -244,10 +248,14 @@ class DifferentiableSampler:
         return ddim_step(x, x0, sigma, sigma_next, a, a_next, self.settings.eta, noise,
                          last=self._sigma_values[i + 1] == 0.0), x0
 
-    def _grad_step(self, i, x, prompt_index, noise, use_checkpoint: Optional[bool] = None):
+    def _grad_step(self, i, x, prompt_index, noise, use_checkpoint: Optional[bool] = None,
+                   params: Optional[Sequence[torch.Tensor]] = None):
         if use_checkpoint is None:
             use_checkpoint = self.settings.checkpointing
         if use_checkpoint and torch.is_grad_enabled():
+            if params is not None:  # the forward builds no graph (training/step_checkpoint.py)
+                return recomputed_step(lambda x_in: self._step(i, x_in, prompt_index, noise), x,
+                                       params)
             return checkpoint(self._step, i, x, prompt_index, noise, use_reentrant=False)
         return self._step(i, x, prompt_index, noise)
 
@@ -272,15 +280,17 @@ class DifferentiableSampler:
 
     def rollout(self, noise: torch.Tensor, prompt_index: torch.Tensor,
                 generator: Optional[torch.Generator] = None, k: Optional[int] = None,
-                step_checkpoint: Optional[bool] = None) -> Rollout:
+                step_checkpoint: Optional[bool] = None,
+                params: Optional[Sequence[torch.Tensor]] = None) -> Rollout:
         """One DRaFT rollout from standard normal ``noise`` (B, C, H, W): :meth:`prefix` then
         :meth:`tail` over every row at once.
 
         ``generator`` draws the per-step noises (``eta > 0``), K for ``random_k`` and the
         re-noising noises of ``draft_lv``. ``k`` overrides the method's truncation (tests, bench).
+        ``step_checkpoint`` and ``params``: see :meth:`tail`.
         """
         return self.tail(self.prefix(noise, prompt_index, generator, k),
-                         step_checkpoint=step_checkpoint)
+                         step_checkpoint=step_checkpoint, params=params)
 
     def prefix(self, noise: torch.Tensor, prompt_index: torch.Tensor,
                generator: Optional[torch.Generator] = None, k: Optional[int] = None,
@@ -330,11 +340,15 @@ class DifferentiableSampler:
         return TailStart(x=torch.cat(starts), prompt_index=prompt_index.repeat(len(starts)),
                          first_step=T - 1, k=1, noises=[z])
 
-    def tail(self, start: "TailStart", rows=None, step_checkpoint: Optional[bool] = None) -> Rollout:
+    def tail(self, start: "TailStart", rows=None, step_checkpoint: Optional[bool] = None,
+             params: Optional[Sequence[torch.Tensor]] = None) -> Rollout:
         """The differentiated steps from ``start`` for ``rows`` (an index tensor, a slice or None
         for all rows). ``step_checkpoint`` overrides ``settings.checkpointing`` for the per-step
         checkpointing (callers that checkpoint the denoiser's blocks skip it for a single step,
-        where it would only add a forward)."""
+        where it would only add a forward). ``params``: every tensor requiring grad that the
+        denoiser closes over (the LoRA factors); given, a checkpointed step's forward builds no
+        autograd graph (:func:`training.step_checkpoint.recomputed_step`: faster, the same
+        gradient); None: ``torch.utils.checkpoint``'s non-reentrant variant."""
         sel = slice(None) if rows is None else rows
         x = start.x[sel]
         prompt_index = start.prompt_index[sel]
@@ -343,7 +357,7 @@ class DifferentiableSampler:
         kl = torch.zeros((), device=x.device)
         for j, i in enumerate(range(start.first_step, start.first_step + start.k)):
             x_in = x
-            x, x0 = self._grad_step(i, x_in, prompt_index, noises[j], use_ckpt)
+            x, x0 = self._grad_step(i, x_in, prompt_index, noises[j], use_ckpt, params)
             if self.reference_denoise is not None:
                 kl = kl + self._kl_term(i, x_in, x0, prompt_index) / start.k
         return Rollout(latents=x, prompt_index=prompt_index, k=start.k, kl=kl)
@@ -379,13 +393,6 @@ def _check_rows(row_generators: Sequence[torch.Generator], rows: int) -> Sequenc
     return row_generators
 
 
-def checkpointed(fn: Callable, *args, enabled: bool = True):
-    """Call ``fn(*args)`` under non-reentrant checkpointing when grad is on and ``enabled``."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
 def karras_sigmas(n: int, sigma_min: float = 0.0292, sigma_max: float = 14.6146,
                   rho: float = 7.0) -> torch.Tensor:
     """A Karras schedule ending in 0, (n + 1,), for the engine's tests and tools (ComfyUI supplies
@@ -406,6 +413,6 @@ def vp_sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps) -> to
 __all__ = [
     "Denoiser", "Renoise", "METHODS", "SamplerSettings", "Rollout", "TailStart",
     "DifferentiableSampler",
-    "ddim_step", "signal_scale", "ve_renoise", "checkpointed", "karras_sigmas",
+    "ddim_step", "signal_scale", "ve_renoise", "karras_sigmas",
     "vp_sigmas_from_alphas_cumprod",
 ]

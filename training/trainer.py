@@ -8,7 +8,9 @@ One update (DRAFT_METHOD.md, "Loop"):
    so a row's sample does not depend on the other rows of its batch, and ``N`` data-parallel
    processes with batch ``b`` (rows ``rank * b ...``) draw what one process with batch ``N * b`` does;
 2. roll the sampler out (no-grad prefix, differentiated tail per the method);
-3. decode the final latents (checkpointed), score them, ``loss = -mean(reward) / grad_accum``
+3. decode the final latents (never checkpointed as a whole: the decoder's own backward is the
+   peak either way, and a recompute costs a decode; see :mod:`training.memory_plan`), score them,
+   ``loss = -mean(reward) / grad_accum``
    (+ ``kl_coeff * kl`` and any weighted regularisers), backward;
 4. data-parallel (``parallel`` set, :mod:`training.distributed`): average the gradients, the loss
    and the skip decision over the processes, gather every process's rewards;
@@ -30,7 +32,7 @@ import torch
 
 from .checkpointing import KEEP_CONVOLUTIONS, checkpoint_blocks
 from .lora import LoRASet
-from .sampler import DifferentiableSampler, Rollout, checkpointed
+from .sampler import DifferentiableSampler, Rollout
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 Reward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
@@ -146,8 +148,6 @@ class DraftTrainer:
             row's share).
         block_units: modules (of the denoiser and the decoder) to checkpoint one by one during an
             update (:func:`training.checkpointing.checkpoint_blocks`), restored after each update.
-        decoder_blocks_checkpointed: whether ``block_units`` include the decoder's blocks (then
-            the decode is not checkpointed as a whole).
         selective_units: modules (the decoder's blocks in the middle memory way) checkpointed
             selectively: their convolutions' outputs are kept, the rest recomputed
             (:data:`training.checkpointing.KEEP_CONVOLUTIONS`); distinct from ``block_units``.
@@ -178,7 +178,6 @@ class DraftTrainer:
     device: torch.device = torch.device("cpu")
     regularizers: Sequence = ()
     block_units: Sequence = ()
-    decoder_blocks_checkpointed: bool = False
     denoiser_blocks_checkpointed: Optional[bool] = None
     selective_units: Sequence = ()
     row_by_row: bool = False
@@ -267,8 +266,9 @@ class DraftTrainer:
                 for rows in groups:
                     n_rows = tail.rows if rows is None else len(rows)
                     with self._autocast():
-                        rollout = self.sampler.tail(tail, rows, step_checkpoint=step_ckpt)
-                        images = self._decode(rollout.latents)
+                        rollout = self.sampler.tail(tail, rows, step_checkpoint=step_ckpt,
+                                                    params=self.params)
+                        images = self.decode_images(rollout.latents)
                         scores = self.reward(images, self._prompts(rollout.prompt_index)).float()
                         share = n_rows / tail.rows  # this group's part of the micro-batch mean
                         # -mean over the micro-batch's rows, split into per-group parts
@@ -345,12 +345,6 @@ class DraftTrainer:
         if self.row_by_row and self.reward_statistics is not None:
             return self.reward_statistics()
         return contextlib.nullcontext()
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        # With block-checkpointed decoder units a checkpoint around the whole decode only adds a
-        # forward; without them it keeps the decoder's activations out of the UNet's backward.
-        whole = self.sampler.settings.checkpointing and not self.decoder_blocks_checkpointed
-        return checkpointed(self.decode_images, latents, enabled=whole)
 
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """``self.decode`` in the memory format of ``channels_last_decode``: images (B,3,H,W),

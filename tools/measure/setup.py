@@ -241,16 +241,17 @@ def build_aesthetic_reward():
 
 
 def memory_mode(mode: str, denoiser_units: list, decoder) -> dict:
-    """DraftTrainer's memory settings for a row's ``mode`` (``before``, ``lean``, ``lean_decoder``,
-    ``lean_cond``: see memory/vram.py), given the denoiser's checkpoint units and the diffusers VAE
-    ``decoder``."""
+    """DraftTrainer's memory settings for a row's ``mode`` (``fast``, ``before``, ``lean``,
+    ``lean_decoder``, ``lean_cond``: see memory/vram.py), given the denoiser's checkpoint units and
+    the diffusers VAE ``decoder``. (``before`` differs from ``fast`` only in the decode, which
+    :func:`update_trainer` checkpoints as a whole.)"""
     from training.checkpointing import diffusers_decoder_units
     every_block = mode in ("lean", "lean_cond")
-    lean = mode != "before"
+    lean = mode not in ("fast", "before")
     return dict(
         block_units=(denoiser_units + diffusers_decoder_units(decoder)) if every_block else [],
         selective_units=diffusers_decoder_units(decoder) if mode == "lean_decoder" else [],
-        decoder_blocks_checkpointed=lean, row_by_row=lean, denoiser_blocks_checkpointed=every_block,
+        row_by_row=lean, denoiser_blocks_checkpointed=every_block,
         channels_last_decode=False)  # the decode as on a CUDA device (NCHW), not the CPU's layout
 
 
@@ -288,6 +289,13 @@ def update_trainer(sampler, denoiser, vae, latent_scale: float, latent_shift, re
         z = z / latent_scale if latent_shift is None else z / latent_scale + latent_shift
         img = vae.decode(z, return_dict=False)[0]
         return (img.float() * 0.5 + 0.5).clamp(0, 1)
+
+    if mode == "before":  # the fast way as it was: the whole decode checkpointed
+        from torch.utils.checkpoint import checkpoint
+        plain_decode = decode
+
+        def decode(z):
+            return checkpoint(plain_decode, z, use_reentrant=False)
 
     sampler.denoise = denoiser
     trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],

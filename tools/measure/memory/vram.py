@@ -22,8 +22,10 @@ What a user has on the GPU during an update, and what is counted:
   one layer at a time; here every such weight is copied on use (the copy is what the GPU holds),
   and the resident UNet weights are only the norms and biases.
 
-Modes: ``before`` is the update as it was before lean memory (per-step and whole-decode
-checkpointing, every row at once); ``lean`` adds block checkpointing and one row at a time;
+Modes: ``fast`` is the way the trainer's ``auto`` takes when it fits (per-step checkpointing, every
+row at once, the decoder not checkpointed); ``before`` is the fast way as it was until 2026-12-06,
+with the whole decode checkpointed too (kept to show that this never lowered the peak: the
+trainer no longer does it); ``lean`` adds block checkpointing and one row at a time;
 ``lean_decoder`` checkpoints only the decoder's blocks, selectively (their convolution outputs
 kept; rows one at a time: the trainer's middle way); ``lean_cond`` also runs CFG's unconditional
 branch without gradient.
@@ -220,7 +222,7 @@ def rows_to_run(args) -> list:
                     rows.append(dict(model=model, method=method, batch=batch, mode=mode,
                                      lowvram=False, steps=steps))
         if model == "sdxl_1024" and "k1" in args.methods:
-            for mode in args.modes:  # ComfyUI's lowvram partial loading, before and lean
+            for mode in args.modes:  # ComfyUI's lowvram partial loading, in each mode
                 rows.append(dict(model=model, method="k1", batch=1, mode=mode, lowvram=True,
                                  steps=args.steps))
     # The rows behind the targets first, the long full-DRaFT rows last (an interrupted run that
@@ -305,7 +307,8 @@ def print_markdown(results: list) -> None:
     for r in results:
         by.setdefault((r["model"], r["method"], r["batch"], r["lowvram"]), {})[r["mode"]] = r
     names = {"lv2": "DRaFT-LV n=2", "k1": "DRaFT-1", "full": "full DRaFT (K=50)"}
-    titles = {"before": "before", "lean_decoder": "decoder blocks only", "lean": "lean",
+    titles = {"fast": "fast (auto when it fits)", "before": "fast, whole decode checkpointed",
+              "lean_decoder": "decoder blocks only", "lean": "lean",
               "lean_cond": "lean, CFG cond. only"}
     modes = [m for m in titles if any(m in v for v in by.values())]
     print()
@@ -328,7 +331,7 @@ def validate(steps: int = 3) -> dict:
     VAE, float32, DRaFT-K with K = 1, both memory modes): relative difference of the peaks."""
     import torch
     out = {}
-    for mode in ("before", "lean"):
+    for mode in ("fast", "lean"):
         real = measure("tiny", "k1", 1, mode, False, steps, 64, fake=False, tiny=True,
                        dtype=torch.float32)
         fake = measure("tiny", "k1", 1, mode, False, steps, 64, fake=True, tiny=True,
@@ -344,8 +347,8 @@ def main(argv=None) -> int:
                         help="models (default: all)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 4])
-    parser.add_argument("--modes", nargs="*", default=["before", "lean"],
-                        choices=["before", "lean", "lean_decoder", "lean_cond"])
+    parser.add_argument("--modes", nargs="*", default=["fast", "lean"],
+                        choices=["fast", "before", "lean", "lean_decoder", "lean_cond"])
     parser.add_argument("--steps", type=int, default=2,
                         help="schedule length for DRaFT-1 / DRaFT-LV rows (see rows_to_run)")
     parser.add_argument("--full-steps", type=int, default=50, help="full DRaFT's steps (paper: 50)")

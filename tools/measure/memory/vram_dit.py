@@ -3,8 +3,8 @@ update of :mod:`tools.measure.setup`).
 
 Full-size diffusers transformers built under ``FakeTensorMode`` (nothing allocated or computed),
 the project's own update (``DifferentiableSampler`` + ``DraftTrainer.step()``, lean mode: block
-checkpointing of every transformer block and VAE decoder block, one row at a time; or ``before``,
-the update as it was without them), counted by
+checkpointing of every transformer block and VAE decoder block, one row at a time; or ``fast``,
+without them; see :mod:`.vram` for every mode), counted by
 :class:`training.memory_trace.LiveBytes`:
 
 * ``flux_dev_1024``: FLUX.1-dev (``FluxTransformer2DModel``: 19 double + 38 single blocks, 3072
@@ -81,7 +81,8 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
                 mode: str = "lean") -> dict:
     """Peak bytes of one update (vram.py's ``measure`` for a DiT). ``mode``: ``lean`` (block
     checkpointing, one row at a time), ``lean_decoder`` (the decoder's blocks only, one row at a
-    time) or ``before`` (per-step and whole-decode checkpointing, every row at once)."""
+    time), ``fast`` (per-step checkpointing, every row at once) or ``before`` (``fast`` with the
+    whole decode checkpointed)."""
     import torch
     from torch import nn
     from training import wrap_module

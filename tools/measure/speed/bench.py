@@ -20,9 +20,12 @@ and a no-grad warm-up sampling):
 * both: the peak of live bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``,
   distinct storages, model weights excluded) -- the activation memory that checkpointing controls.
 
-Prints a table and, as its last line, one JSON object with ``peak_mem_ratio_k50_k1`` (checkpointed,
-ratio of the iteration's added peak memory), ``time_ratio_draft1_vs_sampling``,
-``time_ratio_lv2_vs_sampling``, ``time_ratio_full_vs_sampling`` and all raw figures.
+The checkpointed configurations are the way the trainer's ``auto`` takes on a device with room
+(every row at once, no block checkpointing). Prints a table and, as its last line, one JSON object
+with ``peak_mem_ratio_k50_k1`` (checkpointed, ratio of the iteration's added peak memory),
+``time_ratio_draft1_vs_sampling``, ``time_ratio_lv2_vs_sampling``, ``time_ratio_full_vs_sampling``,
+``time_ratio_draft1_vs_floor`` and ``time_ratio_full_vs_floor`` (over the ideal (T + 3K)/T of
+sampling), the peers' figures (:mod:`.peers`: ``auto_time_vs_trl_*`` ...) and all raw figures.
 
     .venv/bin/python -m tools.measure.speed.bench                     # CPU, --model small
     .venv/bin/python -m tools.measure.speed.bench --device cuda --model sd15 --resolution 512
@@ -50,7 +53,17 @@ TARGETS = {  # key: (limit, description)
     "peak_mem_ratio_k50_k1": (1.25, "peak memory K=T / K=1, checkpointed"),
     "time_ratio_draft1_vs_sampling": (1.2, "DRaFT-1 update / plain sampling"),
     "time_ratio_full_vs_sampling": (4.5, "full DRaFT update / plain sampling"),
+    # over the ideal of a per-step-checkpointed update, (T + 3K)/T x sampling: the T - K no-grad
+    # steps, then per differentiated step a forward, its recompute and a backward (~2 forwards)
+    "time_ratio_draft1_vs_floor": (1.05, "DRaFT-1 update / (T + 3)/T x sampling"),
+    "time_ratio_full_vs_floor": (1.05, "full DRaFT update / 4 x sampling"),
 }
+
+
+def floor_ratio(steps: int, k: int) -> float:
+    """The time of an ideal per-step-checkpointed DRaFT-K update over plain sampling: (T + 3K)/T
+    (decode, reward and AdamW taken as free)."""
+    return (steps + 3 * k) / steps
 
 MODEL_DEFAULT_RESOLUTION = {"small": 256, "sd15": 512}
 
@@ -216,7 +229,7 @@ def make_runner(args, setup, config: dict):
         vae = getattr(setup.decoder, "vae", None)
         units = diffusers_unet_units(setup.unet)
         units += diffusers_decoder_units(vae.decoder) if vae is not None else []
-        lean = dict(block_units=units, decoder_blocks_checkpointed=vae is not None, row_by_row=True)
+        lean = dict(block_units=units, row_by_row=True)
     trainer = DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
                            setup.latent_shape,
                            TrainSettings(batch_size=args.batch, mixed_precision=args.mixed_precision),
@@ -674,7 +687,7 @@ def main(argv=None) -> int:
             name = f"k{k}_ckpt"
             got = results.get(name, {}).get("time_ratio")
             print(f"  checkpointed K={k}: measured {fmt(got, '.2f')} x sampling; from the components "
-                  f"{model / sample_ms:.2f} x; ideal (T + 3K)/T = {(t + 3 * k) / t:.2f} x")
+                  f"{model / sample_ms:.2f} x; ideal (T + 3K)/T = {floor_ratio(t, k):.2f} x")
 
     def get(name, key):
         return results.get(name, {}).get(key)
@@ -685,6 +698,10 @@ def main(argv=None) -> int:
         "time_ratio_draft1_vs_sampling": rnd(get(k1, "time_ratio")),
         "time_ratio_lv2_vs_sampling": rnd(get(f"lv{args.lv_samples}_ckpt", "time_ratio")),
         "time_ratio_full_vs_sampling": rnd(get(kt, "time_ratio")),
+        "time_ratio_draft1_vs_floor": rnd(None if get(k1, "time_ratio") is None else
+                                          get(k1, "time_ratio") / floor_ratio(t, 1)),
+        "time_ratio_full_vs_floor": rnd(None if get(kt, "time_ratio") is None else
+                                        get(kt, "time_ratio") / floor_ratio(t, t)),
         "saved_mem_ratio_k50_k1": ratio(get(kt, "saved_peak_mib"), get(k1, "saved_peak_mib")),
         "rss_added_ratio_k50_k1": ratio(get(kt, "rss_added_mib"), get(k1, "rss_added_mib")),
         "rss_peak_ratio_k50_k1": ratio(get(kt, "rss_peak_mib"), get(k1, "rss_peak_mib")),
@@ -728,7 +745,7 @@ def main(argv=None) -> int:
         print("  peers: TRL AlignProp update and ComfyUI KSampler side by side ...", flush=True)
         peers = bench_peers.compare(bench_peers.parse(
             ["--steps", str(args.steps), "--resolution", str(args.peer_resolution),
-             "--ksampler-resolution", str(args.peer_resolution), "--reps", str(max(3, args.reps // 2)),
+             "--ksampler-resolution", str(args.peer_resolution), "--reps", str(max(5, args.reps)),
              "--threads", str(args.threads)]))
         for key, limit in {**bench_peers.TRL_TARGETS,
                            "no_grad_sampling_vs_ksampler": bench_peers.KSAMPLER_TARGET}.items():

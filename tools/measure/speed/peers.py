@@ -7,14 +7,18 @@ update, and our no-grad sampling against ComfyUI's own KSampler.
   on every attention projection (``training.lora.wrap_module``, so the LoRA code is identical), 50
   DDIM steps, CFG 7.5, batch 1, a colour reward; DRaFT-1 (TRL: ``truncated_backprop_timestep=49``)
   and full backpropagation (TRL: ``truncated_backprop=False``), each with TRL's per-step gradient
-  checkpointing. Ours runs ``DraftTrainer.step()`` with rows one at a time and the decoder's
-  blocks checkpointed selectively (what the trainer's ``auto`` takes first when the fast way does
-  not fit; its memory also with every block checkpointed, ``mem_vs_trl_*_leanest``), decoding in
-  the trainer's layout for the CPU (channels-last; its time also with TRL's NCHW decode,
-  ``time_vs_trl_*_nchw``; the decoder's forward plus backward alone in both layouts,
-  ``decode_channels_last_vs_nchw``). Memory: peak live tensor bytes one update adds
-  (``training.memory_trace.LiveBytes``), each side in a fresh process; time: interleaved rounds in
-  one process, median ratio.
+  checkpointing. Ours runs ``DraftTrainer.step()`` in the way the trainer's ``auto`` takes on a
+  device with room (``auto_*``: every row at once, no block checkpointing, per-step checkpointing
+  whose forward builds no graph, the decoder not checkpointed), decoding in the trainer's layout
+  for the CPU (channels-last) and in TRL's NCHW (``*_nchw``: the layout on a GPU); also in the
+  middle way (``time_vs_trl_*``, ``mem_vs_trl_*``: rows one at a time, the decoder's blocks
+  checkpointed selectively, what ``auto`` takes first when the fast way does not fit) and the
+  memory of the leanest (``mem_vs_trl_*_leanest``: every block recomputed); the decoder's forward
+  plus backward alone in both layouts (``decode_channels_last_vs_nchw``). The ways are built from
+  ``training.memory_plan``'s plans as the trainer node builds them. Memory: peak live tensor bytes
+  one update adds (``training.memory_trace.LiveBytes``), each update in a fresh process; time:
+  ``--reps`` interleaved rounds in one process, median of the per-round ratios (every round in the
+  JSON).
 * **KSampler**: through ComfyUI in-process on the tiny generated SD1.5 checkpoint, the trainer's
   no-grad sampling (``DifferentiableSampler.sample`` driven by ComfyUI's CFGGuider, as the trainer's
   previews and rollouts are) against ``comfy.sample.sample`` with sampler ``ddim``, scheduler
@@ -38,7 +42,11 @@ from types import SimpleNamespace
 
 from tools.measure.setup import REPO, Setup, last_json_line, worker_command
 
-TRL_TARGETS = {"mem_vs_trl_k1": 0.6, "mem_vs_trl_full": 0.6, "time_vs_trl_k1": 1.0,
+# The way auto takes on a roomy device against TRL (time in both layouts), and the middle way.
+TRL_TARGETS = {"auto_time_vs_trl_k1": 0.95, "auto_time_vs_trl_full": 0.95,
+               "auto_time_vs_trl_k1_nchw": 0.95, "auto_time_vs_trl_full_nchw": 0.95,
+               "auto_mem_vs_trl_k1": 1.0, "auto_mem_vs_trl_full": 1.0,
+               "mem_vs_trl_k1": 0.6, "mem_vs_trl_full": 0.6, "time_vs_trl_k1": 1.0,
                "time_vs_trl_full": 1.0}
 KSAMPLER_TARGET = 1.05
 
@@ -87,31 +95,42 @@ def _trl_update(setup, k1: bool, args):
     return step
 
 
-def _our_trainer(setup, k1: bool, denoiser_blocks: bool = False, nchw: bool = False):
-    """Our trainer with rows one at a time and the decoder's blocks checkpointed selectively (their
-    convolution outputs kept: the way DRaFT Trainer's ``auto`` takes first when the fast way does
-    not fit), and with ``denoiser_blocks`` every block recomputed whole (the leanest way). The
-    decode in the trainer's layout for the device (channels-last on the CPU), or with ``nchw``
-    in TRL's (NCHW), to show what the layout alone is worth."""
+# The trainer's ways, as DRaFT Memory Options would set them: ``auto`` on a device with room (the
+# fast way), the middle way (what ``auto`` takes first when the fast way does not fit) and the
+# leanest (every block recomputed).
+WAYS = {"auto": {}, "middle": dict(block_checkpointing="decoder and reward", rows="one at a time"),
+        "leanest": dict(block_checkpointing="on", rows="one at a time")}
+
+
+def way_plan(way: str):
+    """``training.memory_plan.choose_plan``'s plan for ``way`` on a device with room for anything
+    (``auto`` then takes its first choice)."""
+    from training.memory_plan import MemoryOptions, choose_plan
+    return choose_plan(MemoryOptions(**WAYS[way]), rows=1, cfg_branches=2, decode_bytes=2**30,
+                       denoiser_row_bytes=2**30, available_bytes=2**50)
+
+
+def _our_trainer(setup, k1: bool, way: str = "middle", nchw: bool = False):
+    """Our trainer in ``way`` (:data:`WAYS`), built from the plan as the trainer node builds it
+    (``training.memory_plan.trainer_memory_kwargs``). The decode in the trainer's layout for the
+    device (channels-last on the CPU), or with ``nchw`` in TRL's (NCHW, the layout on a GPU)."""
     from training.checkpointing import diffusers_decoder_units, diffusers_unet_units
+    from training.memory_plan import trainer_memory_kwargs
     from training.sampler import DifferentiableSampler, SamplerSettings
     from training.toy_models import colour_reward
     from training.trainer import DraftTrainer, TrainSettings
     settings = SamplerSettings(method="draft_k" if k1 else "draft", k=1)
     sampler = DifferentiableSampler(setup.denoise, setup.sigmas, settings)
-    units, selective = [], diffusers_decoder_units(setup.decoder.vae.decoder)
-    if denoiser_blocks:  # every block recomputed whole
-        units, selective = diffusers_unet_units(setup.unet) + selective, []
+    memory = trainer_memory_kwargs(way_plan(way), diffusers_unet_units(setup.unet),
+                                   diffusers_decoder_units(setup.decoder.vae.decoder))
     return DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
-                        setup.latent_shape, TrainSettings(batch_size=1), block_units=units,
-                        decoder_blocks_checkpointed=True, row_by_row=True,
-                        denoiser_blocks_checkpointed=denoiser_blocks, selective_units=selective,
-                        channels_last_decode=False if nchw else None)
+                        setup.latent_shape, TrainSettings(batch_size=1),
+                        channels_last_decode=False if nchw else None, **memory)
 
 
-def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False, nchw: bool = False):
+def _our_update(setup, k1: bool, args, way: str = "middle", nchw: bool = False):
     """One update of :func:`_our_trainer`'s trainer."""
-    trainer = _our_trainer(setup, k1, denoiser_blocks, nchw)
+    trainer = _our_trainer(setup, k1, way, nchw)
 
     def step():
         report = trainer.step()
@@ -120,24 +139,25 @@ def _our_update(setup, k1: bool, args, denoiser_blocks: bool = False, nchw: bool
     return step
 
 
-def _updates(setup, args, leanest: bool = False) -> dict:
-    """The updates timed side by side, ours also with TRL's NCHW decode (and, ``leanest``, ours
-    with every block checkpointed, whose memory is also reported)."""
-    updates = {"trl_k1": _trl_update(setup, True, args), "ours_k1": _our_update(setup, True, args),
-               "ours_nchw_k1": _our_update(setup, True, args, nchw=True),
-               "trl_full": _trl_update(setup, False, args),
-               "ours_full": _our_update(setup, False, args),
-               "ours_nchw_full": _our_update(setup, False, args, nchw=True)}
-    if leanest:
-        updates["ours_lean_k1"] = _our_update(setup, True, args, denoiser_blocks=True)
-        updates["ours_lean_full"] = _our_update(setup, False, args, denoiser_blocks=True)
+def _updates(setup, args, memory: bool = False) -> dict:
+    """The updates timed side by side: TRL's, ours in ``auto``'s way on a roomy device (in the
+    CPU's channels-last and in NCHW, the layout on a GPU) and in the middle way; with ``memory``
+    also the leanest, whose memory alone is reported."""
+    updates = {}
+    for which, k1 in (("k1", True), ("full", False)):
+        updates[f"trl_{which}"] = _trl_update(setup, k1, args)
+        updates[f"auto_{which}"] = _our_update(setup, k1, args, way="auto")
+        updates[f"auto_nchw_{which}"] = _our_update(setup, k1, args, way="auto", nchw=True)
+        updates[f"ours_{which}"] = _our_update(setup, k1, args)
+        if memory:
+            updates[f"ours_lean_{which}"] = _our_update(setup, k1, args, way="leanest")
     return updates
 
 
 def trl_memory_worker(args, name: str) -> dict:
     from training.memory_trace import LiveBytes
     setup = _setup(args)
-    step = _updates(setup, args, leanest=True)[name]
+    step = _updates(setup, args, memory=True)[name]
     step()  # the first update allocates AdamW's state
     counter = LiveBytes()
     with counter:
@@ -168,7 +188,7 @@ def layout_time_worker(args) -> dict:
     setup = _setup(args)
     for p in setup.decoder.parameters():
         p.requires_grad_(False)
-    trainers = {name: _our_trainer(setup, True, nchw=name == "nchw")
+    trainers = {name: _our_trainer(setup, True, "auto", nchw=name == "nchw")
                 for name in ("nchw", "channels_last")}
     z = torch.randn((1,) + setup.latent_shape, generator=torch.Generator().manual_seed(3))
 
@@ -258,8 +278,8 @@ def ksampler_worker(args) -> dict:
 def _run(args, flag: str, payload: str = "") -> dict:
     cmd = worker_command(__spec__.name, flag, *([payload] if payload else []))
     cmd += ["--steps", str(args.steps), "--resolution", str(args.resolution), "--reps",
-            str(args.reps), "--threads", str(args.threads), "--ksampler-resolution",
-            str(args.ksampler_resolution)]
+            str(args.ksampler_reps if flag == "--ksampler" else args.reps), "--threads",
+            str(args.threads), "--ksampler-resolution", str(args.ksampler_resolution)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     line = last_json_line(proc.stdout)
     if proc.returncode != 0 or line is None:
@@ -276,6 +296,37 @@ def _median_ratio(times: dict, a: str, b: str) -> float:
     return round(statistics.median(_ratios(times, a, b)), 3)
 
 
+def trl_figures(mem: dict, times: dict) -> dict:
+    """The side-by-side figures from the memory workers' peaks (``mem[name]["peak_bytes"]``) and
+    the interleaved rounds' seconds (``times[name]``), for DRaFT-1 (``k1``) and full
+    backpropagation (``full``):
+
+    * ``auto_time_vs_trl_*`` / ``auto_mem_vs_trl_*``: the way ``auto`` takes on a roomy device,
+      decoding in the CPU's channels-last; ``auto_time_vs_trl_*_nchw``: the same in NCHW (the
+      layout on a GPU); every round's ratio in ``*_rounds``;
+    * ``time_vs_trl_*`` / ``mem_vs_trl_*``: the middle way (rows one at a time, the decoder's
+      blocks checkpointed selectively); ``mem_vs_trl_*_leanest``: every block recomputed.
+    """
+    out = {}
+    for which in ("k1", "full"):
+        trl = f"trl_{which}"
+        for name, key in ((f"auto_{which}", f"auto_time_vs_trl_{which}"),
+                          (f"auto_nchw_{which}", f"auto_time_vs_trl_{which}_nchw"),
+                          (f"ours_{which}", f"time_vs_trl_{which}")):
+            out[key] = _median_ratio(times, name, trl)
+            out[f"{key}_rounds"] = [round(r, 3) for r in _ratios(times, name, trl)]
+            out[f"{name}_time_s"] = round(statistics.median(times[name]), 3)
+        out[f"{trl}_time_s"] = round(statistics.median(times[trl]), 3)
+        peak = {name: mem[name]["peak_bytes"] for name in
+                (trl, f"auto_{which}", f"ours_{which}", f"ours_lean_{which}")}
+        out[f"auto_mem_vs_trl_{which}"] = round(peak[f"auto_{which}"] / peak[trl], 3)
+        out[f"mem_vs_trl_{which}"] = round(peak[f"ours_{which}"] / peak[trl], 3)
+        out[f"mem_vs_trl_{which}_leanest"] = round(peak[f"ours_lean_{which}"] / peak[trl], 3)
+        for name, value in peak.items():
+            out[f"{name}_peak_mib"] = round(value / 2**20, 1)
+    return out
+
+
 def compare(args) -> dict:
     out: dict = {}
     try:
@@ -286,7 +337,8 @@ def compare(args) -> dict:
         out["trl_error"] = "trl==0.23.1 is not installed (make bench installs it)"
     if have_trl:
         mem = {name: _run(args, "--trl-memory", name) for name in
-               ("trl_k1", "ours_k1", "trl_full", "ours_full", "ours_lean_k1", "ours_lean_full")}
+               ("trl_k1", "auto_k1", "ours_k1", "ours_lean_k1",
+                "trl_full", "auto_full", "ours_full", "ours_lean_full")}
         timing = _run(args, "--trl-time")
         layout = _run(args, "--layout-time")
         errors = {k: v["error"] for k, v in {**mem, "time": timing, "layout": layout}.items()
@@ -294,23 +346,8 @@ def compare(args) -> dict:
         if errors:
             out["trl_error"] = errors
         else:
+            out.update(trl_figures(mem, timing["times_s"]))
             out["decode_channels_last_vs_nchw"] = _median_ratio(layout["times_s"], "channels_last", "nchw")
-            for which in ("k1", "full"):
-                out[f"mem_vs_trl_{which}"] = round(mem[f"ours_{which}"]["peak_bytes"]
-                                                   / mem[f"trl_{which}"]["peak_bytes"], 3)
-                out[f"time_vs_trl_{which}"] = _median_ratio(timing["times_s"], f"ours_{which}",
-                                                            f"trl_{which}")
-                out[f"time_vs_trl_{which}_rounds"] = [
-                    round(r, 3) for r in _ratios(timing["times_s"], f"ours_{which}", f"trl_{which}")]
-                out[f"time_vs_trl_{which}_nchw"] = _median_ratio(  # ours with TRL's NCHW decode
-                    timing["times_s"], f"ours_nchw_{which}", f"trl_{which}")
-                out[f"trl_{which}_peak_mib"] = round(mem[f"trl_{which}"]["peak_bytes"] / 2**20, 1)
-                out[f"ours_{which}_peak_mib"] = round(mem[f"ours_{which}"]["peak_bytes"] / 2**20, 1)
-                out[f"ours_lean_{which}_peak_mib"] = round(mem[f"ours_lean_{which}"]["peak_bytes"] / 2**20, 1)
-                out[f"mem_vs_trl_{which}_leanest"] = round(mem[f"ours_lean_{which}"]["peak_bytes"]
-                                                           / mem[f"trl_{which}"]["peak_bytes"], 3)
-                out[f"trl_{which}_time_s"] = round(statistics.median(timing["times_s"][f"trl_{which}"]), 3)
-                out[f"ours_{which}_time_s"] = round(statistics.median(timing["times_s"][f"ours_{which}"]), 3)
     if os.environ.get("COMFYUI_PATH"):
         ks = _run(args, "--ksampler")
         if "error" in ks:
@@ -332,7 +369,10 @@ def parse(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--ksampler-resolution", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5,
+                        help="interleaved rounds of the TRL comparison (the median is judged)")
+    parser.add_argument("--ksampler-reps", type=int, default=3,
+                        help="interleaved rounds of the KSampler comparison")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--trl-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--trl-time", action="store_true", help=argparse.SUPPRESS)

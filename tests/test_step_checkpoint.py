@@ -1,0 +1,114 @@
+"""training/step_checkpoint.py: a checkpointed step whose forward builds no autograd graph.
+
+The gradient equals plain autograd's and the non-reentrant checkpoint's (under ``backward`` and
+``torch.autograd.grad``, with eta noise, DRaFT-LV, bf16 autocast and randomness inside the
+denoiser); the forward runs without gradients and only the recompute with them.
+"""
+import pytest
+import torch
+
+from training import DifferentiableSampler, SamplerSettings, karras_sigmas
+from training.toy_models import build_toy_model, colour_reward, toy_lora
+
+T = 6
+
+
+class Recording(torch.nn.Module):
+    """The toy denoiser, noting whether gradients were on at each call; ``jitter`` adds a random
+    draw inside the denoiser (as a model with dropout or noise augmentation would)."""
+
+    def __init__(self, inner, jitter: bool = False):
+        super().__init__()
+        self.inner, self.jitter, self.grad_modes = inner, jitter, []
+
+    def forward(self, x, sigma, index):
+        self.grad_modes.append(torch.is_grad_enabled())
+        out = self.inner(x, sigma, index)
+        return out + 0.01 * torch.randn_like(out) if self.jitter else out
+
+
+def _setup(method="draft_k", k=3, eta=0.0, jitter=False):
+    denoiser, decoder = build_toy_model(seed=0)
+    lora = toy_lora(denoiser)
+    recording = Recording(denoiser, jitter)
+    sampler = DifferentiableSampler(recording, karras_sigmas(T), SamplerSettings(
+        method=method, k=k, lv_samples=2, eta=eta))
+    return sampler, decoder, lora.trainable_parameters(), recording
+
+
+def _gradient(way: str, method="draft_k", k=3, eta=0.0, jitter=False, autocast=False,
+              use_backward=False):
+    sampler, decoder, params, recording = _setup(method, k, eta, jitter)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    index = torch.tensor([0, 3])
+    torch.manual_seed(11)  # the jitter's draws
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = sampler.rollout(noise, index, generator=torch.Generator().manual_seed(7),
+                              step_checkpoint=way != "plain",
+                              params=params if way == "recomputed" else None)
+        loss = -colour_reward(decoder(out.latents)).float().mean()
+    if use_backward:
+        loss.backward()
+        grads = [p.grad.clone() for p in params]
+    else:
+        grads = list(torch.autograd.grad(loss, params))
+    return grads, recording.grad_modes
+
+
+@pytest.mark.parametrize("case", [
+    dict(), dict(k=1), dict(k=T), dict(eta=0.7), dict(method="draft_lv"), dict(jitter=True),
+    dict(use_backward=True)], ids=["k3", "k1", "full", "eta", "lv", "random_inside", "backward"])
+def test_gradient_equals_plain_autograd_and_the_non_reentrant_checkpoint(case):
+    plain, _ = _gradient("plain", **case)
+    nonreentrant, _ = _gradient("non_reentrant", **case)
+    recomputed, _ = _gradient("recomputed", **case)
+    assert any(float(g.abs().max()) > 0 for g in plain)
+    for a, b, c in zip(plain, nonreentrant, recomputed):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-8)
+
+
+def _reentrant_gradient(monkeypatch, **case):
+    """The gradient with torch's own reentrant checkpoint (whose forward also runs without
+    gradients; it accumulates into ``.grad``, hence ``backward``)."""
+    import training.sampler as sampler_module
+    from torch.utils.checkpoint import checkpoint
+    dummy = torch.empty(0, requires_grad=True)  # so that the step's output requires grad
+    monkeypatch.setattr(sampler_module, "checkpoint", lambda fn, *a, use_reentrant: checkpoint(
+        lambda _, *b: fn(*b), dummy, *a, use_reentrant=True))
+    grads, _ = _gradient("non_reentrant", use_backward=True, **case)
+    monkeypatch.undo()
+    return grads
+
+
+def test_under_bf16_autocast_the_recompute_runs_in_bf16_as_the_forward_did(monkeypatch):
+    recomputed, _ = _gradient("recomputed", autocast=True)
+    reentrant = _reentrant_gradient(monkeypatch, autocast=True)
+    nonreentrant, _ = _gradient("non_reentrant", autocast=True)
+    plain32, _ = _gradient("plain")
+    for a, b, c, d in zip(recomputed, reentrant, nonreentrant, plain32):
+        # bit for bit torch's reentrant checkpoint, the same forward without gradients
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        # a forward without gradients rounds a few bf16 values differently from one with them:
+        # within bf16's precision of the non-reentrant checkpoint
+        torch.testing.assert_close(a, c, rtol=2e-2, atol=1e-6)
+    # and autocast really acted (a float32 recompute would give float32's gradient)
+    assert any(not torch.allclose(a, d, rtol=1e-3, atol=0) for a, d in zip(recomputed, plain32))
+
+
+def test_the_forward_builds_no_graph_only_the_recompute_does():
+    k = 3
+    _, modes = _gradient("recomputed", k=k)
+    # T - k no-grad prefix steps, k differentiated forwards (no grad), k recomputes (grad)
+    assert modes == [False] * T + [True] * k
+    _, modes = _gradient("non_reentrant", k=k)
+    assert modes == [False] * (T - k) + [True] * (2 * k)
+
+
+def test_a_step_without_anything_requiring_grad_returns_no_gradient():
+    sampler, decoder, params, _ = _setup(k=2)
+    for p in params:
+        p.requires_grad_(False)
+    out = sampler.rollout(torch.randn(1, 4, 8, 8), torch.tensor([0]), step_checkpoint=True,
+                          params=params)
+    assert not out.latents.requires_grad
