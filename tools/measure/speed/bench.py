@@ -230,6 +230,8 @@ def make_runner(args, setup, config: dict):
         units = diffusers_unet_units(setup.unet)
         units += diffusers_decoder_units(vae.decoder) if vae is not None else []
         lean = dict(block_units=units, row_by_row=True)
+    elif config.get("rows"):  # rows one at a time, nothing else
+        lean = dict(row_by_row=True)
     trainer = DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
                            setup.latent_shape,
                            TrainSettings(batch_size=args.batch, mixed_precision=args.mixed_precision),
@@ -412,6 +414,11 @@ def configurations(args) -> list:
                         "lean": True, "label": f"{label} K={k} lean"})
     configs.append({"name": f"lv{args.lv_samples}_lean", "kind": "draft_lv", "n": args.lv_samples,
                     "checkpointing": True, "lean": True, "label": f"DRaFT-LV n={args.lv_samples} lean"})
+    # auto's second choice (rows one at a time, no blocks), against its first (lv2_ckpt) and the
+    # leanest (lv2_lean): the order of auto's ways is the order of their measured times
+    configs.append({"name": f"lv{args.lv_samples}_rows", "kind": "draft_lv", "n": args.lv_samples,
+                    "checkpointing": True, "rows": True,
+                    "label": f"DRaFT-LV n={args.lv_samples} rows 1x1"})
     return configs
 
 
@@ -716,6 +723,9 @@ def main(argv=None) -> int:
         "lean_over_fast_mem_k1": ratio(get("k1_lean", "mem_added_mib"), get(k1, "mem_added_mib")),
         "lean_over_fast_mem_lv2": ratio(get(f"lv{args.lv_samples}_lean", "mem_added_mib"),
                                         get(f"lv{args.lv_samples}_ckpt", "mem_added_mib")),
+        "rows_time_ratio_lv2_vs_sampling": rnd(get(f"lv{args.lv_samples}_rows", "time_ratio")),
+        "rows_over_fast_mem_lv2": ratio(get(f"lv{args.lv_samples}_rows", "mem_added_mib"),
+                                        get(f"lv{args.lv_samples}_ckpt", "mem_added_mib")),
     }
     if get(kt, "rss_added_mib") is not None and get(k1, "rss_added_mib") is not None and t > 1:
         summary["rss_growth_per_ckpt_step_mib"] = round(
@@ -729,7 +739,8 @@ def main(argv=None) -> int:
     print(f"{'DRaFT-LV n=' + str(args.lv_samples) + ' update / plain sampling':40s} "
           f"{fmt(summary['time_ratio_lv2_vs_sampling'], '.3f'):>7s}")
     for key in ("lean_time_ratio_draft1_vs_sampling", "lean_time_ratio_full_vs_sampling",
-                "lean_time_ratio_lv2_vs_sampling", "lean_over_fast_mem_k1", "lean_over_fast_mem_lv2"):
+                "lean_time_ratio_lv2_vs_sampling", "lean_over_fast_mem_k1", "lean_over_fast_mem_lv2",
+                "rows_time_ratio_lv2_vs_sampling", "rows_over_fast_mem_lv2"):
         print(f"{key:40s} {fmt(summary[key], '.3f'):>7s}")
     if args.device == "cpu":
         print(f"{'RSS added K=T / K=1, checkpointed':40s} "
