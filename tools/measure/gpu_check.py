@@ -85,13 +85,15 @@ from tools.measure.setup import GIB, REPO
 PACK = "draft_gpu_check_pack"
 HEADROOM = 1.4
 FIGURES = os.path.join(REPO, "docs", "vram_figures.json")
-# module -> pip name: the third-party imports of ComfyUI's comfy.sd / comfy.samplers /
-# comfy.model_management / comfy.sample, the pack's nodes.training_run and the reward
-NEEDED = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "safetensors": "safetensors",
-          "einops": "einops", "scipy": "scipy", "tqdm": "tqdm", "psutil": "psutil",
-          "yaml": "pyyaml", "torchsde": "torchsde", "trampoline": "trampoline",
-          "transformers": "transformers", "tokenizers": "tokenizers",
-          "sentencepiece": "sentencepiece", "aiohttp": "aiohttp", "yarl": "yarl"}
+# module -> pip name: the third-party modules the in-process path imports (ComfyUI's comfy.sd /
+# comfy.samplers / comfy.model_management / comfy.sample, the pack's nodes.training_run, the
+# reward), found by blocking each one in turn on the dry run; transformers' own dependencies
+# (tokenizers, huggingface_hub, regex, ...) come with it. Not needed: av, aiohttp, yarl, open_clip,
+# diffusers, spandrel, kornia, comfy_api (nodes/__init__.py and reward_types are not imported).
+NEEDED = {"torch": "torch", "torchvision": "torchvision (the build matching torch)",
+          "numpy": "numpy", "PIL": "pillow", "safetensors": "safetensors", "einops": "einops",
+          "psutil": "psutil", "yaml": "pyyaml", "tqdm": "tqdm", "transformers": "transformers",
+          "torchsde": "torchsde", "trampoline": "trampoline"}
 # the trainer's ways: name -> (MemoryOptions.block_checkpointing, .rows, make vram's mode or None)
 WAYS = {"fast": ("off", "all at once", "fast"), "rows": ("off", "one at a time", None),
         "decoder": ("decoder and reward", "one at a time", "lean_decoder"),
@@ -138,8 +140,8 @@ TINY = {"sd15_tiny": ("SD15", SD15_TINY, "float32", None, 64, (6, 64), None, 4, 
 
 
 def check_packages() -> list:
-    """The modules of :data:`NEEDED` that cannot be imported here (their pip names)."""
-    return [f"{m} (pip: {p})" for m, p in NEEDED.items() if importlib.util.find_spec(m) is None]
+    """``(module, pip name)`` of each module of :data:`NEEDED` that cannot be imported here."""
+    return [(m, p) for m, p in NEEDED.items() if importlib.util.find_spec(m) is None]
 
 
 def import_comfy(path: str, cpu: bool):
@@ -584,8 +586,8 @@ def setup(args) -> dict:
     if not dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --dry-run for the CPU rehearsal")
     device = torch.device("cpu") if dry else mm.get_torch_device()
-    if dry:
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if dry:  # one thread: on a shared CPU, OpenMP threads waiting on a descheduled peer take 10x
+        torch.set_num_threads(1)
     pack = {name: pack_module(path) for name, path in (
         ("training_run", "nodes.training_run"), ("comfy_glue", "nodes.comfy_glue"),
         ("architectures", "nodes.architectures"), ("memory_plan", "training.memory_plan"),
@@ -620,11 +622,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     missing = check_packages()
     if missing or args.check_packages:
-        print("missing: " + (", ".join(missing) if missing else "none"))
+        print("missing: " + (", ".join(f"{m} (pip: {w})" for m, w in missing) if missing else "none"))
         if missing:
             print("carry them as wheels (see this module's docstring): pip download --no-deps "
                   "--python-version 3.12 --only-binary=:all: -d .whl "
-                  + " ".join(m.split("pip: ")[1].rstrip(")") for m in missing))
+                  + " ".join(w.split(" ")[0] for _, w in missing))
         return 1 if missing else 0
     started = time.perf_counter()
     import torch
