@@ -19,7 +19,8 @@ shapes; nothing downloaded), every update through the pack's real ``nodes.traini
   (``estimate_update_bytes`` fed by ``nodes.comfy_glue.update_memory_inputs`` and
   ``nodes.architectures.memory_factors``, as ``TrainingRun._memory_plan`` does). Verdicts:
   estimate >= measured, estimate <= 1.4 x measured.
-* **cards**: consumer cards emulated at 2 (a probe that must be refused), 8, 12, 16 and 24 GiB:
+* **cards**: consumer cards emulated at 8, 12, 16 and 24 GiB, and per model a probe card too small
+  even with the UNet streamed (weights - UNet + half the leanest estimate), which must be refused:
   ``torch.cuda.set_per_process_memory_fraction(card / total)`` AND ComfyUI's
   ``comfy.model_management.get_total_memory`` / ``get_free_memory`` patched for the duration to
   report that card (``torch.cuda.mem_get_info``, which ComfyUI reads, ignores the fraction), every
@@ -99,7 +100,7 @@ WAYS = {"fast": ("off", "all at once", "fast"), "rows": ("off", "one at a time",
         "decoder": ("decoder and reward", "one at a time", "lean_decoder"),
         "all": ("on", "one at a time", "lean")}
 METHODS = {"k1": ("draft_k", 1), "lv2": ("draft_lv", 2)}  # name -> (sampler method, rows per sample)
-CARDS_GIB = (2, 8, 12, 16, 24)
+CARDS_GIB = (8, 12, 16, 24)
 
 # -- models ---------------------------------------------------------------------------------------
 _LDM = dict(use_checkpoint=False, in_channels=4, out_channels=4, use_spatial_transformer=True,
@@ -450,6 +451,14 @@ def tiny_cards(ctx, name: str) -> list:
     return [int(w + 1.02 * e) for e in ordered] + [int(w + 0.5 * ordered[-1])]
 
 
+def probe_card(ctx, name: str) -> int:
+    """A GPU card (bytes) the run must be refused on: free memory beside the weights plus the
+    streamable UNet is half the leanest DRaFT-1 estimate."""
+    patcher = ctx["models"][name][0]
+    lean = min(estimates(ctx, name, "k1").values())
+    return int(_weights_bytes(ctx, name) - patcher.model_size() + 0.5 * lean)
+
+
 def plan_way(plan_line: str) -> str:
     """``"<blocks> / <rows>"`` of a plan's ``describe()`` ("" when there is none)."""
     if not plan_line.startswith("block checkpointing "):
@@ -482,7 +491,8 @@ def measure_cards(ctx) -> list:
     import comfy.model_management as mm
     out = []
     for name in ctx["models"]:
-        cards = tiny_cards(ctx, name) if ctx["dry_run"] else [int(c * GIB) for c in ctx["cards"]]
+        cards = tiny_cards(ctx, name) if ctx["dry_run"] else (
+            [int(c * GIB) for c in ctx["cards"]] + [probe_card(ctx, name)])
         weights = _weights_bytes(ctx, name)
         for card in cards:
             with emulated_card(mm, ctx["device"], card):
