@@ -365,6 +365,13 @@ def vram_figure(figures: list, name: str, method: str, mode) -> float | None:
     return None
 
 
+def plan_estimate_gib(plan_line: str) -> float | None:
+    """The ``estimated X GiB`` of a plan's ``describe()``, or None."""
+    import re
+    m = re.search(r"estimated ([0-9.]+) GiB", plan_line)
+    return float(m.group(1)) if m else None
+
+
 def _expected_plan(way: str) -> str:
     blocks, rows, _ = WAYS[way]
     return f"block checkpointing {blocks}, rows {rows}"
@@ -391,7 +398,7 @@ def measure_rows(ctx) -> list:
                     "plan_as_forced": r["plan"].startswith(_expected_plan(way)),
                     "measured_gib": measured / GIB if measured is not None else None,
                     "vram_gib": vram_figure(figures, name, method, mode) if mode else None,
-                    "estimate_gib": e / GIB,
+                    "estimate_gib": e / GIB, "plan_estimate_gib": plan_estimate_gib(r["plan"]),
                     "seconds": r["steps"][0]["seconds"] if r["steps"] else None,
                     "estimate_covers": measured is not None and e >= measured,
                     "estimate_within_headroom": measured is not None and e <= HEADROOM * measured})
@@ -547,6 +554,9 @@ def verdicts(rows: list, cards: list, speed: dict, dry_run: bool) -> dict:
     return {
         "all_updates_ran": len(ran) == len(rows) > 0,
         "ways_as_forced": all(r["plan_as_forced"] for r in rows) and bool(rows),
+        "estimate_is_the_trainers": bool(rows) and all(
+            r["plan_estimate_gib"] is not None and abs(r["plan_estimate_gib"] - r["estimate_gib"]) < 0.006
+            for r in rows),
         "estimate_covers_measured": bool(ran) and all(r["estimate_covers"] for r in ran),
         "estimate_within_headroom": bool(ran) and all(r["estimate_within_headroom"] for r in ran),
         "estimate_verdicts_meaningful": not dry_run,
