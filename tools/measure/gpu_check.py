@@ -53,19 +53,25 @@ Packages: ``--check-packages`` (also run first by every check) lists the modules
 path that do not import and the pip names to carry; it exits 1 when any is missing. On the lent
 GPU machine (Python 3.12, torch 2.11+cu130, transformers, safetensors, einops, scipy, tqdm, psutil,
 pyyaml, pillow, aiohttp, yarl, sentencepiece, tokenizers, numpy, ...) only ``torchsde`` (ComfyUI's
-k-diffusion samplers import it) and its dependency ``trampoline`` are missing. Prepare here:
+k-diffusion samplers import it) and its dependency ``trampoline`` should be missing; ``torchvision``
+is needed too (``comfy.ldm.cosmos`` imports it) and comes with the machine's timm, but only a build
+matching its torch will do, so it is checked, never carried. Prepare here:
 
     pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl torchsde trampoline
     rm -rf .cache/comfyui_copy && mkdir -p .cache/comfyui_copy && \
       (cd "$COMFYUI_PATH" && tar --exclude=.git -cf - .) | tar -xf - -C .cache/comfyui_copy
 
 and on the device (``run`` with carry ``[".whl", ".cache/comfyui_copy"]``; ComfyUI without its .git
-is about 16 MiB, the wheels well under 1 MiB):
+is about 16 MiB, the two wheels 66 KiB; a timeout_s of 540 leaves the 8 minutes):
 
-    python3 -m pip install -q --no-deps .whl/*.whl && \
-      make gpu-check PY=python3 ARGS="--comfyui .cache/comfyui_copy --out $OUT"
+    python3 -m pip install -q --no-deps --target /tmp/gpu_check_site .whl/*.whl && \
+      PYTHONPATH=/tmp/gpu_check_site make gpu-check PY=python3 \
+        ARGS="--comfyui .cache/comfyui_copy --out $OUT"
 
-(or ``python3 -m tools.measure.gpu_check --comfyui .cache/comfyui_copy --out $OUT``).
+(or ``python3 -m tools.measure.gpu_check --comfyui .cache/comfyui_copy --out $OUT``; first
+``python3 -m tools.measure.gpu_check --check-packages``). Each phase's results are written when it
+ends, so a run cut off still leaves the finished phases. The dry run here:
+``make gpu-check ARGS=--dry-run`` (about 35 s on one CPU thread).
 """
 from __future__ import annotations
 
@@ -651,7 +657,6 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     import torch
     ctx = setup(args)
-    rows, cards, speed = measure_rows(ctx), measure_cards(ctx), measure_speed(ctx)
     sys.path.insert(0, args.comfyui)
     try:
         from comfyui_version import __version__ as comfyui_version
@@ -659,17 +664,28 @@ def main(argv=None) -> int:
         comfyui_version = "unknown"
     device = ctx["device"]
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
-              "torch": torch.__version__, "comfyui": comfyui_version, "rows": rows, "cards": cards,
-              "speed": speed, "verdicts": verdicts(rows, cards, speed, ctx["dry_run"]),
-              "seconds": time.perf_counter() - started}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    text = table(report)
-    with open(os.path.join(args.out, "gpu_check.txt"), "w") as f:
-        f.write(text)
+              "torch": torch.__version__, "comfyui": comfyui_version, "rows": [], "cards": [],
+              "speed": {}, "verdicts": {}, "seconds": 0.0}
+    # each phase's results written as soon as it ends: a run cut off by the device's time limit
+    # still leaves the finished phases (and their verdicts) in DIR
+    for key, phase in (("rows", measure_rows), ("cards", measure_cards), ("speed", measure_speed)):
+        report[key] = phase(ctx)
+        report["verdicts"] = verdicts(report["rows"], report["cards"], report["speed"], ctx["dry_run"])
+        report["seconds"] = time.perf_counter() - started
+        text = write_report(report, args.out)
     print(text)
     return 0
+
+
+def write_report(report: dict, out: str) -> str:
+    """``gpu_check.json`` and ``gpu_check.txt`` into ``out``; returns the text."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = table(report)
+    with open(os.path.join(out, "gpu_check.txt"), "w") as f:
+        f.write(text)
+    return text
 
 
 if __name__ == "__main__":
