@@ -7,6 +7,9 @@
 #                (no COMFYUI_PATH: clones ComfyUI v0.3.64 into .cache/ComfyUI; COMFYUI_GIT_URL, COMFYUI_REF)
 #   make bench   memory/time of DRaFT-K / DRaFT-LV vs plain sampling (not run in CI)
 #   make vram    peak memory of one update on the full-size SD1.5/SD2.1/SDXL/FLUX.1-dev/SD3.5-medium architectures (fake tensors)
+#   make gpu-check  one prepared check for a lent GPU (full-size SD1.5/SDXL through the real trainer:
+#                memory per way vs make vram and the estimate, emulated 8-24 GiB cards, speed vs KSampler);
+#                on the device: make gpu-check PY=python3 ARGS="--comfyui PATH --out DIR" (tools/measure/gpu_check.py)
 #   make fidelity  DRaFT variants on a diffusion model trained on real digits -> docs/fidelity.md (not in CI)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,7 +18,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.draft-deps
 COMFY_STAMP := $(VENV)/.draft-comfyui-deps
 
-.PHONY: test test-fast demo bench vram fidelity deps comfyui-deps clean
+.PHONY: test test-fast demo bench vram gpu-check fidelity deps comfyui-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +58,11 @@ bench: deps
 
 vram: deps
 	$(PY) -m tools.measure.memory.vram
+
+# No deps prerequisite: the venv's python when there is one, else $(PYTHON) (python3); on the lent GPU
+# machine it runs with what that has plus the carried wheels (tools/measure/gpu_check.py docstring).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tools.measure.gpu_check $(ARGS)
 
 fidelity: deps
 	$(PY) -m tools.measure.fidelity.run
