@@ -112,3 +112,48 @@ def test_a_step_without_anything_requiring_grad_returns_no_gradient():
     out = sampler.rollout(torch.randn(1, 4, 8, 8), torch.tensor([0]), step_checkpoint=True,
                           params=params)
     assert not out.latents.requires_grad
+
+
+class InPlaceResidual(torch.nn.Module):
+    """The toy denoiser followed by a block that writes its residual in place into a tensor a layer
+    norm saved (as ComfyUI's FLUX and Chroma blocks do: ``txt += ...``), or out of place."""
+
+    def __init__(self, inner, in_place: bool):
+        super().__init__()
+        self.inner, self.in_place = inner, in_place
+
+    def forward(self, x, sigma, index):
+        h = self.inner(x, sigma, index) * 1.0
+        normed = torch.nn.functional.layer_norm(h, h.shape[-1:])
+        if self.in_place:
+            h += 0.5 * torch.tanh(normed)
+        else:
+            h = h + 0.5 * torch.tanh(normed)
+        return torch.nn.functional.layer_norm(h, h.shape[-1:]) * 3.0
+
+
+def _in_place_gradient(in_place: bool, k: int = 3):
+    denoiser, decoder = build_toy_model(seed=0)
+    lora = toy_lora(denoiser)
+    params = lora.trainable_parameters()
+    sampler = DifferentiableSampler(InPlaceResidual(denoiser, in_place), karras_sigmas(T),
+                                    SamplerSettings(method="draft_k", k=k))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = sampler.rollout(noise, torch.tensor([0, 3]), step_checkpoint=True, params=params)
+    loss = -colour_reward(decoder(out.latents)).mean()
+    return torch.autograd.grad(loss, params), sampler.step_checkpoint_state
+
+
+def test_a_model_writing_saved_tensors_in_place_gets_the_exact_gradient():
+    with pytest.raises(RuntimeError, match="inplace"):  # plain autograd refuses such a model
+        sampler, decoder, params, _ = _setup(k=1)
+        sampler.denoise = InPlaceResidual(sampler.denoise, True)
+        out = sampler.rollout(torch.randn(1, 4, 8, 8), torch.tensor([0]), step_checkpoint=False)
+        torch.autograd.grad(colour_reward(decoder(out.latents)).mean(), params)
+    reference, state = _in_place_gradient(in_place=False)
+    assert not state  # an out-of-place model never needs the copies
+    ours, state = _in_place_gradient(in_place=True)
+    assert state == {"copy_activations": True}
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert any(float(g.abs().max()) > 0 for g in ours)

@@ -207,6 +207,7 @@ class DifferentiableSampler:
         self.renoise = renoise
         self.reference_denoise = reference_denoise
         self.initial_latent_fn = initial_latent_fn
+        self.step_checkpoint_state: dict = {}  # training.step_checkpoint's, shared by every step
 
     @property
     def num_steps(self) -> int:
@@ -255,7 +256,7 @@ class DifferentiableSampler:
         if use_checkpoint and torch.is_grad_enabled():
             if params is not None:  # the forward builds no graph (training/step_checkpoint.py)
                 return recomputed_step(lambda x_in: self._step(i, x_in, prompt_index, noise), x,
-                                       params)
+                                       params, self.step_checkpoint_state)
             return checkpoint(self._step, i, x, prompt_index, noise, use_reentrant=False)
         return self._step(i, x, prompt_index, noise)
 

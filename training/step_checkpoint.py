@@ -12,14 +12,31 @@ about 7 % faster than the non-reentrant checkpoint, the same arithmetic (``make 
 ``auto_time_vs_trl_full``); the values and gradients are the same (tests/test_step_checkpoint.py).
 
 The recompute sees the forward's RNG state (CPU, and the input's CUDA device) and autocast state.
+
+**Models that modify saved tensors in place.** ComfyUI's FLUX and Chroma blocks write residuals in
+place (``txt += ...``, ``x += ...``, ``img.addcmul_(...)``) into tensors a layer norm saved for its
+backward. Plain autograd refuses that ("modified by an inplace operation"); torch's non-reentrant
+checkpoint does not notice and computes a wrong gradient from the modified values. Here the first
+such refusal switches the recompute (of this step and, through ``state``, every later one) to
+copying each saved activation when it is saved, which gives the exact gradient: the step's
+backward is retried once, and later steps pay one copy of their activations.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Optional, Sequence
 
 import torch
 
 StepFn = Callable[[torch.Tensor], tuple]
+IN_PLACE = "modified by an inplace operation"  # autograd's refusal of a changed saved tensor
+
+
+def _copy_activations(t: torch.Tensor) -> torch.Tensor:
+    """Saved-tensor pack hook: a copy of an activation (a non-leaf that requires grad), so a later
+    in-place write cannot change what the backward reads; leaves (weights, LoRA factors) and
+    tensors without gradient are kept as they are."""
+    return t.clone() if t.requires_grad and not t.is_leaf else t
 
 
 def _autocast_states(device_type: str) -> list:
@@ -32,8 +49,8 @@ class _RecomputedStep(torch.autograd.Function):
     """``fn(x) -> tuple of tensors``: forward without a graph, recomputed for the backward."""
 
     @staticmethod
-    def forward(ctx, fn: StepFn, x: torch.Tensor, *params: torch.Tensor):
-        ctx.fn, ctx.params = fn, params
+    def forward(ctx, fn: StepFn, state: dict, x: torch.Tensor, *params: torch.Tensor):
+        ctx.fn, ctx.state, ctx.params = fn, state, params
         ctx.save_for_backward(x)
         ctx.set_materialize_grads(False)
         ctx.cpu_rng = torch.get_rng_state()
@@ -44,26 +61,39 @@ class _RecomputedStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if not ctx.state.get("copy_activations"):
+            try:
+                return _RecomputedStep._backward(ctx, grads, copy=False)
+            except RuntimeError as e:
+                if IN_PLACE not in str(e):
+                    raise
+                ctx.state["copy_activations"] = True
+        return _RecomputedStep._backward(ctx, grads, copy=True)
+
+    @staticmethod
+    def _backward(ctx, grads, copy: bool):
         (x,) = ctx.saved_tensors
-        x_in = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        # a copy: the step may write into its input, and a retry must start from the saved value
+        x_in = x.detach().clone().requires_grad_(ctx.needs_input_grad[2])
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            with torch.enable_grad():
-                with _AutocastAs(ctx.autocast):
-                    outputs = ctx.fn(x_in)
+            with torch.enable_grad(), _AutocastAs(ctx.autocast), \
+                    (torch.autograd.graph.saved_tensors_hooks(_copy_activations, lambda t: t)
+                     if copy else contextlib.nullcontext()):
+                outputs = ctx.fn(x_in)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         wanted = ([x_in] if x_in.requires_grad else []) + [
-            p for p, need in zip(ctx.params, ctx.needs_input_grad[2:]) if need]
+            p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
         if not pairs or not wanted:
-            return (None, None) + (None,) * len(ctx.params)
+            return (None, None, None) + (None,) * len(ctx.params)
         got = list(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                        allow_unused=True))
         grad_x = got.pop(0) if x_in.requires_grad else None
-        grad_params = [got.pop(0) if need else None for need in ctx.needs_input_grad[2:]]
-        return (None, grad_x, *grad_params)
+        grad_params = [got.pop(0) if need else None for need in ctx.needs_input_grad[3:]]
+        return (None, None, grad_x, *grad_params)
 
 
 class _AutocastAs:
@@ -81,7 +111,8 @@ class _AutocastAs:
             c.__exit__(*exc)
 
 
-def recomputed_step(fn: StepFn, x: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple:
+def recomputed_step(fn: StepFn, x: torch.Tensor, params: Sequence[torch.Tensor],
+                    state: Optional[dict] = None) -> tuple:
     """``fn(x)`` (a tuple of tensors, e.g. a sampler step's ``(x_next, x0)``) with its activations
     recomputed in the backward pass, the forward building no autograd graph.
 
@@ -91,8 +122,10 @@ def recomputed_step(fn: StepFn, x: torch.Tensor, params: Sequence[torch.Tensor])
         x: (B, ...) the step's input latent; may or may not require grad.
         params: every tensor requiring grad that ``fn`` closes over (the LoRA factors). A
             closed-over tensor missing here would silently get no gradient.
+        state: shared by the steps of one sampler: remembers that the model writes saved tensors
+            in place (see the module docstring); None: this step alone.
     """
-    return _RecomputedStep.apply(fn, x, *params)
+    return _RecomputedStep.apply(fn, {} if state is None else state, x, *params)
 
 
 __all__ = ["recomputed_step"]
