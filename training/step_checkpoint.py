@@ -80,9 +80,13 @@ class _RecomputedStep(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            with torch.enable_grad(), _AutocastAs(ctx.autocast), \
-                    (torch.autograd.graph.saved_tensors_hooks(_copy_activations, lambda t: t)
-                     if copy else contextlib.nullcontext()):
+            with contextlib.ExitStack() as recompute:
+                recompute.enter_context(torch.enable_grad())
+                for device, on, dtype in ctx.autocast:  # the forward's autocast states
+                    recompute.enter_context(torch.autocast(device, dtype=dtype, enabled=on))
+                if copy:
+                    recompute.enter_context(
+                        torch.autograd.graph.saved_tensors_hooks(_copy_activations, lambda t: t))
                 outputs = ctx.fn(x_in)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         wanted = ([x_in] if x_in.requires_grad else []) + [
@@ -94,21 +98,6 @@ class _RecomputedStep(torch.autograd.Function):
         grad_x = got.pop(0) if x_in.requires_grad else None
         grad_params = [got.pop(0) if need else None for need in ctx.needs_input_grad[3:]]
         return (None, None, grad_x, *grad_params)
-
-
-class _AutocastAs:
-    """Re-enter the autocast states :func:`_autocast_states` recorded."""
-
-    def __init__(self, states: list):
-        self.contexts = [torch.autocast(d, dtype=dtype, enabled=on) for d, on, dtype in states]
-
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
 
 
 def recomputed_step(fn: StepFn, x: torch.Tensor, params: Sequence[torch.Tensor],
