@@ -87,7 +87,7 @@ import sys
 import time
 import types
 
-from tools.measure.setup import GIB, REPO
+from tools.measure.setup import GIB, REPO, WAYS
 
 PACK = "draft_gpu_check_pack"
 HEADROOM = 1.4
@@ -101,10 +101,6 @@ NEEDED = {"torch": "torch", "torchvision": "torchvision (the build matching torc
           "numpy": "numpy", "PIL": "pillow", "safetensors": "safetensors", "einops": "einops",
           "psutil": "psutil", "yaml": "pyyaml", "tqdm": "tqdm", "transformers": "transformers",
           "torchsde": "torchsde", "trampoline": "trampoline"}
-# the trainer's ways: name -> (MemoryOptions.block_checkpointing, .rows, make vram's mode or None)
-WAYS = {"fast": ("off", "all at once", "fast"), "rows": ("off", "one at a time", None),
-        "decoder": ("decoder and reward", "one at a time", "lean_decoder"),
-        "all": ("on", "one at a time", "lean")}
 METHODS = {"k1": ("draft_k", 1), "lv2": ("draft_lv", 2)}  # name -> (sampler method, rows per sample)
 CARDS_GIB = (8, 12, 16, 24)
 

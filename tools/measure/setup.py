@@ -7,6 +7,8 @@
   (the SD / SDXL or FLUX / SD3 VAE, decoder side); bench's reduced-width SD UNet and small decoder
   (:func:`bench_unet`, :func:`bench_decoder`) and :class:`Setup`, the model, LoRA, decoder, schedule
   and prompts of one worker of ``speed/bench``, ``speed/peers`` and ``speed/cfg_gradient_study``;
+* the trainer's memory ways (:data:`WAYS`, :func:`way_plan`, :func:`way_kwargs`), as the bench,
+  the peers, ``make vram`` and the GPU check build them;
 * one update traced on fake tensors, for ``memory/vram`` (UNets) and ``memory/vram_dit`` (DiTs):
   :data:`METHODS`, :func:`build_aesthetic_reward`, :func:`memory_mode`, :func:`update_sampler`,
   :func:`update_trainer` and :func:`trace_update`.
@@ -25,6 +27,12 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 GIB = 1024 ** 3
+
+# The trainer's memory ways, as DRaFT Memory Options forces them: name -> (block_checkpointing,
+# rows, make vram's mode that traces it, or None). ``auto`` on a device with room takes ``fast``.
+WAYS = {"fast": ("off", "all at once", "fast"), "rows": ("off", "one at a time", None),
+        "decoder": ("decoder and reward", "one at a time", "lean_decoder"),
+        "all": ("on", "one at a time", "lean")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,19 +248,37 @@ def build_aesthetic_reward():
     return AestheticReward(AestheticHead(), clip.visual, ImageTransform("crop", 224))
 
 
+def way_plan(way: str):
+    """``training.memory_plan.choose_plan``'s plan for ``way`` (a key of :data:`WAYS`, or ``auto``:
+    DRaFT Memory Options left at its defaults) on a device with room for anything."""
+    from training.memory_plan import MemoryOptions, choose_plan
+    options = MemoryOptions() if way == "auto" else MemoryOptions(
+        block_checkpointing=WAYS[way][0], rows=WAYS[way][1])
+    return choose_plan(options, rows=1, cfg_branches=2, decode_bytes=GIB, denoiser_row_bytes=GIB,
+                       available_bytes=2 ** 50)
+
+
+def way_kwargs(way: str, denoiser_units=(), decoder_units=()) -> dict:
+    """``DraftTrainer``'s memory arguments for ``way`` (:func:`way_plan`), built as the trainer
+    node builds them (``training.memory_plan.trainer_memory_kwargs``)."""
+    from training.memory_plan import trainer_memory_kwargs
+    return trainer_memory_kwargs(way_plan(way), denoiser_units, decoder_units)
+
+
+# make vram's modes -> the way each traces (``before`` differs from ``fast`` only in the decode,
+# which :func:`update_trainer` checkpoints as a whole; ``lean_cond`` is ``lean`` with CFG's
+# unconditional branch without gradient, set on the denoiser)
+MODE_WAY = {**{mode: way for way, (_, _, mode) in WAYS.items() if mode},
+            "before": "fast", "lean_cond": "all"}
+
+
 def memory_mode(mode: str, denoiser_units: list, decoder) -> dict:
-    """DraftTrainer's memory settings for a row's ``mode`` (``fast``, ``before``, ``lean``,
-    ``lean_decoder``, ``lean_cond``: see memory/vram.py), given the denoiser's checkpoint units and
-    the diffusers VAE ``decoder``. (``before`` differs from ``fast`` only in the decode, which
-    :func:`update_trainer` checkpoints as a whole.)"""
+    """DraftTrainer's memory settings for a row's ``mode`` (:data:`MODE_WAY`; see memory/vram.py),
+    given the denoiser's checkpoint units and the diffusers VAE ``decoder``; the decode as on a
+    CUDA device (NCHW), not the CPU's layout."""
     from training.checkpointing import diffusers_decoder_units
-    every_block = mode in ("lean", "lean_cond")
-    lean = mode not in ("fast", "before")
-    return dict(
-        block_units=(denoiser_units + diffusers_decoder_units(decoder)) if every_block else [],
-        selective_units=diffusers_decoder_units(decoder) if mode == "lean_decoder" else [],
-        row_by_row=lean, denoiser_blocks_checkpointed=every_block,
-        channels_last_decode=False)  # the decode as on a CUDA device (NCHW), not the CPU's layout
+    return dict(way_kwargs(MODE_WAY[mode], denoiser_units, diffusers_decoder_units(decoder)),
+                channels_last_decode=False)
 
 
 def allocate_adam_state_only(trainer) -> None:

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 
-from tools.measure.setup import REPO, Setup, last_json_line, worker_command
+from tools.measure.setup import REPO, Setup, last_json_line, way_kwargs, worker_command
 
 TARGETS = {  # key: (limit, description)
     "peak_mem_ratio_k50_k1": (1.25, "peak memory K=T / K=1, checkpointed"),
@@ -224,14 +224,13 @@ def make_runner(args, setup, config: dict):
         settings = SamplerSettings(method="draft_k", k=1)
     sampler = DifferentiableSampler(setup.denoise, setup.sigmas, settings)
     lean = {}
-    if config.get("lean"):  # what DRaFT Trainer picks when the fast way does not fit the device
+    if config.get("lean"):  # what DRaFT Trainer picks when nothing else fits the device
         from training.checkpointing import diffusers_decoder_units, diffusers_unet_units
         vae = getattr(setup.decoder, "vae", None)
-        units = diffusers_unet_units(setup.unet)
-        units += diffusers_decoder_units(vae.decoder) if vae is not None else []
-        lean = dict(block_units=units, row_by_row=True)
+        lean = way_kwargs("all", diffusers_unet_units(setup.unet),
+                          diffusers_decoder_units(vae.decoder) if vae is not None else [])
     elif config.get("rows"):  # rows one at a time, nothing else
-        lean = dict(row_by_row=True)
+        lean = way_kwargs("rows")
     trainer = DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
                            setup.latent_shape,
                            TrainSettings(batch_size=args.batch, mixed_precision=args.mixed_precision),

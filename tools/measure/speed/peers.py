@@ -40,7 +40,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from tools.measure.setup import REPO, Setup, last_json_line, worker_command
+from tools.measure.setup import REPO, Setup, last_json_line, way_kwargs, worker_command
 
 # The way auto takes on a roomy device against TRL (time in both layouts), and the middle way.
 TRL_TARGETS = {"auto_time_vs_trl_k1": 0.95, "auto_time_vs_trl_full": 0.95,
@@ -95,40 +95,26 @@ def _trl_update(setup, k1: bool, args):
     return step
 
 
-# The trainer's ways, as DRaFT Memory Options would set them: ``auto`` on a device with room (the
-# fast way), the middle way (what ``auto`` takes first when the fast way does not fit) and the
-# leanest (every block recomputed).
-WAYS = {"auto": {}, "middle": dict(block_checkpointing="decoder and reward", rows="one at a time"),
-        "leanest": dict(block_checkpointing="on", rows="one at a time")}
-
-
-def way_plan(way: str):
-    """``training.memory_plan.choose_plan``'s plan for ``way`` on a device with room for anything
-    (``auto`` then takes its first choice)."""
-    from training.memory_plan import MemoryOptions, choose_plan
-    return choose_plan(MemoryOptions(**WAYS[way]), rows=1, cfg_branches=2, decode_bytes=2**30,
-                       denoiser_row_bytes=2**30, available_bytes=2**50)
-
-
-def _our_trainer(setup, k1: bool, way: str = "middle", nchw: bool = False):
-    """Our trainer in ``way`` (:data:`WAYS`), built from the plan as the trainer node builds it
-    (``training.memory_plan.trainer_memory_kwargs``). The decode in the trainer's layout for the
-    device (channels-last on the CPU), or with ``nchw`` in TRL's (NCHW, the layout on a GPU)."""
+def _our_trainer(setup, k1: bool, way: str = "decoder", nchw: bool = False):
+    """Our trainer in ``way`` (``auto`` on a roomy device, or a key of
+    :data:`tools.measure.setup.WAYS`: ``decoder`` is the middle way, ``all`` the leanest), built
+    from the plan as the trainer node builds it (:func:`tools.measure.setup.way_kwargs`). The
+    decode in the trainer's layout for the device (channels-last on the CPU), or with ``nchw`` in
+    TRL's (NCHW, the layout on a GPU)."""
     from training.checkpointing import diffusers_decoder_units, diffusers_unet_units
-    from training.memory_plan import trainer_memory_kwargs
     from training.sampler import DifferentiableSampler, SamplerSettings
     from training.toy_models import colour_reward
     from training.trainer import DraftTrainer, TrainSettings
     settings = SamplerSettings(method="draft_k" if k1 else "draft", k=1)
     sampler = DifferentiableSampler(setup.denoise, setup.sigmas, settings)
-    memory = trainer_memory_kwargs(way_plan(way), diffusers_unet_units(setup.unet),
-                                   diffusers_decoder_units(setup.decoder.vae.decoder))
+    memory = way_kwargs(way, diffusers_unet_units(setup.unet),
+                        diffusers_decoder_units(setup.decoder.vae.decoder))
     return DraftTrainer(sampler, setup.decoder, colour_reward, setup.prompts, setup.lora,
                         setup.latent_shape, TrainSettings(batch_size=1),
                         channels_last_decode=False if nchw else None, **memory)
 
 
-def _our_update(setup, k1: bool, args, way: str = "middle", nchw: bool = False):
+def _our_update(setup, k1: bool, args, way: str = "decoder", nchw: bool = False):
     """One update of :func:`_our_trainer`'s trainer."""
     trainer = _our_trainer(setup, k1, way, nchw)
 
@@ -150,7 +136,7 @@ def _updates(setup, args, memory: bool = False) -> dict:
         updates[f"auto_nchw_{which}"] = _our_update(setup, k1, args, way="auto", nchw=True)
         updates[f"ours_{which}"] = _our_update(setup, k1, args)
         if memory:
-            updates[f"ours_lean_{which}"] = _our_update(setup, k1, args, way="leanest")
+            updates[f"ours_lean_{which}"] = _our_update(setup, k1, args, way="all")
     return updates
 
 
