@@ -28,6 +28,16 @@ SCENES = [
     "a street market in an old town",
 ]
 
+# The held-out check's default prompts (training/heldout.py): no prompt of a training set above or
+# of the trainer's default custom prompts; a face (mode collapse shows first in faces), a scene, a
+# still life, a landscape. Four prompts x four seeds = 16 samples per evaluation.
+HELDOUT_PROMPTS = (
+    "a portrait of a young woman with freckles, soft window light",
+    "a cottage garden full of roses in the morning",
+    "a steaming bowl of ramen on a wooden counter",
+    "a mountain lake reflecting snowy peaks at dawn",
+)
+
 PROMPT_SETS = {
     "simple animals": [f"a photo of a {a}" for a in ANIMALS],
     "scenes": SCENES,

@@ -166,6 +166,9 @@ class DraftTrainer:
             process's rank and the world size (its rows are ``rank * batch_size ...`` of each
             global micro-batch of ``world_size * batch_size`` rows) and the collectives that make
             the update the one over the global batch. None: one process.
+        state_parts: ``name -> object`` with ``state_dict()`` / ``load_state_dict(state)`` whose
+            state travels with the trainer's (the resume side file), e.g. the held-out check's
+            history (:class:`training.heldout.HeldoutCheck`).
     """
 
     sampler: DifferentiableSampler
@@ -184,6 +187,7 @@ class DraftTrainer:
     channels_last_decode: Optional[bool] = None
     reward_statistics: Optional[Callable] = None
     parallel: Optional[object] = None
+    state_parts: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.prompts:
@@ -386,7 +390,8 @@ class DraftTrainer:
         """Optimizer, scaler and counters (the LoRA weights are saved separately)."""
         return {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
                 "history": list(self.history), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                **{name: part.state_dict() for name, part in self.state_parts.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
@@ -396,3 +401,6 @@ class DraftTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+        for name, part in self.state_parts.items():
+            if state.get(name) is not None:
+                part.load_state_dict(state[name])
