@@ -6,9 +6,9 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (evaluate_node, guidance_node, lora_settings_node, memory_options_node,
-               optimizer_node, reward_model_nodes, reward_nodes, routes, sampler_node,
-               save_lora_node, save_preview_node, trainer_node)
+from . import (evaluate_node, guidance_node, heldout_check_node, lora_settings_node,
+               memory_options_node, optimizer_node, reward_model_nodes, reward_nodes, routes,
+               sampler_node, save_lora_node, save_preview_node, trainer_node)
 
 
 class DraftExtension(ComfyExtension):
@@ -24,6 +24,7 @@ class DraftExtension(ComfyExtension):
             save_lora_node.DraftSaveLoRA,
             evaluate_node.DraftEvaluate,
             guidance_node.DraftGuidanceNode,
+            heldout_check_node.DraftHeldoutCheck,
             *reward_nodes.NODES,
             *reward_model_nodes.NODES,
         ]

@@ -12,6 +12,7 @@ from ..training.memory_plan import MemoryOptions
 from . import lora_files, progress_events, validation
 from .checked_node import CheckedNode
 from .guidance_node import DraftGuidance
+from .heldout_check_node import DraftHeldoutType
 from .lora_settings_node import DraftLoRASettingsType
 from .memory_options_node import DraftMemory
 from .optimizer_node import DraftOptimizerType
@@ -83,12 +84,14 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                                          tooltip="Optional DRaFT Optimizer: weight decay, gradient clipping and accumulation, KL penalty, mixed precision (default AdamW decay 0.1, clip 10, no accumulation, no KL, auto precision)."),
                 DraftSavePreviewType.Input("saving", optional=True,
                                            tooltip="Optional DRaFT Save & Preview: periodic saves and previews (default: no periodic saves, a preview every 10 iterations)."),
+                DraftHeldoutType.Input("evaluation", optional=True,
+                                       tooltip="Optional DRaFT Held-out Check: judges the LoRA every N updates on held-out prompts and seeds with rewards it never trains on, charts them, keeps the best LoRA (<lora_name>_best.safetensors) and can stop early. Without it: no held-out check, the last LoRA."),
             ],
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
-                io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA (for Save LoRA, or ComfyUI's Load LoRA Model)."),
-                DraftHistory.Output(display_name="history", tooltip="Reward per iteration (NaN for skipped steps) and run details."),
-                io.Image.Output(display_name="reward_curve", tooltip="The reward curve with its moving average, labelled axes."),
+                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1): the best evaluated one when a DRaFT Held-out Check with keep = best is connected, else the last."),
+                io.LoraModel.Output(display_name="lora", tooltip="The trained LoRA (for Save LoRA, or ComfyUI's Load LoRA Model): the best evaluated one with a Held-out Check keeping the best, else the last."),
+                DraftHistory.Output(display_name="history", tooltip="Reward per iteration (NaN for skipped steps), the held-out evaluations (with a Held-out Check) and run details."),
+                io.Image.Output(display_name="reward_curve", tooltip="The reward curve with its moving average, labelled axes; the held-out curves (each scaled to its range) and the best update when a Held-out Check is connected."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
@@ -102,7 +105,7 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
     def execute(cls, model, vae, clip, reward, sampler, prompt_set, prompts, negative_prompt,
                 steps, scheduler, cfg, width, height, iterations, batch_size, learning_rate, seed,
                 lora_name, resume_lora, sigmas=None, memory=None, guidance=None,
-                lora_settings=None, optimizer=None, saving=None) -> io.NodeOutput:
+                lora_settings=None, optimizer=None, saving=None, evaluation=None) -> io.NodeOutput:
         values = dict(locals())
         checked = validation.check_trainer(cls, values, model, vae, sampler, sigmas,
                                            prompt=cls.hidden.prompt, node_id=cls.hidden.unique_id)
@@ -117,7 +120,8 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
             preview_every=save.preview_every, lora_name=lora_name,
             resume_lora=None if resume_lora in (None, "none") else resume_lora,
             sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label,
-            memory=memory if memory is not None else MemoryOptions(), guidance=guidance)
+            memory=memory if memory is not None else MemoryOptions(), guidance=guidance,
+            heldout=evaluation)
         with torch.inference_mode(False), torch.enable_grad():
             run = TrainingRun(model, vae, clip_encoder(clip), reward, config)
             result = run.run()
@@ -128,14 +132,20 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                                         metadata=result.metadata,
                                         diffusers=lora_files.diffusers_folder_facts(model))
         history = {"reward": list(result.history), "skipped": list(result.skipped),
-                   "iterations": result.iteration, "saved": list(result.saved)}
-        curve = reward_curve_image(result.history, title=f"DRaFT reward: {reward.label}")
+                   "iterations": result.iteration, "saved": list(result.saved),
+                   "heldout": result.heldout, "kept_iteration": result.kept_iteration}
+        curve = reward_curve_image(result.history, title=f"DRaFT reward: {reward.label}",
+                                   heldout=result.heldout)
         finite = [r for r in result.history if r == r]
         text = (f"{result.iteration} iterations, reward {finite[0]:.4f} -> {finite[-1]:.4f}"
                 if finite else "no finite reward")
         if result.skipped:
             text += f", {len(result.skipped)} skipped (non-finite)"
-        text = "\n".join([text, *result.notes])
+        heldout_lines = run.check.lines() if run.check is not None else []
+        if result.kept_iteration is not None:
+            heldout_lines.append(f"outputs carry the best evaluated LoRA, update "
+                                 f"{result.kept_iteration} (the last is saved too)")
+        text = "\n".join([text, *heldout_lines, *result.notes])
         progress_events.set_summary(cls.hidden.unique_id, text)
         return io.NodeOutput(model_out, lora_out, history, _pil_to_image(curve),
                              ui=ui.PreviewText(text))

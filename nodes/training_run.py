@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,6 +23,7 @@ import comfy.utils
 import node_helpers
 
 from ..training import distributed
+from ..training.heldout import HeldoutCheck
 from ..training.lora import LoRASet
 from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan, trainer_memory_kwargs
 from ..training.plot import moving_average
@@ -58,6 +60,7 @@ class RunConfig:
     reward_label: str = ""
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     guidance: Optional[float] = None  # embedded guidance (FluxGuidance's); None: the family's default
+    heldout: Optional[object] = None  # DRaFT Held-out Check's HeldoutRequest; None: no check
 
 
 @dataclass
@@ -69,6 +72,8 @@ class RunResult:
     iteration: int = 0
     metadata: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # things the user should know (shown on the node)
+    heldout: Optional[dict] = None  # the held-out check's summary (HeldoutCheck.summary)
+    kept_iteration: Optional[int] = None  # the update whose LoRA the outputs carry (keep = best)
 
 
 class _OptimisationLoop(comfy.samplers.Sampler):
@@ -130,6 +135,26 @@ class TrainingRun:
         self.model, self.vae, self.encode, self.reward, self.cfg = model, vae, encode, reward, config
         self.result: Optional[RunResult] = None
         self._base_fingerprint: Optional[str] = None  # of the base UNet, computed on first save
+        self.check: Optional[HeldoutCheck] = None
+
+    @property
+    def heldout_prompts(self) -> list:
+        return list(self.cfg.heldout.settings.prompts) if self.cfg.heldout is not None else []
+
+    def _patchers(self) -> list:
+        """Every model an update or an evaluation uses: loaded together, counted in the plan."""
+        extra = []
+        if self.cfg.heldout is not None:
+            for judge in self.cfg.heldout.judges:
+                extra += judge.patchers
+            if self.cfg.heldout.clip_vision is not None:
+                extra.append(self.cfg.heldout.clip_vision.patcher)
+        seen, out = set(), []
+        for m in [self.model, self.vae.patcher, *self.reward.patchers, *extra]:
+            if id(m) not in seen:  # a judge sharing the training reward's weights
+                seen.add(id(m))
+                out.append(m)
+        return out
 
     # -- set-up ---------------------------------------------------------------------------------
     def _sigmas(self, patcher) -> torch.Tensor:
@@ -180,7 +205,7 @@ class TrainingRun:
         cfg = self.cfg
         mm = comfy.model_management
         device = patcher.load_device
-        models = [patcher, self.vae.patcher, *self.reward.patchers]
+        models = [patcher, *self._patchers()[1:]]
         weights = sum(m.model_size() for m in models)
         resident = sum(m.loaded_size() for m in models if m.current_loaded_device() == device)
         available = mm.get_free_memory(device) + resident - weights
@@ -208,7 +233,7 @@ class TrainingRun:
             return cond
 
         positive = []
-        for p in cfg.prompts:
+        for p in cfg.prompts + self.heldout_prompts:  # held-out ones after: never drawn in training
             positive += encode(p)
         negative = encode(cfg.negative_prompt)
         self.cfg_scale, self.guidance = cfg_scale, guidance
@@ -226,7 +251,7 @@ class TrainingRun:
         if plan.cond_only:
             patcher.set_model_sampler_calc_cond_batch_function(comfy_glue.conditional_only_cfg)
         comfy.model_management.load_models_gpu(
-            [patcher, self.vae.patcher, *self.reward.patchers],
+            [patcher, *self._patchers()[1:]],
             memory_required=plan.estimate_bytes, minimum_memory_required=plan.lean_bytes)
 
         guider = comfy.samplers.CFGGuider(patcher)
@@ -247,7 +272,7 @@ class TrainingRun:
         for module in (inner, self.vae.first_stage_model, self.reward.model):
             comfy_glue.de_inference_(module)
         batcher = comfy_glue.PromptBatcher(list(model_wrap.conds["positive"]))
-        if len(batcher.entries) != len(cfg.prompts):
+        if len(batcher.entries) != len(cfg.prompts) + len(self.heldout_prompts):
             raise RuntimeError("conditioning entries do not match the prompts (area or hook conds?)")
         ms = inner.model_sampling
         lora: LoRASet = st["lora"]
@@ -294,10 +319,17 @@ class TrainingRun:
                                channels_last_decode=comfy.model_management.force_channels_last() or None,
                                reward_statistics=getattr(reward_model, "deferred_statistics", None),
                                parallel=distributed.current(check=self.reward.model))
+        notes = []
+        if cfg.heldout is not None:
+            self.check = self._heldout_check(trainer, reward_fn, notes)
+            trainer.state_parts["heldout"] = self.check
         if st["resume_state"] is not None:
             trainer.load_state_dict(st["resume_state"])
+            if self.check is not None and st["resume_state"].get("heldout") and not self.check.history:
+                notes.append(f"{cfg.resume_lora}: its held-out history has other figures (judges "
+                             "or similarity source changed): this run starts a new one")
         result = RunResult(lora=lora, history=list(trainer.history), skipped=[],
-                           iteration=trainer.iteration)
+                           iteration=trainer.iteration, notes=notes)
         if st["resume_state"] is not None and st["resume_state"].get("fresh_optimizer"):
             note = (f"resumed {cfg.resume_lora} without its .draft_state side file: continuing "
                     f"from iteration {trainer.iteration} with a fresh optimizer (AdamW moments "
@@ -305,8 +337,52 @@ class TrainingRun:
             log.warning("DRaFT: %s", note)
             result.notes.append(note)
             progress_events.node_text(cfg.node_id, note)
+        for note in notes:
+            log.warning("DRaFT: %s", note)
+            progress_events.node_text(cfg.node_id, note)
         self.result = result
         self._loop(trainer, result)
+
+    def _heldout_check(self, trainer: DraftTrainer, reward_fn, notes: list) -> HeldoutCheck:
+        """The held-out check of this run: judges as no-grad callables on their devices, the
+        similarity's image encoder (CLIP_VISION, else a judge's or the training reward's own)."""
+        cfg, request = self.cfg, self.cfg.heldout
+
+        def on_device(handle):
+            model, device = handle.model, handle.device
+
+            def score(images, prompts):
+                return model(images.to(device) if device is not None else images, prompts).float()
+            return score
+
+        judges = [(j.label or f"judge {i + 1}", on_device(j)) for i, j in enumerate(request.judges)]
+        embed = None
+        if request.clip_vision is not None:
+            cv = request.clip_vision
+            embed = ("CLIP vision", lambda images: cv.encode_image(
+                images.permute(0, 2, 3, 1))["image_embeds"].float())
+        else:
+            probe = torch.full((1, 3, 64, 64), 0.5)
+            for handle in (*request.judges, self.reward):
+                model, device = handle.model, handle.device
+                with torch.no_grad():
+                    found = getattr(model, "image_embeddings", lambda x: None)(
+                        probe.to(device) if device is not None else probe)
+                if found is not None:
+                    embed = (f"{handle.label or 'reward'}'s image encoder",
+                             lambda images, m=model, d=device: m.image_embeddings(
+                                 images.to(d) if d is not None else images).float())
+                    break
+        overlap = sorted(set(cfg.prompts) & set(request.settings.prompts))
+        if overlap:
+            notes.append(f"held-out check: {len(overlap)} held-out prompt(s) are also training "
+                         f"prompts ({overlap[0]!r}...): those figures are not held out")
+        parallel = trainer.parallel
+        return HeldoutCheck(
+            request.settings, judges, reward_label=cfg.reward_label, embed=embed,
+            prompt_offset=len(cfg.prompts),
+            chunk=cfg.train.batch_size * cfg.sampler.samples_per_rollout,
+            share=parallel.broadcast_values if parallel is not None else None)
 
     def _metadata(self, trainer: DraftTrainer, partial: bool) -> dict:
         cfg = self.cfg
@@ -329,24 +405,76 @@ class TrainingRun:
             **distributed.metadata(trainer.parallel, cfg.train.batch_size),
         }
 
-    def _save(self, trainer: DraftTrainer, result: RunResult, partial: bool, tag: str):
+    def _save(self, trainer: DraftTrainer, result: RunResult, partial: bool, tag: str,
+              meta: Optional[dict] = None):
         if trainer.parallel is not None and not trainer.parallel.is_main:
             return None  # data-parallel: rank 0 writes the files
         path = lora_files.save_training_lora(
-            self.cfg.lora_name, tag, result.lora, self.model, self._metadata(trainer, partial),
-            trainer=trainer)
-        result.saved.append(path)
+            self.cfg.lora_name, tag, result.lora, self.model,
+            meta if meta is not None else self._metadata(trainer, partial), trainer=trainer)
+        if path not in result.saved:
+            result.saved.append(path)
         log.info("DRaFT: saved LoRA %s", path)
         return path
+
+    def _save_best(self, trainer: DraftTrainer, result: RunResult) -> Optional[str]:
+        """``<lora_name>_best.safetensors`` (and its side file, to resume from the best): the LoRA
+        now in the weights, which the check has just found best; replaced atomically."""
+        meta = self._metadata(trainer, partial=trainer.iteration < self.cfg.train.iterations)
+        meta.update(self._best_metadata())
+        return self._save(trainer, result, partial=meta["partial"], tag="best", meta=meta)
+
+    def _best_metadata(self) -> dict:
+        check = self.check
+        out = {"best_iteration": check.best_iteration(),
+               "heldout_labels": json.dumps({s.key: s.label for s in check.series})}
+        for key, value in check.best["figures"].items():
+            out[f"heldout_{key}"] = value
+        return out
+
+    def _evaluate(self, trainer: DraftTrainer, result: RunResult, events):
+        """One held-out evaluation: figures, best (saved when new), events; returns the Outcome."""
+        check = self.check
+        outcome = check.observe(check.evaluate(trainer), trainer.params)
+        if outcome.new_best:
+            self._save_best(trainer, result)
+        figures = ", ".join(f"{s.label} {outcome.record['figures'][s.key]:.5g}"
+                            for s in check.series if s.key in outcome.record["figures"])
+        log.info("DRaFT held-out at update %d: %s%s", trainer.iteration, figures,
+                 " (best so far)" if outcome.new_best else "")
+        result.heldout = check.summary()
+        events.heldout(result.heldout, outcome.record)
+        return outcome
+
+    def _keep(self, trainer: DraftTrainer, result: RunResult) -> None:
+        """After the last update: with ``keep = best`` the LoRA goes back to the best evaluated
+        one (the last is saved first, as ``<lora_name>_stepNNNNN``, unless it already is)."""
+        check = self.check
+        best = check.best_iteration() if check is not None else None
+        if check is None or check.settings.keep != "best" or best is None \
+                or best == trainer.iteration:
+            return
+        tag = f"step{trainer.iteration:05d}"
+        if not any(os.path.basename(p).endswith(f"_{tag}.safetensors") for p in result.saved):
+            self._save(trainer, result, partial=False, tag=tag)
+        with torch.no_grad():
+            for p, v in zip(trainer.params, check.best_lora):
+                p.copy_(v.to(p.device, p.dtype))
+        result.kept_iteration = best
 
     def _loop(self, trainer: DraftTrainer, result: RunResult):
         cfg = self.cfg
         total = cfg.train.iterations
+        check = self.check
         bar = comfy.utils.ProgressBar(total)
-        events = progress_events.RunEvents(cfg.node_id, total, start=trainer.iteration,
-                                           history=list(trainer.history))
+        events = progress_events.RunEvents(
+            cfg.node_id, total, start=trainer.iteration, history=list(trainer.history),
+            heldout=check.summary() if check is not None and check.history else None)
         preview_seed = cfg.train.seed + 104729
+        stopped = ""
         try:
+            if check is not None and check.due(trainer.iteration):  # update 0: the base model
+                self._evaluate(trainer, result, events)
             while trainer.iteration < total:
                 report: StepReport = trainer.step()
                 result.history.append(report.reward)
@@ -369,11 +497,23 @@ class TrainingRun:
                 if cfg.preview_every and trainer.iteration % cfg.preview_every == 0:
                     bar.update_absolute(trainer.iteration, total,
                                         _bar_preview(trainer.generate([preview_seed], [0])))
+                if check is not None and check.due(trainer.iteration):
+                    outcome = self._evaluate(trainer, result, events)
+                    if outcome.stop:
+                        stopped = outcome.reason
+                        log.info("DRaFT: stopped after update %d: %s", trainer.iteration, stopped)
+                        break
+            if check is not None and not check.evaluated(trainer.iteration):
+                self._evaluate(trainer, result, events)  # the last LoRA, for 'keep'
         except comfy.model_management.InterruptProcessingException:
             # trainer.iteration counts finished updates only: the interrupted one left no trace.
             if trainer.iteration == events.start_iteration:
                 note = (f"cancelled before update {trainer.iteration + 1} finished: nothing saved "
                         "(no update of this run is in the weights)")
+                if result.saved:  # the held-out check's best: the LoRA this run started from
+                    note = (f"cancelled before update {trainer.iteration + 1} finished (no update of "
+                            f"this run is in the weights); the held-out check's best, update "
+                            f"{trainer.iteration}, is {lora_files.relative_to_loras(result.saved[-1])}")
                 log.info("DRaFT: %s", note)
                 events.finished(interrupted=True, saved=None)
                 progress_events.set_summary(cfg.node_id, note)
@@ -383,8 +523,17 @@ class TrainingRun:
             progress_events.set_summary(cfg.node_id, f"cancelled after {trainer.iteration} updates; "
                                                      f"saved {lora_files.relative_to_loras(path)}")
             raise
-        events.finished(interrupted=False, saved=result.saved[-1] if result.saved else None)
+        self._keep(trainer, result)
+        events.finished(interrupted=False, saved=result.saved[-1] if result.saved else None,
+                        stop_reason=stopped)
         result.metadata = self._metadata(trainer, partial=False)
+        if check is not None and check.best is not None:
+            result.metadata.update(self._best_metadata())
+            result.metadata["kept"] = check.settings.keep
+            if stopped:
+                result.metadata["stopped"] = stopped
+            if result.kept_iteration is not None:
+                result.metadata["iteration"] = result.kept_iteration
 
     # -- outputs --------------------------------------------------------------------------------
     def model_with_lora(self, strength: float = 1.0):

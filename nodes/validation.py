@@ -42,7 +42,7 @@ import folder_paths
 
 from ..training import input_rules
 from ..training.lora_resume import state_path_for
-from ..training.prompt_sets import PROMPT_SETS, resolve_prompts
+from ..training.prompt_sets import PROMPT_SETS, parse_prompt_lines, resolve_prompts
 from ..training.run_options import LoRAOptions
 from ..training.safe_files import LoRAFileError
 from . import comfy_glue, lora_files
@@ -207,6 +207,12 @@ def _sampler_rules(v: dict) -> list:
     return []
 
 
+def _heldout_rules(v: dict) -> list:
+    if v.get("prompts") is not None and not parse_prompt_lines(v["prompts"]):
+        return [("prompts", "no held-out prompt: write one per line")]
+    return []
+
+
 def _save_rules(v: dict) -> list:
     problem = name_problem(v["filename_prefix"]) if v.get("filename_prefix") is not None else None
     return [("filename_prefix", problem)] if problem else []
@@ -216,6 +222,7 @@ NODE_RULES: dict[str, Callable[[dict], list]] = {
     "DRaFTTrainer": _trainer_rules,
     "DRaFTSampler": _sampler_rules,
     "DRaFTSaveLoRA": _save_rules,
+    "DRaFTHeldoutCheck": _heldout_rules,
 }
 
 

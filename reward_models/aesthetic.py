@@ -100,6 +100,9 @@ class AestheticReward(RewardModel):
         pixels = self.transform(images.to(device, torch.float32)).to(dtype)
         return F.normalize(self.image_encoder(pixels).float(), dim=-1)
 
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        return self.embed(images)
+
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         head_device, head_dtype = module_device_dtype(self.head)
         return self.head(self.embed(images).to(head_device, head_dtype))

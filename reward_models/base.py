@@ -50,6 +50,12 @@ class RewardModel(torch.nn.Module):
             raise RuntimeError(f"{self.name}: score returned {out.shape[0]} values for {batch} images")
         return out
 
+    def image_embeddings(self, images: Tensor) -> Tensor | None:
+        """(B, 3, H, W) in [0, 1] -> (B, D) image embeddings of the reward's own image encoder
+        (a CLIP tower), or None for rewards without one. The held-out check measures diversity
+        with them (cosine similarity across seeds)."""
+        return None
+
     def checkpoint_units(self) -> list:
         """The reward's transformer blocks, for block-level activation checkpointing while it is
         differentiated: the elements of every ``resblocks`` (open_clip) or ``layers``

@@ -47,6 +47,9 @@ class ClipSimilarityReward(RewardModel):
         pixels = self.transform(images.to(self.device, torch.float32)).to(self.dtype)
         return F.normalize(self.image_features(pixels).float(), dim=-1)
 
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        return self.encode_images(images)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """b prompts -> (b, D) L2-normalised float32 embeddings (no grad)."""

@@ -64,6 +64,14 @@ class CombinedReward(RewardModel):
     def dtype(self) -> torch.dtype:
         return torch.float32
 
+    def image_embeddings(self, images: Tensor) -> Tensor | None:
+        """The first component's that has an image encoder."""
+        for r in self.rewards:
+            e = r.image_embeddings(images)
+            if e is not None:
+                return e
+        return None
+
     @torch.no_grad()
     def update_stats(self, scores: Tensor) -> None:
         """Fold a (B, n) batch of component scores into the running mean/variance."""

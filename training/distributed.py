@@ -106,6 +106,13 @@ class DataParallel:
         stacked = torch.stack(parts).reshape((self.world_size,) + tuple(layout))
         return stacked.permute(1, 2, 0, 3).reshape(-1).cpu().tolist()
 
+    def broadcast_values(self, values: Sequence[float]) -> list:
+        """Rank 0's ``values`` (floats) in every process: decisions taken on measured figures
+        (the held-out check's keep and stop) must be the same in every process."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        self._collective("held-out figures broadcast", dist.broadcast, t, 0)
+        return t.cpu().tolist()
+
     def barrier(self) -> None:
         self._collective("barrier", dist.barrier)
 
