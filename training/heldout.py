@@ -108,16 +108,16 @@ class Outcome:
 def frozen_statistics(*modules):
     """Scoring held-out images must not move a reward's running statistics (Combine's
     standardisation, ``track_stats``): they are frozen inside."""
-    saved = []
+    saved = {}  # id -> (module, value): a module given twice (judge and training reward) once
     for module in modules:
         for m in (module.modules() if isinstance(module, torch.nn.Module) else [module]):
-            if hasattr(m, "track_stats"):
-                saved.append((m, m.track_stats))
+            if hasattr(m, "track_stats") and id(m) not in saved:
+                saved[id(m)] = (m, m.track_stats)
                 m.track_stats = False
     try:
         yield
     finally:
-        for m, value in saved:
+        for m, value in saved.values():
             m.track_stats = value
 
 
