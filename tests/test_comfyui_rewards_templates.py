@@ -116,6 +116,8 @@ def shrink_for_tiny_model(api, ckpt, lora_file):
             inp.update(width=64, height=64, steps=6, iterations=3, batch_size=1)
         if t == "DRaFTSavePreview":
             inp["save_every"] = 0
+        if t == "DRaFTHeldoutCheck":
+            inp.update(every=1, seeds=2)
         if t == "DRaFTOptimizer":
             inp["mixed_precision"] = "auto"
         if t == "LoraLoader" and lora_file:

@@ -226,11 +226,40 @@ def flux_lv(info) -> dict:
     return g.workflow()
 
 
+def guarded(info) -> dict:
+    """The aesthetic score trained (DRaFT-K, K = 1), PickScore and HPSv2.1 as held-out judges of a
+    DRaFT Held-out Check: the outputs carry the best LoRA by PickScore, the run stops after 3
+    evaluations below it; all four reward models need their files in models/."""
+    g = Graph(info)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15, size=(320, 100))
+    reward = g.add("DRaFTAestheticReward", (0, 160), head="sac+logos+ava1-l14-linearMSE.pth",
+                   clip_weights="clip_vit_l14_openai/open_clip_model.safetensors", size=(360, 200))
+    sampler = g.add("DRaFTSampler", (0, 400), method="DRaFT-K", k=1, size=(320, 260))
+    pick = g.add("DRaFTPickScoreReward", (0, 700), title="Judge: PickScore", model_folder="PickScore_v1",
+                 size=(360, 130))
+    hps = g.add("DRaFTHPSv2Reward", (0, 870), title="Judge: HPSv2.1",
+                checkpoint="HPS_v2.1_compressed.pt", size=(360, 130))
+    check = g.add("DRaFTHeldoutCheck", (420, 620), every=10, seeds=4, keep="best", stop="on",
+                  patience=3, size=(360, 400))
+    g.link(pick, "reward", check, "judge_1")
+    g.link(hps, "reward", check, "judge_2")
+    trainer = g.add("DRaFTTrainer", (820, 0), prompt_set="simple animals", iterations=1000,
+                    cfg=7.5, batch_size=4, lora_name="draft/aesthetic_guarded", size=TRAINER_SIZE)
+    for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
+        g.link(ckpt, out, trainer, inp)
+    g.link(reward, "reward", trainer, "reward")
+    g.link(sampler, "sampler", trainer, "sampler")
+    g.link(check, "evaluation", trainer, "evaluation")
+    _save_and_curve(g, trainer, 1220, "draft/aesthetic_guarded")
+    return g.workflow()
+
+
 TEMPLATES = {
     "draft_quickstart": quickstart,
     "draft_lora_strength_sweep": strength_sweep,
     "draft_aesthetic_draft_k": aesthetic_draft_k,
     "draft_flux_lv": flux_lv,
+    "draft_guarded": guarded,
 }
 
 
@@ -244,7 +273,8 @@ def main():
     with ComfyServer(comfyui) as srv:
         info = srv.get("/object_info")
     for name, build in TEMPLATES.items():
-        needs = {"draft_aesthetic_draft_k": "DRaFTAestheticReward", "draft_flux_lv": "DRaFTHPSv2Reward"}
+        needs = {"draft_aesthetic_draft_k": "DRaFTAestheticReward", "draft_flux_lv": "DRaFTHPSv2Reward",
+                 "draft_guarded": "DRaFTPickScoreReward"}
         if name in needs and needs[name] not in info:
             print(f"skipped {name}: {needs[name]} is not installed")
             continue
