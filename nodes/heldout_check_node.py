@@ -57,7 +57,7 @@ class DraftHeldoutCheck(CheckedNode):
                 io.Combo.Input("keep", options=list(KEEP), default=d.keep,
                                tooltip="best: the trainer's model and lora outputs carry the best evaluated LoRA (by the first judge); last: the last one. Both are saved either way (<lora_name>_best, and the last as <lora_name>_stepNNNNN)."),
                 io.Combo.Input("stop", options=list(STOP), default=d.stop,
-                               tooltip="on: end the run once the ranking figure has stayed more than 'tolerance' below its best for 'patience' evaluations in a row."),
+                               tooltip="on: end the run once the ranking figure has stayed more than 'tolerance' below its best for 'patience' evaluations in a row (twice as many while nothing has beaten update 0, where the run started: judges often dip before they rise)."),
                 io.Int.Input("patience", default=d.patience, min=1, max=1000,
                              tooltip="Evaluations in a row below the best before 'stop' ends the run."),
                 io.Float.Input("tolerance", default=d.tolerance, min=0.0, max=1e6, step=0.001,

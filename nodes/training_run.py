@@ -378,10 +378,11 @@ class TrainingRun:
             notes.append(f"held-out check: {len(overlap)} held-out prompt(s) are also training "
                          f"prompts ({overlap[0]!r}...): those figures are not held out")
         parallel = trainer.parallel
+        rows = cfg.train.batch_size * cfg.sampler.samples_per_rollout  # the plan has room for these
         return HeldoutCheck(
             request.settings, judges, reward_label=cfg.reward_label, embed=embed,
             prompt_offset=len(cfg.prompts),
-            chunk=cfg.train.batch_size * cfg.sampler.samples_per_rollout,
+            chunk=max(4, rows), decode_rows=rows,
             share=parallel.broadcast_values if parallel is not None else None)
 
     def _metadata(self, trainer: DraftTrainer, partial: bool) -> dict:

@@ -18,7 +18,7 @@ def test_bench_runs_and_checkpointing_cuts_saved_activations():
     cmd = [sys.executable, "-m", "tools.measure.speed.bench", "--device", "cpu",
            "--steps", "4", "--ks", "1,4", "--resolution", "64", "--cfg", "0", "--reps", "1",
            "--threads", "1", "--no-components", "--timeout", "300", "--no-peers",
-           "--only", "sample,k1_ckpt,k4_ckpt,k4_nockpt,lv2_ckpt,k1_lean,lv2_lean"]
+           "--only", "sample,k1_ckpt,k4_ckpt,k4_nockpt,lv2_ckpt,k1_lean,lv2_lean,heldout_eval"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
@@ -40,6 +40,9 @@ def test_bench_runs_and_checkpointing_cuts_saved_activations():
     assert abs(summary["time_ratio_full_vs_floor"]
                - rows["k4_ckpt"]["time_ratio_vs_sampling"] / ((4 + 12) / 4)) < 2e-3, summary
     assert "full DRaFT" in proc.stdout and "plain sampling" in proc.stdout
+    # the held-out check's evaluation over its 16 plain samples (one per baseline batch of 1)
+    assert abs(summary["heldout_check_overhead"]
+               - rows["heldout_eval"]["time_ratio_vs_sampling"] / 16) < 2e-3, summary
 
 
 def test_bench_peers_against_trl_alignprop_runs_and_the_lean_update_holds_less():

@@ -117,11 +117,11 @@ def test_the_best_is_the_highest_ranking_figure_and_its_lora_is_copied_then():
 
 
 @pytest.mark.parametrize("values, patience, tolerance, stops_at", [
-    ([0.5, 0.4, 0.3, 0.2, 0.1], 3, 0.0, 3),             # falls three times after update 0
-    ([0.5, 0.4, 0.6, 0.5, 0.55, 0.1, 0.1], 3, 0.0, 5),  # a new best resets the streak
-    ([0.5, 0.48, 0.47, 0.3, 0.3], 2, 0.05, 4),          # within the tolerance does not count
-    ([0.5, 0.48, 0.3, 0.49, 0.3, 0.3], 2, 0.05, 5),     # ... and breaks the streak
-    ([0.5, float("nan"), 0.2], 2, 0.0, 2),               # a non-finite figure counts as a fall
+    ([0.1, 0.5, 0.4, 0.3, 0.2, 0.1], 3, 0.0, 4),             # falls three times after update 1
+    ([0.1, 0.5, 0.4, 0.6, 0.5, 0.55, 0.1, 0.1], 3, 0.0, 6),  # a new best resets the streak
+    ([0.1, 0.5, 0.48, 0.47, 0.3, 0.3], 2, 0.05, 5),          # within the tolerance does not count
+    ([0.1, 0.5, 0.48, 0.3, 0.49, 0.3, 0.3], 2, 0.05, 6),     # ... and breaks the streak
+    ([0.1, 0.5, float("nan"), 0.2], 2, 0.0, 3),               # a non-finite figure counts as a fall
 ])
 def test_stop_fires_at_the_rules_evaluation(values, patience, tolerance, stops_at):
     check, outcomes = _scripted_check(values, stop="on", patience=patience, tolerance=tolerance)
@@ -130,6 +130,26 @@ def test_stop_fires_at_the_rules_evaluation(values, patience, tolerance, stops_a
     assert check.stop_reason.startswith("judge scripted ")
     assert check.stop_reason.endswith(f"after update {check.best_iteration()}; kept update "
                                       f"{check.best_iteration()}")
+
+
+def test_while_nothing_beats_the_start_stop_waits_twice_as_long():
+    # the judge dips for three evaluations, then rises above the start: no stop (patience 3)
+    check, outcomes = _scripted_check([0.5, 0.4, 0.3, 0.45, 0.49, 0.48, 0.6], stop="on", patience=3)
+    assert not any(o.stop for o in outcomes) and check.best_iteration() == 6
+    # it never beats the start: stop after 2 x 3 evaluations, keeping update 0
+    check, outcomes = _scripted_check([0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3, 0.9], stop="on", patience=3)
+    assert len(outcomes) == 7 and outcomes[-1].stop and check.best_iteration() == 0
+    assert check.stop_reason == ("judge scripted did not beat update 0, where the run started, in "
+                                 "6 evaluations; kept update 0")
+
+
+def test_step_noises_of_eta_sampling_are_not_a_seeds_initial_noise():
+    from training.heldout import HELDOUT_STREAM, STEP_NOISE_TAG
+    from training.trainer import derived_generator
+    seeds = [torch.randn(8, generator=derived_generator(HELDOUT_STREAM, s)) for s in range(64)]
+    for c in (0, 4, 8):
+        step = torch.randn(8, generator=derived_generator(HELDOUT_STREAM, STEP_NOISE_TAG, c + 1))
+        assert not any(torch.equal(step, s) for s in seeds)
 
 
 def test_without_judges_the_training_reward_on_heldout_images_ranks():

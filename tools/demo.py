@@ -6,8 +6,12 @@
 * Checkpoint: ``CKPT=/path/to/model.safetensors`` for a real one (the template's settings are used
   as they are); otherwise a tiny random SD1.5 checkpoint is generated and the template is shrunk
   to 64 px, 10 steps, so the demo takes a couple of minutes on a CPU.
+* Adds a DRaFT Held-out Check to the template's trainer (every 10 updates, 2 seeds per held-out
+  prompt, no judge: the training reward on the held-out prompts ranks; keep the best) and prints
+  its figures at every evaluation.
 * Prints the reward per iteration and, as its last line, one JSON object:
-  ``{"reward_before": mean over 8 held-out samples, "reward_after": ..., "lora": file written}``.
+  ``{"reward_before": mean over 8 held-out samples, "reward_after": ..., "lora": file written,
+  "heldout": the check's summary (evaluations, best update, kept update)}``.
 * Exit status: 0 on success, 1 on any failure, 2 when ComfyUI cannot be found or set up.
 """
 from __future__ import annotations
@@ -36,9 +40,33 @@ TINY_OVERRIDES = {
 }
 
 
+HELDOUT_CHECK = dict(every=10, seeds=2)
+
+
+def add_heldout_check(api: dict, object_info: dict, trainer: str) -> str:
+    """A DRaFT Held-out Check node (its defaults and HELDOUT_CHECK) into the trainer's
+    ``evaluation`` input; returns its id."""
+    info = object_info["DRaFTHeldoutCheck"]["input"]
+    inputs = {name: spec[1]["default"] for name, spec in info["required"].items()}
+    inputs.update(HELDOUT_CHECK)
+    node = str(max(int(k) for k in api) + 1)
+    api[node] = {"class_type": "DRaFTHeldoutCheck", "inputs": inputs,
+                 "_meta": {"title": "DRaFT Held-out Check"}}
+    api[trainer]["inputs"]["evaluation"] = [node, 0]
+    return node
+
+
+def heldout_line(summary: dict, evaluation: dict) -> str:
+    labels = {s["key"]: s["label"] for s in summary["series"]}
+    figures = ", ".join(f"{labels[k]} {v:.5f}" for k, v in evaluation["figures"].items()
+                        if v is not None)
+    return f"held-out at update {evaluation['iteration']:4d}: {figures}"
+
+
 def watch(srv: ComfyServer, node: str, stop: threading.Event):
-    """Print each new reward point of trainer ``node`` as it arrives (polls /draft/status)."""
-    shown, run = 0, None
+    """Print each new reward point and held-out evaluation of trainer ``node`` as it arrives
+    (polls /draft/status)."""
+    shown, run, evaluated = 0, None, 0
     while not stop.is_set():
         try:
             st = srv.get("/draft/status").get(node)
@@ -46,13 +74,17 @@ def watch(srv: ComfyServer, node: str, stop: threading.Event):
             st = None
         if st:
             if st["run"] != run:
-                run, shown = st["run"], 0
+                run, shown, evaluated = st["run"], 0, 0
             rewards = st["rewards"]
             for i in range(shown, len(rewards)):
                 r = rewards[i]
                 text = "skipped (non-finite)" if r is None else f"{r:.5f}"
                 print(f"iteration {i + 1:4d}/{st['total']}  reward {text}", flush=True)
             shown = len(rewards)
+            heldout = st.get("heldout") or {"evaluations": []}
+            for e in heldout["evaluations"][evaluated:]:
+                print(heldout_line(heldout, e), flush=True)
+            evaluated = len(heldout["evaluations"])
         stop.wait(0.25)
 
 
@@ -81,6 +113,7 @@ def main() -> int:
             if not real_ckpt:
                 node["inputs"].update(TINY_OVERRIDES.get(node["class_type"], {}))
         trainer = next(k for k, v in api.items() if v["class_type"] == "DRaFTTrainer")
+        add_heldout_check(api, srv.get("/object_info"), trainer)
         save = next(k for k, v in api.items() if v["class_type"] == "DRaFTSaveLoRA")
         evals = {v["_meta"]["title"]: k for k, v in api.items() if v["class_type"] == "DRaFTEvaluate"}
         stop = threading.Event()
@@ -100,9 +133,13 @@ def main() -> int:
         before = float(out[evals["Score before"]]["draft_mean"][0])
         after = float(out[evals["Score after"]]["draft_mean"][0])
         lora = os.path.join(srv.loras_dir, out[save]["text"][0].split("models/loras/")[-1])
+        heldout = srv.get("/draft/status")[trainer].get("heldout") or {}
         print(f"trained in {time.time() - t0:.0f}s; reward on 8 held-out samples: "
               f"{before:.5f} -> {after:.5f}")
-        print(json.dumps({"reward_before": before, "reward_after": after, "lora": lora}))
+        for line in out[trainer].get("text", [""])[0].splitlines():
+            print(f"trainer: {line}")
+        print(json.dumps({"reward_before": before, "reward_after": after, "lora": lora,
+                          "heldout": heldout}))
     return 0
 
 

@@ -20,7 +20,10 @@ One evaluation (:meth:`HeldoutCheck.evaluate`):
 
 The rule for ``stop = "on"``: after an evaluation whose ranking figure is more than ``tolerance``
 below the best so far, the streak grows by one (any other evaluation resets it); at ``patience``
-the run stops. Ties keep the earlier best.
+the run stops. While the best is still the run's first evaluation (the model it started from),
+the rule waits twice as long (``2 * patience``): a judge often dips before training lifts it
+(``make fidelity``: the judged digit falls for the first 30-40 updates of DRaFT-1 and DRaFT-LV,
+then rises above the base model). Ties keep the earlier best.
 
 ComfyUI-free: judges and the embedding are plain callables, the trainer is a
 :class:`training.trainer.DraftTrainer`.
@@ -44,6 +47,7 @@ KEEP = ("best", "last")
 STOP = ("off", "on")
 MAX_JUDGES = 3
 HELDOUT_STREAM = 0x4E1D0  # tags the held-out noises' generators (apart from training and previews)
+STEP_NOISE_TAG = 0x57E9  # under HELDOUT_STREAM: the step noises' generators (seeds are < 0x57E9)
 
 
 @dataclass(frozen=True)
@@ -148,14 +152,16 @@ class HeldoutCheck:
         embed: ``(source label, embed)`` for the similarity figure, or None: pixels.
         prompt_offset: where the held-out prompts start in the denoiser's prompt indices (the
             trainer's own prompts are ``0 .. offset - 1``).
-        chunk: held-out images sampled and decoded at once (the trainer's rows per micro-batch).
+        chunk: held-out images sampled at once (no gradient: more rows fit than in an update).
+        decode_rows: of those, decoded and scored at once (default ``chunk``; the trainer node
+            passes its rows per micro-batch, which its memory plan has room to decode).
         share: data-parallel: ``share(values: list[float]) -> list[float]`` makes every process
             use rank 0's figures (so every process takes the same keep and stop decisions).
     """
 
     def __init__(self, settings: HeldoutSettings, judges: Sequence = (), reward_label: str = "",
                  embed: Optional[tuple] = None, prompt_offset: int = 0, chunk: int = 4,
-                 share: Optional[Callable] = None):
+                 decode_rows: Optional[int] = None, share: Optional[Callable] = None):
         if len(judges) > MAX_JUDGES:
             raise ValueError(f"at most {MAX_JUDGES} judges")
         self.settings = settings
@@ -163,6 +169,7 @@ class HeldoutCheck:
         self.embed = embed
         self.prompt_offset = int(prompt_offset)
         self.chunk = max(1, int(chunk))
+        self.decode_rows = max(1, int(decode_rows)) if decode_rows else self.chunk
         self.share = share
         self.series = [Series(f"judge{i + 1}", label, "judge")
                        for i, (label, _) in enumerate(self.judges)]
@@ -208,10 +215,13 @@ class HeldoutCheck:
             part = pairs[c:c + self.chunk]
             x = noise[[s for _, s in part]].to(trainer.device)
             index = torch.tensor([self.prompt_offset + p for p, _ in part], device=trainer.device)
-            g = derived_generator(HELDOUT_STREAM, 1, c)  # eta > 0 step noises
+            # eta > 0 step noises (a non-zero last key: derived_generator(H, 1, 0) would be seed
+            # 1's initial-noise generator); they depend on the chunk size, fixed within a run
+            g = derived_generator(HELDOUT_STREAM, STEP_NOISE_TAG, c + 1)
             with trainer._autocast():
                 latent = trainer.sampler.sample(x, index, g)
-                out.append(trainer.decode_images(latent).float().cpu())
+                for d in range(0, len(part), self.decode_rows):
+                    out.append(trainer.decode_images(latent[d:d + self.decode_rows]).float().cpu())
         return torch.cat(out), [prompts[p] for p, _ in pairs]
 
     @torch.no_grad()
@@ -235,9 +245,9 @@ class HeldoutCheck:
         return {"iteration": int(trainer.iteration), "figures": figures}
 
     def _mean(self, fn, images: torch.Tensor, prompts: list) -> float:
-        scores = []
-        for c in range(0, len(images), self.chunk):
-            scores.append(fn(images[c:c + self.chunk], prompts[c:c + self.chunk]).float().cpu())
+        scores, step = [], self.decode_rows
+        for c in range(0, len(images), step):
+            scores.append(fn(images[c:c + step], prompts[c:c + step]).float().cpu())
         return float(torch.cat(scores).mean())
 
     # -- decisions ------------------------------------------------------------------------------
@@ -257,14 +267,22 @@ class HeldoutCheck:
         else:
             self.streak = 0
         outcome = Outcome(record, new_best)
-        if self.settings.stop == "on" and self.streak >= self.settings.patience:
-            it = self.best["iteration"] if self.best is not None else None
-            word = "fell" if self.settings.tolerance == 0 else (
-                f"stayed more than {self.settings.tolerance:g} below its best")
+        it = self.best["iteration"] if self.best is not None else None
+        at_start = it == self.history[0]["iteration"]
+        patience = self.settings.patience * (2 if at_start else 1)
+        if self.settings.stop == "on" and self.streak >= patience:
             kept = (f"kept update {it}" if self.settings.keep == "best"
                     else f"kept the last, update {record['iteration']}")
-            self.stop_reason = (f"{self.describe(self.ranking)} {word} for {self.streak} "
-                                f"evaluations after update {it}; {kept}")
+            if at_start:
+                word = "did not beat" if self.settings.tolerance == 0 else (
+                    f"stayed more than {self.settings.tolerance:g} below")
+                self.stop_reason = (f"{self.describe(self.ranking)} {word} update {it}, where the "
+                                    f"run started, in {self.streak} evaluations; {kept}")
+            else:
+                word = "fell" if self.settings.tolerance == 0 else (
+                    f"stayed more than {self.settings.tolerance:g} below its best")
+                self.stop_reason = (f"{self.describe(self.ranking)} {word} for {self.streak} "
+                                    f"evaluations after update {it}; {kept}")
             outcome.stop, outcome.reason = True, self.stop_reason
         return outcome
 

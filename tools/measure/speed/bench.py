@@ -8,7 +8,13 @@ measures, each in a fresh subprocess:
 * ``sample``: ``DifferentiableSampler.sample()`` + decode of the batch, no gradient (the baseline);
 * ``K=k``: one ``DraftTrainer.step()`` (rollout, decode, reward, backward, clip, AdamW) for DRaFT-K
   (``draft_k``; K = T is full DRaFT, method ``draft``), with and without checkpointing;
-* ``LV n=2``: the same for DRaFT-LV with two re-noised samples, with and without checkpointing.
+* ``LV n=2``: the same for DRaFT-LV with two re-noised samples, with and without checkpointing;
+* ``heldout_eval``: one evaluation of the default DRaFT Held-out Check (4 held-out prompts x 4
+  seeds, sampled and decoded in batches, scored by the training reward, the similarity across
+  seeds, the best LoRA copied): the training time the check adds every N updates.
+  ``heldout_check_overhead`` is that time over the time of the same 16 plain no-grad samples
+  (``sample`` is one batch of ``--batch``); the bench's 4 prompts stand for the held-out ones
+  (the same conditioning cost).
 
 Time: median of ``--reps`` repetitions after a warm-up. Memory (one iteration, after model set-up
 and a no-grad warm-up sampling):
@@ -57,6 +63,7 @@ TARGETS = {  # key: (limit, description)
     # steps, then per differentiated step a forward, its recompute and a backward (~2 forwards)
     "time_ratio_draft1_vs_floor": (1.05, "DRaFT-1 update / (T + 3)/T x sampling"),
     "time_ratio_full_vs_floor": (1.05, "full DRaFT update / 4 x sampling"),
+    "heldout_check_overhead": (1.1, "held-out evaluation / its plain samples"),
 }
 
 
@@ -205,6 +212,9 @@ def cpu_tensor_peak(fn) -> dict:
 # ---------------------------------------------------------------------------------------------
 # workers
 # ---------------------------------------------------------------------------------------------
+HELDOUT_SAMPLES = 16  # the default check: 4 prompts x 4 seeds
+
+
 def make_runner(args, setup, config: dict):
     """``fn()`` running one iteration of ``config`` (an update, or sampling + decode)."""
     import torch
@@ -254,7 +264,19 @@ def make_runner(args, setup, config: dict):
         if report.skipped:
             raise RuntimeError(f"update skipped: {report.skip_reason}")
 
-    fn = sample if kind == "sample" else train
+    check = None
+    if kind == "heldout":  # the default check (no judge), as the trainer node builds it
+        from training.heldout import HeldoutCheck, HeldoutSettings
+        check = HeldoutCheck(HeldoutSettings(prompts=tuple(setup.prompts)), [],
+                             reward_label="colour", prompt_offset=0, chunk=max(args.batch, 4),
+                             decode_rows=args.batch)
+
+    def evaluate():
+        check.observe(check.evaluate(trainer), trainer.params)
+        if cuda:
+            torch.cuda.synchronize()
+
+    fn = {"sample": sample, "heldout": evaluate}.get(kind, train)
     fn.sampler, fn.trainer, fn.noise, fn.index, fn.warmup = sampler, trainer, noise, index, sample
     return fn
 
@@ -418,6 +440,8 @@ def configurations(args) -> list:
     configs.append({"name": f"lv{args.lv_samples}_rows", "kind": "draft_lv", "n": args.lv_samples,
                     "checkpointing": True, "rows": True,
                     "label": f"DRaFT-LV n={args.lv_samples} rows 1x1"})
+    configs.append({"name": "heldout_eval", "kind": "heldout",
+                    "label": "held-out check: 1 evaluation (16 samples)"})
     return configs
 
 
@@ -542,7 +566,8 @@ def print_table(args, configs, results):
     rows = []
     for config in configs:
         res = results[config["name"]]
-        ckpt = "" if config["kind"] == "sample" else ("yes" if config["checkpointing"] else "no")
+        ckpt = ("" if config["kind"] in ("sample", "heldout")
+                else ("yes" if config["checkpointing"] else "no"))
         row = {"name": config["name"]}
         if "error" in res:
             print(f"{config['label']:24s} {ckpt:>4s}  {res['error'][:90]}")
@@ -708,6 +733,9 @@ def main(argv=None) -> int:
                                           get(k1, "time_ratio") / floor_ratio(t, 1)),
         "time_ratio_full_vs_floor": rnd(None if get(kt, "time_ratio") is None else
                                         get(kt, "time_ratio") / floor_ratio(t, t)),
+        # one evaluation over its samples' plain time (sample: one batch of args.batch)
+        "heldout_check_overhead": rnd(None if get("heldout_eval", "time_ratio") is None else
+                                      get("heldout_eval", "time_ratio") * args.batch / HELDOUT_SAMPLES),
         "saved_mem_ratio_k50_k1": ratio(get(kt, "saved_peak_mib"), get(k1, "saved_peak_mib")),
         "rss_added_ratio_k50_k1": ratio(get(kt, "rss_added_mib"), get(k1, "rss_added_mib")),
         "rss_peak_ratio_k50_k1": ratio(get(kt, "rss_peak_mib"), get(k1, "rss_peak_mib")),
