@@ -5,7 +5,7 @@ import numpy as np
 
 import os
 
-from .report import LABELS, heldout_analysis, kl_sweep
+from .report import LABELS, _at_level, heldout_analysis, kl_sweep
 
 NOTES = "notes.md"  # optional hand-written observations next to the figures, kept by --redoc
 
@@ -25,6 +25,7 @@ CLAIMS = {
     "lv_conditional_variance": "DRaFT-LV's variance given the chain (only the re-noising varied) "
                                "falls as 1/n",
 }
+KL_LEVELS = (-10.0, -5.0, -2.0, -1.0, -0.5, -0.1)  # the KL sweep's descriptive table
 VERDICT = {"held": "**held**", "not": "**did not hold**", "unclear": "**unclear**"}
 
 
@@ -239,6 +240,21 @@ def _kl_section(w, results: dict) -> None:
               f"{a['nn_dist']:.3f}")
         w(f"| {k} | {d['best_reward']:.3f} | {'yes' if d['compared'] else 'no'} | {lv} | "
           f"{f['reward']:.3f} | {f['judge_logp']:.3f} | {f['nn_dist']:.3f} |")
+    w("")
+    w("The same figures at more held-out reward levels, for every run that reached each level "
+      "(judge log-p / judged target / realism guard, interpolated the same way; a descriptive "
+      "table added after the run of 2026-12-06 was seen, because the rule's single level sits "
+      "where no run had begun to exploit the reward; it decides no verdict):\n")
+    levels = KL_LEVELS
+    w("| KL coeff | " + " | ".join(f"reward {x:g}" for x in levels) + " |")
+    w("|---|" + "---|" * len(levels))
+    for k, rec in sorted(results["hacking"].items(), key=lambda kv: float(kv[0])):
+        cells = []
+        for x in levels:
+            a = _at_level(rec, x)
+            cells.append("-" if a is None else f"{a['judge_logp']:.2f} / {a['judge_frac']:.2f} / "
+                         f"{a['nn_dist']:.3f} (update {a['update']:.0f})")
+        w(f"| {k} | " + " | ".join(cells) + " |")
     w("")
 
 
