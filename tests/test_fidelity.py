@@ -1,6 +1,7 @@
 """``make fidelity`` keeps working: the whole pipeline (denoiser and classifier training on the
 real digits, every DRaFT method through the engine's sampler and trainer, gradient variance and
-norm, strength sweep, long runs with and without KL, plots, docs) at a tiny budget.
+norm, DRaFT-LV's variance given the chain, strength sweep, long runs and the KL sweep, the
+held-out check beside every run, plots, docs) at a tiny budget.
 
 The real figures come from ``make fidelity`` (docs/fidelity.md); this checks the wiring, that
 every method's LoRA moves the held-out reward, and the shape of the final JSON line."""
@@ -15,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = ("draft_full", "draft_k1", "draft_k5", "draft_k10", "draft_lv2", "random_k")
 CLAIMS = ("small_k_beats_full", "lv_lower_variance", "lv_fewer_updates", "strength_interpolates",
-          "long_runs_exploit", "kl_reduces_exploitation")
+          "long_runs_exploit", "kl_reduces_exploitation", "heldout_keeps_best",
+          "kl_curbs_at_equal_reward", "lv_conditional_variance")
 
 
 @pytest.mark.slow
@@ -37,12 +39,33 @@ def test_fidelity_pipeline_tiny_budget(tmp_path):
     assert set(sweep) == {"0", "0.25", "0.5", "1", "1.5"}
     # strength 0 is the base model exactly: same held-out seeds, same reward
     assert sweep["0"]["reward"] == pytest.approx(summary["reward_before"], abs=1e-4)
+    # the held-out check ran beside every run: kept, best and last judged fractions, stop replay
+    held = summary["heldout"]
+    assert set(held) == set(METHODS) | {"long_runs"}
+    for m in METHODS:
+        d = held[m]
+        assert len(d["kept_update"]) == len(d["stop_update"]) == 2  # the tiny budget's 2 seeds
+        assert all(u in (0, 1, 2) for u in d["kept_update"])
+        assert 0 <= d["kept_frac"] <= d["best_frac"] <= 1 and d["last_frac"] <= d["best_frac"]
+        assert all(0 <= s <= 2 for s in d["saved_updates"])
+    assert set(held["long_runs"]) == {"0", "0.1", "1"}
+    # the KL sweep: every coefficient, no KL always compared at the common level
+    kl = summary["kl_sweep"]
+    assert set(kl["coeffs"]) == {"0", "0.1", "1"}
+    assert kl["coeffs"]["0"]["compared"]
+    assert kl["coeffs"]["0"]["at_level"]["reward"] == pytest.approx(kl["level"], abs=1e-3)
+    # LV given the chain: DRaFT-1 has no re-noising, so its gradient does not vary at all
+    cv = summary["lv_conditional_variance"]
+    assert set(cv) == {"draft_k1", "draft_lv1", "draft_lv2", "draft_lv4"}
+    assert cv["draft_k1"]["cond_var"] == 0
+    assert all(cv[f"draft_lv{n}"]["cond_var"] > 0 for n in (1, 2, 4))
     assert set(summary["claims"]) == set(CLAIMS)
     assert set(summary["claims"].values()) <= {"held", "not", "unclear"}
 
     doc = (out / "fidelity.md").read_text()
     for png in ("reward_vs_updates.png", "reward_vs_time.png", "grad_variance.png",
-                "grad_norm_by_k.png", "strength_sweep.png", "hacking.png", "samples_base.png",
+                "grad_norm_by_k.png", "strength_sweep.png", "hacking.png", "heldout.png",
+                "samples_base.png",
                 "samples_methods.png", "samples_strengths.png", "samples_long_runs.png"):
         assert (out / "fidelity" / png).stat().st_size > 0, png
         assert f"fidelity/{png}" in doc, png

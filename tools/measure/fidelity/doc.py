@@ -5,7 +5,7 @@ import numpy as np
 
 import os
 
-from .report import LABELS
+from .report import LABELS, _at_level, heldout_analysis, kl_sweep
 
 NOTES = "notes.md"  # optional hand-written observations next to the figures, kept by --redoc
 
@@ -17,7 +17,15 @@ CLAIMS = {
                              "model",
     "long_runs_exploit": "Long runs exploit the reward (reward hacking)",
     "kl_reduces_exploitation": "A KL penalty to the base model (DRaFT+) curbs the exploitation",
+    "heldout_keeps_best": "The held-out check (`training/heldout.py`, keep best) keeps an update "
+                          "within 0.05 of the best judged-target fraction, for every method whose "
+                          "last is worse than its best (this project's target, not the paper's)",
+    "kl_curbs_at_equal_reward": "A KL penalty (DRaFT+) curbs the exploitation at equal training "
+                                "reward (KL sweep)",
+    "lv_conditional_variance": "DRaFT-LV's variance given the chain (only the re-noising varied) "
+                               "falls as 1/n",
 }
+KL_LEVELS = (-10.0, -5.0, -2.0, -1.0, -0.5, -0.1)  # the KL sweep's descriptive table
 VERDICT = {"held": "**held**", "not": "**did not hold**", "unclear": "**unclear**"}
 
 
@@ -139,6 +147,9 @@ def markdown(results: dict, claims: dict, figures: list, fig_dir: str = "") -> s
     w("\n![hacking](fidelity/hacking.png)\n")
     w("Samples at the end of each long run (one row per KL coefficient, in the order above):\n")
     w("![long runs](fidelity/samples_long_runs.png)\n")
+    _heldout_section(w, results)
+    _kl_section(w, results)
+    _lv_section(w, results)
     notes = os.path.join(fig_dir, NOTES)
     if fig_dir and os.path.exists(notes):
         w("## Observations (written by hand after looking at this run's grids and numbers)\n")
@@ -164,3 +175,110 @@ def markdown(results: dict, claims: dict, figures: list, fig_dir: str = "") -> s
          "trained in this run (" + ", ".join(f"{k} {v:.0f} s" for k, v in
                                              results["train_seconds"].items()) + ")") + ".\n")
     return "\n".join(L) + "\n"
+
+
+def _seeds(xs) -> str:
+    return ", ".join("-" if x is None else str(x) for x in xs)
+
+
+def _heldout_section(w, results: dict) -> None:
+    b = results["budget"]
+    ha = heldout_analysis(results)
+    w("## The held-out check: the kept update against the best and the last\n")
+    w(f"Every run above had a `training.heldout.HeldoutCheck` beside its trainer (`keep = best`, "
+      f"`stop = off`, evaluated at the same updates as the tables above, on its own "
+      f"{b['eval_seeds']} held-out noise seeds): judge 1, which ranks the kept update, is the "
+      f"judge classifier's mean probability of the target digit; judge 2 the realism guard "
+      f"(minus the NN distance). Neither is in the loss. The judged-target fractions below are "
+      f"`Lab.evaluate`'s, on the other {b['eval_seeds']} held-out seeds of the tables above, so "
+      f"the kept update is chosen on one set of noises and scored on another. *best*: per run, "
+      f"the highest fraction of any evaluation (update 0 included); means over the seeds. "
+      f"*stop*: the check's stop rule (patience {b['heldout_patience']}, tolerance "
+      f"{b['heldout_tolerance']:g}) replayed over each run's recorded evaluations with the real "
+      f"`HeldoutCheck.observe`: the update after which `stop = on` would have ended the run, and "
+      f"the judged fraction of what it would have kept there.\n")
+    w("| method | kept update (per seed) | judged target: kept / best / last | judge p(target) "
+      "kept / last | realism guard kept / last | stop would end at (per seed) | updates saved "
+      "(mean) | judged target kept with stop |")
+    w("|---|---|---|---|---|---|---|---|")
+    for m, d in ha["methods"].items():
+        w(f"| {LABELS.get(m, m)} | {_seeds(d['kept_update'])} | {d['kept_frac']:.3f} / "
+          f"{d['best_frac']:.3f} / {d['last_frac']:.3f} | {d['kept_judge_p']:.3f} / "
+          f"{d['last_judge_p']:.3f} | {d['kept_guard']:.3f} / {d['last_guard']:.3f} | "
+          f"{_seeds(d['stop_update'])} | {d['saved_updates_mean']:.1f} of {ha['updates']} | "
+          f"{d['stop_kept_frac']:.3f} |")
+    w(f"\nThe long runs ({b['long_updates']} updates, DRaFT-LV n=2, seed 0), the same check:\n")
+    w("| KL coeff | kept update | judged target: kept / best (update) / last | judge p(target) "
+      "kept / last | realism guard kept / last | stop would end at | updates saved | judged "
+      "target kept with stop |")
+    w("|---|---|---|---|---|---|---|---|")
+    for kl, d in ha["long_runs"].items():
+        w(f"| {kl} | {d['kept_update']} | {d['kept_frac']:.3f} / {d['best_frac']:.3f} "
+          f"({d['best_update']}) / {d['last_frac']:.3f} | {d['kept_judge_p']:.3f} / "
+          f"{d['last_judge_p']:.3f} | {d['kept_guard']:.3f} / {d['last_guard']:.3f} | "
+          f"{'-' if d['stop_update'] is None else d['stop_update']} | {d['saved_updates']} | "
+          f"{d['stop_kept_frac']:.3f} |")
+    w("\n![held-out check](fidelity/heldout.png)\n")
+
+
+def _kl_section(w, results: dict) -> None:
+    ks = kl_sweep(results)
+    w("## DRaFT+'s KL sweep at equal training reward\n")
+    w(f"The long runs above, one per KL coefficient. A coefficient is compared when its best "
+      f"held-out reward rose at least half as much as the no-KL run's; the common level is the "
+      f"lowest best reward among the compared runs ({ks['level']:.3f}), and each compared run's "
+      f"figures are interpolated at the first evaluation where its held-out reward reaches it "
+      f"(rule in `report.py`).\n")
+    w("| KL coeff | best reward | compared | update at the level | judge log-p at the level | "
+      "judged target at the level | realism guard at the level | final reward | final judge "
+      "log-p | final realism guard |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for k, d in ks["coeffs"].items():
+        a, f = d["at_level"], d["final"]
+        lv = ("- | - | - | -" if a is None else
+              f"{a['update']:.0f} | {a['judge_logp']:.3f} | {a['judge_frac']:.2f} | "
+              f"{a['nn_dist']:.3f}")
+        w(f"| {k} | {d['best_reward']:.3f} | {'yes' if d['compared'] else 'no'} | {lv} | "
+          f"{f['reward']:.3f} | {f['judge_logp']:.3f} | {f['nn_dist']:.3f} |")
+    w("")
+    w("The same figures at more held-out reward levels, for every run that reached each level "
+      "(judge log-p / judged target / realism guard, interpolated the same way; a descriptive "
+      "table added after the run of 2026-12-06 was seen, because the rule's single level sits "
+      "where no run had begun to exploit the reward; it decides no verdict):\n")
+    levels = KL_LEVELS
+    w("| KL coeff | " + " | ".join(f"reward {x:g}" for x in levels) + " |")
+    w("|---|" + "---|" * len(levels))
+    for k, rec in sorted(results["hacking"].items(), key=lambda kv: float(kv[0])):
+        cells = []
+        for x in levels:
+            a = _at_level(rec, x)
+            cells.append("-" if a is None else f"{a['judge_logp']:.2f} / {a['judge_frac']:.2f} / "
+                         f"{a['nn_dist']:.3f} (update {a['update']:.0f})")
+        w(f"| {k} | " + " | ".join(cells) + " |")
+    w("")
+
+
+def _lv_section(w, results: dict) -> None:
+    b = results["budget"]
+    cv = results["lv_conditional_variance"]
+    w("## DRaFT-LV's variance given the chain\n")
+    w(f"The variance LV claims to reduce: {b['cond_chains']} chains (initial noise of batch "
+      f"{b['var_batch']}, its deterministic DDIM chain and x_0 fixed), {b['cond_draws']} draws of "
+      f"LV's re-noising noise each, nothing else varied, at the base model with a fresh LoRA "
+      f"(seed 0). *given the chain*: the trace of the gradient covariance over the re-noising "
+      f"draws, averaged over chains; *between chains*: the trace of the covariance of the "
+      f"per-chain means; *total*: over all chains x draws; *share*: given-the-chain / total. "
+      f"DRaFT-1 has no re-noising (its variance given the chain is 0 by construction; measured "
+      f"here the same way). LV-1 (one re-noised copy) is the estimator LV-n averages n copies "
+      f"of.\n")
+    one = cv.get("draft_lv1", {}).get("cond_var")
+    w("| estimator | given the chain | / LV-1 | 1/n | between chains | total | squared norm of "
+      "the mean | share | s / gradient |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for k, d in cv.items():
+        n = int(k[len("draft_lv"):]) if k.startswith("draft_lv") else None
+        ratio = f"{d['cond_var'] / one:.3f}" if one and n else "-"
+        w(f"| {k} | {d['cond_var']:.4g} | {ratio} | {'-' if n is None else f'{1 / n:.3f}'} | "
+          f"{d['between_var']:.4g} | {d['total_var']:.4g} | {d['mean_norm2']:.4g} | "
+          f"{d['cond_share']:.3f} | {d['seconds_per_grad']:.3f} |")
+    w("")

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from training.heldout import HeldoutCheck, HeldoutSettings
 from training.lora import LoRASet, wrap_module
 from training.sampler import DifferentiableSampler, SamplerSettings
 from training.trainer import DraftTrainer, TrainSettings, derived_generator
@@ -55,11 +57,37 @@ class Budget:
     var_batch: int = 1              # samples per gradient in the variance measurement
     norm_ks: tuple = (1, 2, 5, 10, 15)
     norm_draws: int = 6
-    long_updates: int = 300         # the reward-hacking run
-    long_eval_every: int = 30
-    kl_coeffs: tuple = (0.0, 10.0)
+    long_updates: int = 300         # the reward-hacking run, and DRaFT+'s KL sweep
+    long_eval_every: int = 15
+    kl_coeffs: tuple = (0.0, 0.01, 0.1, 1.0, 10.0)
+    heldout_patience: int = 3       # the held-out check's stop rule (HeldoutSettings' defaults)
+    heldout_tolerance: float = 0.0
+    cond_chains: int = 8            # LV's variance given the chain: chains (noise draws) ...
+    cond_draws: int = 6             # ... and re-noising draws per chain
+    cond_ns: tuple = (1, 2, 4)      # LV copies n
     strengths: tuple = (0.0, 0.25, 0.5, 1.0, 1.5)
     strength_method: str = "draft_lv2"
+
+
+def replay_stop(evaluations: list, settings: HeldoutSettings) -> dict:
+    """What ``stop = "on"`` would have done to a run checked with ``settings`` (stop off): the
+    real :meth:`HeldoutCheck.observe` fed the run's held-out ``evaluations`` in order.
+
+    Returns ``{"stop_update": the update after whose evaluation the run would have ended (None:
+    never), "kept_update": the best so far there (what keep = best returns), "saved_updates": the
+    run's last evaluated update minus ``stop_update`` (0 when it never fires), "reason"}``."""
+    n_judges = sum(1 for k in evaluations[0]["figures"] if k.startswith("judge"))
+    check = HeldoutCheck(replace(settings, stop="on"),
+                         [(f"judge{i + 1}", None) for i in range(n_judges)])
+    last = int(evaluations[-1]["iteration"])
+    for record in evaluations:
+        outcome = check.observe(dict(record), [])
+        if outcome.stop:
+            it = int(record["iteration"])
+            return {"stop_update": it, "kept_update": check.best_iteration(),
+                    "saved_updates": last - it, "reason": outcome.reason}
+    return {"stop_update": None, "kept_update": check.best_iteration(), "saved_updates": 0,
+            "reason": ""}
 
 
 class Lab:
@@ -157,20 +185,56 @@ class Lab:
         out["nn_dist"] = float(nn_distance(images, self.reference).mean())
         return out
 
+    # -- the held-out check (training/heldout.py) -------------------------------------------------
+    def heldout_settings(self, every: int, stop: str = "off") -> HeldoutSettings:
+        """The check of every run: the one prompt, ``eval_seeds`` held-out noise seeds (the check's
+        own, apart from :attr:`eval_noise`), evaluated every ``every`` updates, the best kept."""
+        b = self.budget
+        return HeldoutSettings(every=every, seeds=b.eval_seeds, prompts=tuple(PROMPTS), keep="best",
+                               stop=stop, patience=b.heldout_patience,
+                               tolerance=b.heldout_tolerance)
+
+    def heldout_judges(self) -> list:
+        """The check's judges, never in the loss, higher is better: ``judge1`` = the judge
+        classifier's probability of the target digit per image (its mean is a smooth version of
+        the judged-target fraction; it ranks the kept update), ``judge2`` = the realism guard as
+        minus the NN distance to real digits."""
+        def judge_p(images, prompts):
+            return F.softmax(self.judge(images), dim=1)[:, self.target]
+
+        def realism(images, prompts):
+            return -nn_distance(images, self.reference)
+
+        return [(f"p_judge({self.target})", judge_p), ("-NN distance (realism guard)", realism)]
+
+    def heldout_check(self, every: int, stop: str = "off") -> HeldoutCheck:
+        return HeldoutCheck(self.heldout_settings(every, stop), self.heldout_judges(),
+                            reward_label=f"log p_reward({self.target})", prompt_offset=0,
+                            chunk=64)
+
     # -- runs -----------------------------------------------------------------------------------
     def train_run(self, method: str, seed: int, updates: int, eval_every: int,
                   kl_coeff: float = 0.0, log=print) -> dict:
         """One seeded run from the base model. Returns ``{"updates": [...], "seconds": [...]
         (training wall time at each evaluation, evaluations excluded), "eval": [dict...],
         "train_reward": [per update], "grad_norm": [per update], "k": [per update],
-        "skipped": int, "lora": final LoRA state}``; evaluation 0 is the base model."""
+        "skipped": int, "heldout": the check's summary plus ``stop_replay``, "lora": final LoRA
+        state, "kept_lora": the check's best}``; evaluation 0 is the base model.
+
+        A :class:`training.heldout.HeldoutCheck` (stop off, keep best) runs beside the trainer at
+        the same updates as :meth:`evaluate` (on its own held-out noises); the stop rule is then
+        replayed over its history (:func:`replay_stop`): what ``stop = "on"`` would have done."""
+        if updates % eval_every:
+            raise ValueError("the held-out check evaluates at multiples of eval_every only")
         self.reset_lora(seed)
         if self._base_eval is None:  # a fresh LoRA is exactly the base model (up = 0)
             self._base_eval = self.evaluate()
         trainer = self.trainer(method, seed, updates, kl_coeff)
+        check = self.heldout_check(eval_every)
         rec = {"updates": [0], "seconds": [0.0], "eval": [dict(self._base_eval)],
                "train_reward": [],
                "grad_norm": [], "k": [], "skipped": 0}
+        check.observe(check.evaluate(trainer), trainer.params)  # update 0: the base model
         elapsed = 0.0
         for u in range(1, updates + 1):
             t0 = time.perf_counter()
@@ -180,15 +244,22 @@ class Lab:
             rec["grad_norm"].append(report.grad_norm)
             rec["k"].append(report.k)
             rec["skipped"] += int(report.skipped)
+            if check.due(trainer.iteration):
+                check.observe(check.evaluate(trainer), trainer.params)
             if u % eval_every == 0 or u == updates:
                 rec["updates"].append(u)
                 rec["seconds"].append(elapsed)
                 rec["eval"].append(self.evaluate())
         e = rec["eval"][-1]
+        held = check.summary()
+        held["stop_replay"] = replay_stop(held["evaluations"], self.heldout_settings(eval_every))
+        rec["heldout"] = held
         log(f"  {method:10s} seed {seed} kl {kl_coeff:g}: reward {rec['eval'][0]['reward']:.3f}"
             f" -> {e['reward']:.3f}  judge {e['judge_logp']:.3f}  nn {e['nn_dist']:.3f}  "
-            f"{elapsed:.1f}s")
+            f"{elapsed:.1f}s; held-out best at update {held['best_iteration']}, stop would end "
+            f"at {held['stop_replay']['stop_update']}")
         rec["lora"] = self.lora_state()
+        rec["kept_lora"] = [t.clone() for t in check.best_lora]
         return rec
 
     def gradient(self, settings: SamplerSettings, draw: int, batch: int, k=None) -> torch.Tensor:
@@ -225,6 +296,52 @@ class Lab:
                          "seconds_per_grad": sec}
             log(f"  grad variance {name}: trace {trace:.4g}  |mean|^2 {m2:.4g}  "
                 f"rel {trace / max(m2, 1e-30):.3g}  {sec:.3f}s/grad")
+        return out
+
+    def lv_conditional_variance(self, log=print) -> dict:
+        """DRaFT-LV's gradient variance given the chain: for each of ``cond_chains`` initial
+        noises (batch ``var_batch``) the deterministic DDIM chain and its ``x_0`` are fixed, and
+        only LV's re-noising noises vary over ``cond_draws`` draws (the generator handed to the
+        rollout draws nothing else: eta = 0, K fixed). At the base init (seed 0), per estimator
+        (DRaFT-1 and DRaFT-LV with each n in ``cond_ns``): ``{"cond_var": mean over chains of the
+        trace of the covariance over re-noising draws, "between_var": trace of the covariance of
+        the per-chain means, "total_var": over all chains x draws, "mean_norm2": |mean|^2,
+        "cond_share": cond_var / total_var, "seconds_per_grad"}``."""
+        b = self.budget
+        self.reset_lora(0)
+        params = self.lora.trainable_parameters()
+        ests = [("draft_k1", SamplerSettings(method="draft_k", k=1))] + [
+            (f"draft_lv{n}", SamplerSettings(method="draft_lv", lv_samples=n)) for n in b.cond_ns]
+        out = {}
+        for name, st in ests:
+            sampler = self.sampler(st)
+            t0 = time.perf_counter()
+            chains = []
+            for c in range(b.cond_chains):
+                noise = torch.randn((b.var_batch,) + LATENT, generator=derived_generator(778, c))
+                draws = []
+                for d in range(b.cond_draws):
+                    g = derived_generator(779, c, d)  # only LV's re-noising noises
+                    rollout = sampler.rollout(noise, torch.zeros(b.var_batch, dtype=torch.long),
+                                              generator=g)
+                    loss = -self.reward(to_unit(rollout.latents)).mean()
+                    draws.append(torch.cat([gr.flatten()
+                                            for gr in torch.autograd.grad(loss, params)]))
+                chains.append(torch.stack(draws))
+            G = torch.stack(chains).double()  # (C, R, P)
+            C, R = G.shape[:2]
+            sec = (time.perf_counter() - t0) / (C * R)
+            cond = float(((G - G.mean(1, keepdim=True)) ** 2).sum((1, 2)).mean() / (R - 1))
+            means = G.mean(1)
+            between = float(((means - means.mean(0)) ** 2).sum() / (C - 1))
+            flat = G.flatten(0, 1)
+            total = float(((flat - flat.mean(0)) ** 2).sum() / (C * R - 1))
+            m2 = float(flat.mean(0).pow(2).sum())
+            out[name] = {"cond_var": cond, "between_var": between, "total_var": total,
+                         "mean_norm2": m2, "cond_share": cond / max(total, 1e-30),
+                         "seconds_per_grad": sec}
+            log(f"  LV variance given the chain, {name}: cond {cond:.4g}  between {between:.4g}  "
+                f"total {total:.4g}  share {cond / max(total, 1e-30):.3g}  {sec:.3f}s/grad")
         return out
 
     def grad_norm_by_k(self, state: Optional[list], log=print) -> dict:

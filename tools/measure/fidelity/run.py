@@ -30,7 +30,8 @@ from .report import decide_claims, plots, summary, write_json
 FULL = dict(budget=Budget(), denoiser_steps=1200, denoiser_batch=64, classifier_steps=600)
 TINY = dict(budget=Budget(steps=3, updates=2, eval_every=1, eval_seeds=4, batch_size=2,
                           seeds=(0, 1), var_draws=3, norm_ks=(1, 3), norm_draws=2,
-                          long_updates=4, long_eval_every=2, kl_coeffs=(0.0, 1.0)),
+                          long_updates=4, long_eval_every=2, kl_coeffs=(0.0, 0.1, 1.0),
+                          cond_chains=2, cond_draws=2),
             denoiser_steps=8, denoiser_batch=16, classifier_steps=10)
 
 
@@ -144,6 +145,11 @@ def main(argv=None) -> int:
     grad_norm = lab.grad_norm_by_k(None, log=log)
     phase("gradients", t)
 
+    log("== DRaFT-LV's gradient variance given the chain (only the re-noising varied)")
+    t = time.perf_counter()
+    lv_cond = lab.lv_conditional_variance(log=log)
+    phase("lv_conditional_variance", t)
+
     log(f"== LoRA strength sweep ({budget.strength_method}, seed 0)")
     t = time.perf_counter()
     sweep = lab.strength_sweep(runs[budget.strength_method][0]["lora"], log=log)
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
         os.path.join(fig_dir, "samples_strengths.png"))
     phase("strength_sweep", t)
 
-    log(f"== long runs (DRaFT-LV n=2, {budget.long_updates} updates), KL {budget.kl_coeffs}")
+    log(f"== long runs and DRaFT+'s KL sweep (DRaFT-LV n=2, {budget.long_updates} updates), "
+        f"KL {budget.kl_coeffs}")
     t = time.perf_counter()
     hacking, end_rows = {}, []
     for kl in budget.kl_coeffs:
@@ -160,6 +167,7 @@ def main(argv=None) -> int:
                             kl_coeff=kl, log=log)
         end_rows.append(lab.samples(16))
         rec.pop("lora")
+        rec.pop("kept_lora")
         hacking[f"{kl:g}"] = rec
     grid_image(torch.cat(end_rows), cols=16).save(os.path.join(fig_dir, "samples_long_runs.png"))
     phase("long_runs", t)
@@ -167,9 +175,11 @@ def main(argv=None) -> int:
     for rs in runs.values():
         for r in rs:
             r.pop("lora")
+            r.pop("kept_lora")
     results = {"reward_before": base["eval"]["reward"], "base": base, "accuracy": acc,
                "runs": runs, "grad_variance": grad_variance, "grad_norm_by_k": grad_norm,
-               "strength_sweep": sweep, "hacking": hacking, "target": args.target,
+               "strength_sweep": sweep, "hacking": hacking, "lv_conditional_variance": lv_cond,
+               "target": args.target,
                "budget": asdict(budget), "config": {k: v for k, v in cfg.items() if k != "budget"},
                "train_seconds": train_secs, "models_from_cache": from_cache}
     claims = decide_claims(results)
