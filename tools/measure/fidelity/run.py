@@ -22,7 +22,9 @@ from tools.measure.setup import REPO
 
 from .data import splits, to_unit
 from .doc import markdown
-from .experiments import METHODS, Budget, Lab
+from training.heldout import HeldoutSettings
+
+from .experiments import METHODS, Budget, Lab, replay_stop
 from .metrics import grid_image, nn_distance
 from .models import DigitClassifier, TinyUNet, accuracy, cached, train_classifier, train_denoiser
 from .report import decide_claims, plots, summary, write_json
@@ -55,12 +57,25 @@ def build_models(cfg: dict, cache: str, sp: dict) -> tuple:
                                      "judge": t_judge}, c1 and c2 and c3
 
 
+def replay_stops(results: dict) -> None:
+    """Every run's ``stop_replay`` again with the current :class:`training.heldout.HeldoutCheck`
+    rule (a pure function of the recorded evaluations: the runs ran with stop off)."""
+    b = results["budget"]
+    settings = HeldoutSettings(patience=b["heldout_patience"], tolerance=b["heldout_tolerance"])
+    for rec in [r for rs in results["runs"].values() for r in rs] + list(results["hacking"].values()):
+        rec["heldout"]["stop_replay"] = replay_stop(rec["heldout"]["evaluations"], settings)
+
+
 def redoc(out: str) -> int:
-    """Re-render the report and plots of a finished run (no training); prints the JSON line."""
+    """Re-render the report and plots of a finished run (no training): the stop replays and the
+    verdicts (pure functions of the recorded results) with the current code; prints the JSON
+    line."""
     fig_dir = os.path.join(out, "fidelity")
     with open(os.path.join(fig_dir, "results.json")) as f:
         results = json.load(f)
-    claims = results["claims"]
+    replay_stops(results)
+    claims = results["claims"] = decide_claims(results)
+    write_json(os.path.join(fig_dir, "results.json"), results)
     figures = plots(results, fig_dir)
     with open(os.path.join(out, "fidelity.md"), "w") as f:
         f.write(markdown(results, claims, figures, fig_dir))
