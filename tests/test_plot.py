@@ -90,7 +90,8 @@ def test_heldout_curves_legend_best_marker_and_stop_reason_are_drawn():
     assert reddish(img, (0, 18, img.width, top)) > 50
     quiet = reward_curve_image(REWARDS, title="DRaFT reward: aesthetic", heldout=summary(stop_reason=""))
     assert reddish(quiet, (0, 0, quiet.width, 30)) == 0
-    assert curve_layout(640, 400, summary(stop_reason=""))[1] == 30
+    assert curve_layout(640, 400, summary(stop_reason=""))[1] == 30 + 13  # the best label's row
+    assert curve_layout(640, 400, summary(stop_reason="", best=None))[1] == 30
     no_best = reward_curve_image(REWARDS, heldout=summary(best=None))
     a = np.asarray(no_best.crop(plot))
     judge = np.all(a == np.array(HELDOUT_COLOURS["judge1"], dtype=a.dtype), axis=-1)

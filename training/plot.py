@@ -15,6 +15,7 @@ HELDOUT_COLOURS = {"judge1": (0, 160, 80), "judge2": (140, 70, 210), "judge3": (
 HELDOUT_EXTRA = ((110, 150, 30), (200, 90, 90), (90, 120, 200))
 LEGEND_ROW = 12  # px per held-out legend row
 STOP_ROW = 14  # px for the stop reason under the title
+BEST_ROW = 13  # px above the plot for the best evaluation's label
 
 
 def moving_average(values: Sequence[float], window: int = 10) -> list:
@@ -61,6 +62,8 @@ def curve_layout(width: int, height: int, heldout: Optional[dict] = None) -> tup
         bottom += (rows + 1) * LEGEND_ROW
         if heldout.get("stop_reason"):
             top += STOP_ROW
+        if _finite(heldout.get("best_iteration")):
+            top += BEST_ROW
     return left, top, width - left - right, height - top - bottom
 
 
@@ -237,12 +240,12 @@ def _draw_heldout(draw, font, heldout, series, evaluations, xu, left, top, pw, p
                 if _finite(v):
                     x, y = xu(u), y_of(v)
                     draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    if _finite(best):  # its label over the curves
+    if _finite(best):  # its label above the plot, where it hides no point
         label = f"best: update {int(best)}"
         tw = draw.textlength(label, font=font)
-        lx = best_x + 4 if best_x + 4 + tw <= left + pw - 2 else best_x - 4 - tw
-        draw.rectangle([lx - 1, top + 20, lx + tw + 1, top + 32], fill="white")
-        draw.text((lx, top + 20), label, fill=ranking[3], font=font)
+        lx = best_x + 4 if best_x + 4 + tw <= left + pw + 15 else best_x - 4 - tw
+        draw.line([best_x, top - BEST_ROW + 2, best_x, top], fill=ranking[3], width=2)
+        draw.text((lx, top - BEST_ROW + 1), label, fill=ranking[3], font=font)
 
     # legend: under the axis, one row per series with its last value
     y = top + ph + 46
