@@ -193,7 +193,7 @@ class ComfyPage:
                 return {run: c.run, status: c.status, rewards: c.rewards, ma: c.ma,
                         iteration: c.iteration, total: c.total, skipped: c.skipped,
                         saved: c.saved, restored: c.restored, live: c.live, lines: c.lines,
-                        text: c.text};
+                        text: c.text, heldout: c.heldout, stopReason: c.stopReason};
             }""", node_id)
 
     def widget_value(self, node_id, name: str):

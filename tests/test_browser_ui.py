@@ -4,7 +4,8 @@ Marker ``browser`` (and ``comfyui``): skipped without COMFYUI_PATH or Chromium. 
 and one browser serve the whole module; training runs on the tiny random SD1.5 checkpoint at 64x64.
 
 Screenshots go to $DRAFT_BROWSER_OUT (default .cache/browser_out/), the trainer node with its chart
-included. The README's copy, docs/draft_trainer_chart.png, is written when it is missing or with
+included. The README's copies, docs/draft_trainer_chart.png and docs/heldout_chart.png (the chart
+with the held-out check's curves), are written when missing or with
 DRAFT_UPDATE_ASSETS=1, which also rewrites the example_workflows/*.jpg thumbnails (as does
 ``python tests/browser_helpers.py``); so a plain test run leaves the committed files alone.
 """
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.comfyui]
 
 OUT = os.environ.get("DRAFT_BROWSER_OUT", bh.DEFAULT_OUT)
 DOCS_SHOT = os.path.join(REPO, "docs", "draft_trainer_chart.png")
+HELDOUT_DOCS_SHOT = os.path.join(REPO, "docs", "heldout_chart.png")
 UPDATE_ASSETS = os.environ.get("DRAFT_UPDATE_ASSETS", "") not in ("", "0")
 TEMPLATES = bh.template_paths()
 OUR_NODES = {"DRaFTTrainer", "DRaFTSampler", "DRaFTSaveLoRA", "DRaFTEvaluate", "DRaFTImageStatReward",
@@ -292,6 +294,229 @@ def test_chart_follows_events_skips_new_runs_and_long_runs(server, cpage):
     inner = cpage.evaluate("""([outer, id]) => { const c = app.graph.getNodeById(outer).subgraph
         .getNodeById(id).draftChart; return {key: c.key, rewards: c.rewards} }""", ids)
     assert inner == {"key": f"{ids[0]}:{ids[1]}", "rewards": [0.25]}, inner
+    assert_no_problems_from_us(cpage)
+
+
+# The held-out check's figures as the server sends them (nodes/progress_events.py, draft.heldout).
+HELDOUT_SERIES = [{"key": "judge1", "label": "PickScore", "kind": "judge"},
+                  {"key": "judge2", "label": "HPSv2", "kind": "judge"},
+                  {"key": "reward", "label": "training reward (aesthetic)", "kind": "reward"},
+                  {"key": "similarity", "label": "similarity across seeds (pixels)", "kind": "similarity"}]
+HELDOUT_COLORS = {"judge1": (0x4b, 0xe3, 0x8a), "judge2": (0xc1, 0x8c, 0xff),
+                  "reward": (0x2a, 0xd4, 0xd4), "similarity": (0xe8, 0xd8, 0x4a)}
+# Update -> figures: PickScore peaks at 20 and falls to its minimum at 50; HPSv2 peaks at 30; the
+# held-out training reward and the similarity keep rising (maximum at 50, minimum at 0).
+HELDOUT_FIGURES = {
+    0: {"judge1": 0.200, "judge2": 0.250, "reward": 5.00, "similarity": 0.30},
+    10: {"judge1": 0.212, "judge2": 0.260, "reward": 5.20, "similarity": 0.32},
+    20: {"judge1": 0.221, "judge2": 0.270, "reward": 5.35, "similarity": 0.36},
+    30: {"judge1": 0.214, "judge2": 0.275, "reward": 5.50, "similarity": 0.41},
+    40: {"judge1": 0.208, "judge2": 0.270, "reward": 5.60, "similarity": 0.47},
+    50: {"judge1": 0.196, "judge2": 0.265, "reward": 5.70, "similarity": 0.52},
+}
+STOP_REASON = "judge PickScore fell for 3 evaluations after update 20; kept update 20"
+
+# Draws node `id`'s chart widget into an offscreen canvas (as LiteGraph draws it, at y = 0) and
+# counts, inside the plot (the legend and footer excluded), the pixels near each colour given;
+# `boxes`: [name, update, fraction of the plot height from the bottom, colour] -> count in a 9x9 box.
+DRAW_AND_COUNT = """([id, colors, boxes]) => {
+    const n = app.graph.getNodeById(id);
+    const w = n.widgets.find(w => w.name === 'draft_reward_chart');
+    const W = Math.round(n.size[0]), H = Math.round((w.computedHeight ?? w.computeLayoutSize(n).minHeight) + 8);
+    const canvas = document.createElement('canvas');
+    canvas.width = W; canvas.height = H;
+    const ctx = canvas.getContext('2d');
+    ctx.fillStyle = '#353535'; ctx.fillRect(0, 0, W, H);
+    w.draw(ctx, n, W, 0, H, false);
+    const L = n.draftChart.layout, p = L.plot;
+    const near = (d, i, c) => Math.max(Math.abs(d[i] - c[0]), Math.abs(d[i + 1] - c[1]), Math.abs(d[i + 2] - c[2])) <= 24;
+    const count = (x, y, w, h, c) => {
+        const d = ctx.getImageData(Math.round(x), Math.round(y), Math.max(1, Math.round(w)), Math.max(1, Math.round(h))).data;
+        let k = 0;
+        for (let i = 0; i < d.length; i += 4) if (near(d, i, c)) k++;
+        return k;
+    };
+    const plot = {};
+    for (const [name, c] of Object.entries(colors)) plot[name] = count(p.l, p.t, p.r - p.l, p.b - p.t, c);
+    const box = {};
+    for (const [name, u, f, c] of boxes) {
+        const x = L.x_of(u), y = p.b - (p.b - p.t) * f;
+        box[name] = count(x - 4, y - 4, 9, 9, c);
+    }
+    let bestColumn = null;
+    if (L.best_x !== null) bestColumn = count(L.best_x - 1, p.t, 2, p.b - p.t, colors.judge1) / 2 / (p.b - p.t);
+    return {plot, box, bestColumn, best_x: L.best_x, x: [0, 1, 50, 60].map(u => L.x_of(u)),
+            rect: [p.l, p.t, p.r, p.b], legend: L.legend, W, H, png: canvas.toDataURL('image/png')};
+}"""
+
+
+def heldout_pixels(cpage, node_id, name):
+    """DRAW_AND_COUNT's counts; the offscreen picture is saved as OUT/<name>.png."""
+    boxes = [["judge1_min_at_50", 50, 0.07, HELDOUT_COLORS["judge1"]],
+             ["similarity_max_at_50", 50, 0.93, HELDOUT_COLORS["similarity"]],
+             ["similarity_min_at_0", 0, 0.07, HELDOUT_COLORS["similarity"]],
+             ["judge2_max_at_30", 30, 0.93, HELDOUT_COLORS["judge2"]]]
+    result = cpage.evaluate(DRAW_AND_COUNT, [node_id, HELDOUT_COLORS, boxes])
+    import base64
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, name + ".png"), "wb") as f:
+        f.write(base64.b64decode(result.pop("png").split(",", 1)[1]))
+    return result
+
+
+def color_counts(png_path, rect, colors, tol=24):
+    """Pixels of each colour in ``rect`` (x0, y0, x1, y1) of a screenshot."""
+    from PIL import Image
+    im = Image.open(png_path).convert("RGB").crop(tuple(int(round(v)) for v in rect))
+    out = {}
+    for name, c in colors.items():
+        out[name] = sum(1 for px in im.getdata() if max(abs(px[k] - c[k]) for k in range(3)) <= tol)
+    return out
+
+
+def test_chart_draws_the_heldout_check_and_redraws_it_after_a_reload(server, cpage):
+    """draft.heldout events: the figures are held per run, drawn as dashed curves over the update
+    axis (each scaled to its own range, update 0 left of update 1) with the best marker, and the
+    stop reason of draft.finished shows in the info lines; a reloaded page gets them back from
+    /draft/status (served here by the test: only a real run with the check fills the server's)."""
+    cpage.load_api_graph({"101": {"class_type": "DRaFTTrainer", "inputs": {}}}, "heldout")
+    cpage.evaluate("""() => { const n = app.graph.getNodeById(101); n.setSize([480, n.size[1]]) }""")
+    total, rewards = 60, [5.0 + 0.02 * i + 0.05 * math.sin(i) for i in range(1, 51)]
+
+    def progress(i):
+        send(cpage, "draft.progress", {
+            "node": "101", "run": "h1", "iteration": i, "total": total, "reward": rewards[i - 1],
+            "reward_ma": None, "skipped": 0, "sec_per_iter": 1.5, "eta_s": 1.5 * (total - i),
+            "saved": None, "status": "running"})
+
+    def heldout(u, best):
+        send(cpage, "draft.heldout", {"node": "101", "run": "h1", "iteration": u,
+                                      "figures": HELDOUT_FIGURES[u], "series": HELDOUT_SERIES,
+                                      "ranking": "judge1", "best_iteration": best, "stop_reason": ""})
+
+    send(cpage, "draft.started", {"node": "101", "run": "h1", "total": total, "rewards": []})
+    for i in range(1, 11):
+        progress(i)
+    # Negative control: a run without held-out data draws none of the held-out colours.
+    assert cpage.chart(101)["heldout"] is None
+    before = heldout_pixels(cpage, 101, "heldout_offscreen_before")
+    assert before["plot"] == dict.fromkeys(HELDOUT_COLORS, 0), before
+    assert before["best_x"] is None, before
+
+    best = None
+    for u in range(0, 51, 10):
+        if u:
+            for i in range(u - 9, u + 1):
+                if i > 10:
+                    progress(i)
+        if best is None or HELDOUT_FIGURES[u]["judge1"] > HELDOUT_FIGURES[best]["judge1"]:
+            best = u
+        heldout(u, best)
+    chart = cpage.chart(101)
+    held = chart["heldout"]
+    assert held["series"] == HELDOUT_SERIES and held["ranking"] == "judge1", held
+    assert held["evaluations"] == [{"iteration": u, "figures": f} for u, f in HELDOUT_FIGURES.items()]
+    assert held["best_iteration"] == 20 and held["stop_reason"] == "", held
+    assert not any(line.startswith("stopped:") for line in chart["lines"]), chart["lines"]
+
+    send(cpage, "draft.finished", {"node": "101", "run": "h1", "status": "finished", "saved": None,
+                                   "stop_reason": STOP_REASON})
+    chart = cpage.chart(101)
+    assert chart["stopReason"] == STOP_REASON and chart["heldout"]["stop_reason"] == STOP_REASON
+    assert f"stopped: {STOP_REASON}" in chart["lines"], chart["lines"]
+    assert chart["lines"][0].startswith("iteration 50 / 60  ·  finished"), chart["lines"]
+
+    # Drawn: every series' colour in the plot, each at its own scale where its figures say.
+    drawn = heldout_pixels(cpage, 101, "heldout_offscreen")
+    print("held-out pixels:", drawn)
+    for key, count in drawn["plot"].items():
+        assert count >= 40, (key, drawn)
+    assert drawn["box"]["judge1_min_at_50"] >= 8, drawn  # PickScore's minimum, at the bottom
+    assert drawn["box"]["similarity_max_at_50"] >= 8, drawn  # similarity's maximum, at the top
+    assert drawn["box"]["similarity_min_at_0"] >= 8, drawn  # update 0: the base model
+    assert drawn["box"]["judge2_max_at_30"] >= 8, drawn
+    x0, x1, x50, x60 = drawn["x"]
+    plot_l, _, plot_r, _ = drawn["rect"]
+    assert plot_l < x0 < x1 < x50 < x60 <= plot_r, drawn  # update 0 one slot left of update 1
+    assert x1 - x0 == pytest.approx((x60 - x0) / 60, rel=1e-6), drawn
+    # The best marker: a full-height line at update 20 in the ranking judge's colour.
+    assert drawn["best_x"] == round(cpage.evaluate(
+        "() => app.graph.getNodeById(101).draftChart.layout.x_of(20)")), drawn
+    assert drawn["bestColumn"] > 0.8, drawn
+
+    # On the real canvas: a picture of the node, the held-out colours inside its plot.
+    shot = os.path.join(OUT, "heldout_chart.png")
+    cpage.evaluate("() => { const n = app.graph.getNodeById(101); n.setSize([480, n.size[1] + 90]) }")
+    clip = cpage.screenshot_node(101, shot)
+    geo = cpage.evaluate("""() => { const n = app.graph.getNodeById(101);
+        const w = n.widgets.find(w => w.name === 'draft_reward_chart');
+        return {dx: n.pos[0] - n.boundingRect[0], dy: n.pos[1] - n.boundingRect[1], chart_y: w.y,
+                plot: n.draftChart.layout.plot, legend: n.draftChart.layout.legend} }""")
+    badge, pad = 26, 8  # as screenshot_node frames the node
+    ox, oy = pad + geo["dx"], pad + badge + geo["dy"]
+    p = geo["plot"]
+    on_screen = color_counts(shot, (ox + p["l"], oy + p["t"], ox + p["r"], oy + p["b"]), HELDOUT_COLORS)
+    print("held-out pixels on the canvas:", on_screen, clip)
+    for key, count in on_screen.items():
+        assert count >= 40, (key, on_screen)
+    legend = color_counts(shot, (ox, oy + geo["legend"]["t"], ox + p["r"], oy + geo["legend"]["b"]),
+                          HELDOUT_COLORS)
+    assert all(count > 0 for count in legend.values()), legend
+    # The README's picture: the chart widget of that shot.
+    from PIL import Image
+    chart_shot = os.path.join(OUT, "heldout_chart_widget.png")
+    with Image.open(shot) as im:
+        im.crop((0, int(oy + geo["chart_y"]) - 4, im.width, im.height)).save(chart_shot, optimize=True)
+    assert os.path.getsize(chart_shot) < 150_000
+    if UPDATE_ASSETS or not os.path.exists(HELDOUT_DOCS_SHOT):
+        os.makedirs(os.path.dirname(HELDOUT_DOCS_SHOT), exist_ok=True)
+        shutil.copyfile(chart_shot, HELDOUT_DOCS_SHOT)
+
+    # A reload: /draft/status carries the held-out summary (as training_run keeps it), redrawn.
+    summary = {"series": HELDOUT_SERIES, "ranking": "judge1", "best_iteration": 20,
+               "evaluations": [{"iteration": u, "figures": f} for u, f in HELDOUT_FIGURES.items()],
+               "best": HELDOUT_FIGURES[20], "keep": "best", "stop_reason": STOP_REASON}
+    status = {"101": {"run": "h2", "status": "finished", "iteration": 50, "total": total,
+                      "rewards": rewards, "skipped": 0, "sec_per_iter": 1.5, "eta_s": 0.0,
+                      "saved": None, "text": "done", "heldout": summary}}
+    route = "**/draft/status"
+    cpage.page.route(route, lambda r: r.fulfill(status=200, content_type="application/json",
+                                                 body=json.dumps(status)))
+    try:
+        cpage.reload()
+        restored = wait_for(lambda: (lambda c: c and c["run"] == "h2" and c)(cpage.chart(101)), 15,
+                            "the held-out chart after the reload")
+    finally:
+        cpage.page.unroute(route)
+    assert restored["restored"] == len(rewards) and restored["rewards"] == rewards, restored
+    assert restored["heldout"]["evaluations"] == summary["evaluations"], restored["heldout"]
+    assert restored["heldout"]["best_iteration"] == 20 and restored["stopReason"] == STOP_REASON
+    assert f"stopped: {STOP_REASON}" in restored["lines"], restored["lines"]
+    cpage.evaluate("""() => { const n = app.graph.getNodeById(101); n.setSize([480, n.size[1]]) }""")
+    redrawn = heldout_pixels(cpage, 101, "heldout_offscreen_reloaded")
+    for key, count in redrawn["plot"].items():
+        assert count >= 40, (key, redrawn)
+    assert redrawn["bestColumn"] > 0.8 and min(redrawn["box"].values()) >= 8, redrawn
+
+    # A long resumed run (draft.started with its held-out history): 20000 updates, 2001
+    # evaluations, drawn one pixel column at a time, the old run's held-out data gone.
+    history = [math.sin(i / 300.0) for i in range(20000)]
+    long_summary = {"series": HELDOUT_SERIES, "ranking": "judge1", "best_iteration": 4000,
+                    "stop_reason": "", "evaluations": [
+                        {"iteration": u, "figures": {"judge1": math.sin(u / 3000), "judge2": math.cos(u / 2000),
+                                                     "reward": math.log(u + 2), "similarity": u / 1e4}}
+                        for u in range(0, 20001, 10)]}
+    send(cpage, "draft.started", {"node": "101", "run": "h3", "total": 30000, "rewards": history,
+                                  "heldout": long_summary})
+    chart = cpage.chart(101)
+    assert len(chart["heldout"]["evaluations"]) == 2001 and chart["stopReason"] == "", chart["lines"]
+    assert not any(line.startswith("stopped:") for line in chart["lines"])
+    long = heldout_pixels(cpage, 101, "heldout_offscreen_long")
+    for key, count in long["plot"].items():
+        assert count >= 40, (key, long)
+    assert long["bestColumn"] > 0.5, long
+    send(cpage, "draft.started", {"node": "101", "run": "h4", "total": 10, "rewards": []})
+    assert cpage.chart(101)["heldout"] is None  # a run without the check: none of it
     assert_no_problems_from_us(cpage)
 
 
