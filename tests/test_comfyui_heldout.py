@@ -197,3 +197,56 @@ def test_cancel_keeps_best_and_last_and_resume_restores_history_and_best(comfy_e
     kept = kohya_state_dict(result.lora, facts["name_map"], dtype=torch.float32)
     assert kept.keys() == best_file.keys()
     assert all(torch.equal(kept[k], best_file[k]) for k in best_file)
+
+
+def test_the_trainer_node_with_the_check_node_outputs_the_best_and_its_figures(comfy_env, loras_dir):
+    """Through the nodes as a graph runs them: DRaFT Held-out Check (a file-free judge) into the
+    trainer's evaluation input; the history output and the node's text carry the held-out figures,
+    the reward curve draws them; an empty prompt list is refused when queued."""
+    from comfy_api.latest import io as comfy_io  # noqa: F401  (ComfyUI's V3 API is importable)
+
+    from comfyui_draft_pack.nodes.heldout_check_node import DraftHeldoutCheck
+    from comfyui_draft_pack.nodes.reward_types import RewardHandle
+    from comfyui_draft_pack.nodes.sampler_node import DraftSamplerNode
+    from comfyui_draft_pack.nodes.trainer_node import DraftTrainerNode
+    from comfyui_draft_pack.nodes.validation import InputError
+    from comfyui_draft_pack.reward_models import ImageStatReward
+
+    def output(node_cls, **widgets):
+        values = {i.id: i.default for i in node_cls.define_schema().inputs if hasattr(i, "default")}
+        values.update(widgets)
+        assert node_cls.validate_inputs(**values) is True
+        return node_cls.PREPARE_CLASS_CLONE({}).execute(**values)
+
+    with pytest.raises(InputError, match="prompts: no held-out prompt"):
+        DraftHeldoutCheck.validate_inputs(prompts="# only a comment\n", every=1, seeds=1)
+    judge = RewardHandle(ImageStatReward("contrast"), [], "contrast")
+    check = output(DraftHeldoutCheck, every=2, seeds=2, prompts="a red apple\na blue door",
+                   judge_1=judge).args[0]
+    sampler = output(DraftSamplerNode, method="DRaFT-K", k=1).args[0]
+    trainer = DraftTrainerNode.PREPARE_CLASS_CLONE({})
+    with torch.inference_mode():
+        out = trainer.execute(
+            model=comfy_env["model"], vae=comfy_env["vae"], clip=comfy_env["clip"],
+            reward=RewardHandle(ImageStatReward("saturation"), [], "saturation"), sampler=sampler,
+            prompt_set="custom", prompts="a cat\na dog", negative_prompt="", steps=4,
+            scheduler="ddim_uniform", cfg=3.0, width=64, height=64, iterations=4, batch_size=1,
+            learning_rate=1e-2, seed=1, lora_name="draft/node_guarded", resume_lora="none",
+            evaluation=check)
+    history, curve = out.args[2], out.args[3]
+    h = history["heldout"]
+    assert [e["iteration"] for e in h["evaluations"]] == [0, 2, 4]
+    assert [s["label"] for s in h["series"]] == ["contrast", "training reward (saturation)",
+                                                  "similarity across seeds (pixels)"]
+    best = h["best_iteration"]
+    assert (loras_dir / "draft" / "node_guarded_best.safetensors").exists()
+    assert history["kept_iteration"] in (None, best)
+    text = out.ui.as_dict()["text"][0]
+    assert "held-out at update 0: contrast" in text
+    assert curve.ndim == 4 and curve.shape[-1] == 3
+    # the curve carries the held-out curves: the same history drawn without them differs
+    from comfyui_draft_pack.training.plot import reward_curve_image
+    import numpy as np
+    without = np.asarray(reward_curve_image(history["reward"], title="DRaFT reward: saturation"))
+    drawn = (curve[0].numpy() * 255).round().astype(np.uint8)
+    assert drawn.shape == without.shape and (drawn != without).any()
