@@ -472,6 +472,20 @@ def test_chart_draws_the_heldout_check_and_redraws_it_after_a_reload(server, cpa
         os.makedirs(os.path.dirname(HELDOUT_DOCS_SHOT), exist_ok=True)
         shutil.copyfile(chart_shot, HELDOUT_DOCS_SHOT)
 
+    # A narrow node: the stop reason wraps over two rows, the node grows to keep the plot's height.
+    cpage.fit_view([101])
+    narrow = cpage.evaluate("""() => { const n = app.graph.getNodeById(101);
+        n.setSize([330, n.size[1]]); app.canvas.draw(true, true);
+        return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => {
+            app.canvas.draw(true, true);
+            const L = n.draftChart.layout;
+            r({rows: L.rows, plot_h: L.plot.b - L.plot.t}) }))) }""")
+    stop_rows = narrow["rows"][3:5]
+    assert stop_rows[0].startswith("stopped: judge PickScore") and stop_rows[1].endswith("kept update 20"), narrow
+    assert " ".join(r.strip() for r in stop_rows) == f"stopped: {STOP_REASON}", narrow
+    assert narrow["plot_h"] >= 129, narrow
+    cpage.evaluate("() => { const n = app.graph.getNodeById(101); n.setSize([480, n.size[1]]) }")
+
     # A reload: /draft/status carries the held-out summary (as training_run keeps it), redrawn.
     summary = {"series": HELDOUT_SERIES, "ranking": "judge1", "best_iteration": 20,
                "evaluations": [{"iteration": u, "figures": f} for u, f in HELDOUT_FIGURES.items()],

@@ -739,7 +739,7 @@ function drawChart(ctx, node, width, y, height, chart, lowQuality) {
   const off = held ? 1 : 0;
   const xMax = Math.max(state?.total || 0, n, held ? lastIteration(held.evaluations) : 0, 2);
   const layout = { plot, legend: held ? { t: plot.b + AXIS_H, b: plot.b + AXIS_H + legendH } : null,
-                   footer: { t: y0 + h - footerH, b: y0 + h }, best_x: null, x_of: null };
+                   footer: { t: y0 + h - footerH, b: y0 + h }, rows, best_x: null, x_of: null };
   chart._layout = layout;
 
   if (!lowQuality) {
