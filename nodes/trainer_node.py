@@ -37,9 +37,10 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
             category="DRaFT",
             description=("Trains a LoRA on this checkpoint so that its samples score higher on the "
                          "reward, by backpropagating through the last sampling steps (DRaFT, "
-                         "arXiv 2309.17400). Watch the reward curve; stop early if it reward-hacks. "
-                         "Optional nodes set the rest: DRaFT LoRA Settings, Optimizer, Save & "
-                         "Preview, Memory Options, Guidance (FLUX)."),
+                         "arXiv 2309.17400). Rewards can be gamed: a DRaFT Held-out Check judges "
+                         "the LoRA with rewards it never trains on, keeps the best and can stop "
+                         "early. Optional nodes set the rest: DRaFT LoRA Settings, Optimizer, Save "
+                         "& Preview, Memory Options, Guidance (FLUX), Held-out Check."),
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image). It is not modified: the LoRA is trained on a clone."),
                 io.Vae.Input("vae", tooltip="Decodes samples for the reward; gradients flow through it."),
