@@ -9,7 +9,9 @@ CPU runs an API-format workflow through ComfyUI's engine on the tiny SD1.5 check
   2 threads differs by as much (measured: 1.2e-5 after one step at lr 0.05). The 1e-6 exactness
   of the data-parallel update is checked on the engine in tests/test_distributed.py;
 * a periodic save of the one-process run resumes under 2 ranks to the one-process update 3
-  (resume across launches and a different number of processes).
+  (resume across launches and a different number of processes);
+* a DRaFT Held-out Check under 2 ranks: every rank evaluates, rank 0's figures decide (broadcast),
+  rank 0 alone writes the best file; the run ends.
 """
 import json
 import os
@@ -75,6 +77,16 @@ def runs():
                             "5.filename_prefix=draft/one")
         out["two"] = launch(base, wf, 2, "4.iterations=2", "4.lora_name=draft/two",
                             "5.filename_prefix=draft/two")
+        checked = workflow("tiny.safetensors")
+        checked["30"] = {"class_type": "DRaFTHeldoutCheck", "inputs": {
+            "every": 1, "seeds": 2, "prompts": "a red apple", "keep": "best", "stop": "off",
+            "patience": 3, "tolerance": 0.0}}
+        checked["4"]["inputs"]["evaluation"] = ["30", 0]
+        wf_checked = os.path.join(base, "workflow_checked.json")
+        with open(wf_checked, "w") as f:
+            json.dump(checked, f)
+        out["checked"] = launch(base, wf_checked, 2, "4.iterations=2", "4.lora_name=draft/checked",
+                                "5.filename_prefix=draft/checked")
         out["resumed"] = launch(base, wf, 2, "4.lora_name=draft/resumed",
                                 "4.resume_lora=draft/one_step00002.safetensors",
                                 "5.filename_prefix=draft/resumed")
@@ -129,3 +141,13 @@ def test_one_process_save_resumes_under_two_ranks_to_the_same_update_3(runs):
     h_res = json.loads(runs["states"]["resumed_step00003.draft_state"])
     assert h_res["history"] == pytest.approx(h_one["history"], abs=1e-5)
     assert "[rank 0] DRaFT iteration 3/3" in runs["resumed"]
+
+
+def test_two_ranks_with_a_heldout_check_decide_alike_and_write_the_best_once(runs):
+    checked = [f for f in runs["files"] if f.startswith("checked")]
+    assert "checked_best.safetensors" in checked and "checked_best.draft_state" in checked
+    state = json.loads(runs["states"]["checked_best.draft_state"])
+    evaluations = [e["iteration"] for e in state["heldout"]["history"]]
+    assert evaluations[0] == 0 and evaluations == sorted(evaluations)
+    assert "[rank 0] DRaFT held-out at update 2" in runs["checked"]
+    assert "[rank 1] DRaFT held-out" not in runs["checked"]
