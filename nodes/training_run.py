@@ -22,6 +22,8 @@ import comfy.sd
 import comfy.utils
 import node_helpers
 
+from ..reward_models.aesthetic import OutputSelectingEncoder
+from ..reward_models.preprocess import ImageTransform
 from ..training import distributed
 from ..training.heldout import HeldoutCheck
 from ..training.lora import LoRASet
@@ -358,9 +360,13 @@ class TrainingRun:
         judges = [(j.label or f"judge {i + 1}", on_device(j)) for i, j in enumerate(request.judges)]
         embed = None
         if request.clip_vision is not None:
+            # CLIP_VISION's projected embeddings, as the aesthetic reward node uses them; not
+            # through encode_image, whose load_model_gpu could evict the models being trained
             cv = request.clip_vision
-            embed = ("CLIP vision", lambda images: cv.encode_image(
-                images.permute(0, 2, 3, 1))["image_embeds"].float())
+            encoder = OutputSelectingEncoder(cv.model, 2, input_dtype=torch.float32)
+            transform = ImageTransform("crop", cv.image_size, tuple(cv.image_mean), tuple(cv.image_std))
+            embed = ("CLIP vision", lambda images: encoder(
+                transform(images.to(cv.load_device, torch.float32))).float())
         else:
             probe = torch.full((1, 3, 64, 64), 0.5)
             for handle in (*request.judges, self.reward):

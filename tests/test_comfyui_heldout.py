@@ -250,3 +250,35 @@ def test_the_trainer_node_with_the_check_node_outputs_the_best_and_its_figures(c
     without = np.asarray(reward_curve_image(history["reward"], title="DRaFT reward: saturation"))
     drawn = (curve[0].numpy() * 255).round().astype(np.uint8)
     assert drawn.shape == without.shape and (drawn != without).any()
+
+
+def test_a_clip_vision_input_gives_the_similarity_its_embeddings(comfy_env, loras_dir, tmp_path):
+    """A CLIP_VISION (ComfyUI's own class, a tiny random one from a config file) measures the
+    similarity across seeds: the figure is the mean pairwise cosine of its projected embeddings."""
+    import comfy.clip_vision
+
+    from comfyui_draft_pack.nodes.heldout_check_node import HeldoutRequest
+    from comfyui_draft_pack.training.heldout import HeldoutSettings, pairwise_similarity
+
+    config = dict(attention_dropout=0.0, dropout=0.0, hidden_act="quick_gelu", hidden_size=32,
+                  image_size=32, initializer_factor=1.0, initializer_range=0.02,
+                  intermediate_size=64, layer_norm_eps=1e-5, model_type="clip_vision_model",
+                  num_attention_heads=2, num_channels=3, num_hidden_layers=1, patch_size=16,
+                  projection_dim=16, torch_dtype="float32")
+    path = tmp_path / "tiny_clip_vision.json"
+    path.write_text(json.dumps(config))
+    with torch.inference_mode():
+        cv = comfy.clip_vision.ClipVisionModel(str(path))
+        g = torch.Generator().manual_seed(0)
+        cv.load_sd({k: torch.randn(v.shape, generator=g) * 0.2 for k, v in cv.get_sd().items()})
+    request = HeldoutRequest(HeldoutSettings(every=2, seeds=3, prompts=HELDOUT_PROMPTS), (), cv)
+    run, result = _run(comfy_env, _config(request, iterations=2))
+    series = {s["key"]: s["label"] for s in result.heldout["series"]}
+    assert series["similarity"] == "similarity across seeds (CLIP vision)"
+    last = result.heldout["evaluations"][-1]["figures"]["similarity"]
+    assert -1.0 <= last <= 1.0 and last != pytest.approx(1.0)
+    embed = run.check.embed[1]
+    with torch.no_grad():
+        e = embed(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    assert e.shape == (3, 16)
+    assert pairwise_similarity(e) < 0.999
