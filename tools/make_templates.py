@@ -119,10 +119,7 @@ def quickstart(info) -> dict:
     sampler = g.add("DRaFTSampler", (0, 680), method="DRaFT-LV", size=(320, 260))
     trainer = g.add("DRaFTTrainer", (760, 0), prompts=QUICKSTART_PROMPTS, iterations=100,
                     steps=50, cfg=7.5, lora_name="draft/quickstart", size=TRAINER_SIZE)
-    for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
-        g.link(ckpt, out, trainer, inp)
-    g.link(reward, "reward", trainer, "reward")
-    g.link(sampler, "sampler", trainer, "sampler")
+    _link_trainer(g, ckpt, trainer, reward, sampler)
     _save_and_curve(g, trainer, 1180, "draft/quickstart")
     before = _sample_decode(g, (ckpt, "MODEL"), pos, neg, latent, ckpt, 1560, 0, "before")
     lora_model = g.add("LoraModelLoader", (1560, 400), title="Apply trained LoRA", strength_model=1.0, size=(300, 80))
@@ -139,6 +136,17 @@ def quickstart(info) -> dict:
     show = g.add("PreviewImage", (2240, 200), title="Before (left) | after (right)", size=(420, 420))
     g.link(stitch, "IMAGE", show, "images")
     return g.workflow()
+
+
+def _link_trainer(g, ckpt: int, trainer: int, reward: int, sampler: int, **options) -> None:
+    """The checkpoint's MODEL, VAE and CLIP, the reward and the sampler into ``trainer``, and each
+    optional node ``input=node`` into the trainer's input of that name (its one output)."""
+    for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
+        g.link(ckpt, out, trainer, inp)
+    g.link(reward, "reward", trainer, "reward")
+    g.link(sampler, "sampler", trainer, "sampler")
+    for inp, node in options.items():
+        g.link(node, inp, trainer, inp)
 
 
 def _join(g, node_type: str, pos, first, second, **widgets) -> int:
@@ -182,11 +190,7 @@ def aesthetic_draft_k(info) -> dict:
     saving = g.add("DRaFTSavePreview", (0, 680), save_every=200, size=(320, 110))
     trainer = g.add("DRaFTTrainer", (420, 0), prompt_set="simple animals", iterations=2000,
                     cfg=7.5, batch_size=4, lora_name="draft/aesthetic", size=TRAINER_SIZE)
-    for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
-        g.link(ckpt, out, trainer, inp)
-    g.link(reward, "reward", trainer, "reward")
-    g.link(sampler, "sampler", trainer, "sampler")
-    g.link(saving, "saving", trainer, "saving")
+    _link_trainer(g, ckpt, trainer, reward, sampler, saving=saving)
     _save_and_curve(g, trainer, 820, "draft/aesthetic")
     return g.workflow()
 
@@ -245,11 +249,7 @@ def guarded(info) -> dict:
     g.link(hps, "reward", check, "judge_2")
     trainer = g.add("DRaFTTrainer", (820, 0), prompt_set="simple animals", iterations=1000,
                     cfg=7.5, batch_size=4, lora_name="draft/aesthetic_guarded", size=TRAINER_SIZE)
-    for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
-        g.link(ckpt, out, trainer, inp)
-    g.link(reward, "reward", trainer, "reward")
-    g.link(sampler, "sampler", trainer, "sampler")
-    g.link(check, "evaluation", trainer, "evaluation")
+    _link_trainer(g, ckpt, trainer, reward, sampler, evaluation=check)
     _save_and_curve(g, trainer, 1220, "draft/aesthetic_guarded")
     return g.workflow()
 

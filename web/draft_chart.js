@@ -239,14 +239,22 @@ function onStarted({ detail }) {
   touch(state);
 }
 
-function onProgress({ detail }) {
-  if (!detail?.node) return;
+// The state of the run an event belongs to; a run we did not see start gets a fresh one (its
+// history is filled in from the server: fetchStatus).
+function runOf(detail) {
   const node = String(detail.node);
   let state = runs.get(node);
-  if (!state || state.run !== detail.run) {
-    state = freshState(node, detail.run); // a run we did not see start: fill in from the server
+  const fresh = !state || state.run !== detail.run;
+  if (fresh) {
+    state = freshState(node, detail.run);
     runs.set(node, state);
   }
+  return { state, fresh };
+}
+
+function onProgress({ detail }) {
+  if (!detail?.node) return;
+  const { state } = runOf(detail);
   const i = (detail.iteration ?? state.rewards.length + 1) - 1;
   if (i > state.rewards.length) {
     for (let j = state.rewards.length; j < i; j++) state.rewards[j] = undefined;
@@ -266,13 +274,8 @@ function onProgress({ detail }) {
 
 function onHeldout({ detail }) {
   if (!detail?.node) return;
-  const node = String(detail.node);
-  let state = runs.get(node);
-  if (!state || state.run !== detail.run) {
-    state = freshState(node, detail.run); // a run we did not see start: fill in from the server
-    runs.set(node, state);
-    fetchStatus();
-  }
+  const { state, fresh } = runOf(detail);
+  if (fresh) fetchStatus();
   const h = ensureHeldout(state);
   const series = cleanSeries(detail.series);
   if (series.length) h.series = series;
