@@ -59,6 +59,9 @@ _QWEN_ATTN = sorted(f"transformer_blocks.{i}.attn.{n}" for i in (0, 1) for n in 
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
 _QWEN_MLP = [f"transformer_blocks.{i}.{m}_mlp.net.{n}" for i in (0, 1) for m in ("img", "txt")
              for n in ("0.proj", "2")]
+_WAN_ATTN = sorted(f"blocks.{i}.{a}.{n}" for i in (0, 1) for a in ("self_attn", "cross_attn")
+                   for n in ("q", "k", "v", "o"))
+_WAN_FFN = [f"blocks.{i}.ffn.{n}" for i in (0, 1) for n in (0, 2)]
 EXPECTED = {  # kind -> (attention, kohya default, family name, base model)
     "sd3_medium": (_SD3_ATTN, sorted(_SD3_ATTN + _SD3_MLP), "SD3 / SD3.5", "sd3_medium"),
     "sd3_5_medium": (sorted(_SD3_ATTN + _SD35M_ATTN2), sorted(_SD3_ATTN + _SD35M_ATTN2 + _SD3_MLP),
@@ -68,6 +71,7 @@ EXPECTED = {  # kind -> (attention, kohya default, family name, base model)
     "flux_schnell": (_FLUX_ATTN, _FLUX_ALL, "FLUX.1 schnell", "flux1_schnell"),
     "chroma": (_FLUX_ATTN, _FLUX_ALL, "Chroma", "chroma"),
     "qwen_image": (_QWEN_ATTN, sorted(_QWEN_ATTN + _QWEN_MLP), "Qwen-Image", "qwen_image"),
+    "wan21_t2v": (_WAN_ATTN, sorted(_WAN_ATTN + _WAN_FFN), "Wan 2.1 T2V", "wan21_t2v"),
 }
 
 
@@ -87,7 +91,7 @@ def test_table_selects_the_listed_layers_of_each_dit_family(kind, pack):
     assert pack["lora_keys"].lora_file_facts(patcher)["name_map"] is None  # native kohya names
     top_level = {n for n, _ in patcher.model.diffusion_model.named_children()}
     assert not any(n.split(".")[0] not in arch.family_of(patcher).block_lists for n in broad)
-    assert "proj_out" in top_level or "final_layer" in top_level  # present, and not selected
+    assert {"proj_out", "final_layer", "head"} & top_level  # present, and not selected
 
 
 def test_table_unet_families_and_block_lists(comfy, pack):
@@ -120,8 +124,20 @@ def test_unknown_family_is_refused_listing_the_supported_ones(comfy, pack):
     model = comfy.supported_models.AuraFlow({"cond_seq_dim": 2048})
     with pytest.raises(pack["architectures"].UnsupportedModelError) as e:
         pack["comfy_glue"].target_module_names(model, "attention")
-    for name in ("AuraFlow", "SD1.x", "SDXL", "SD3", "FLUX.1 dev", "Chroma", "Qwen-Image"):
+    for name in ("AuraFlow", "SD1.x", "SDXL", "SD3", "FLUX.1 dev", "Chroma", "Qwen-Image", "Wan 2.1 T2V"):
         assert name in str(e.value)
+    # ComfyUI's Wan variants subclass WAN21_T2V but need other inputs (I2V) or another VAE (2.2)
+    for variant in ("WAN21_I2V", "WAN22_T2V", "WAN21_Vace"):
+        config = getattr(comfy.supported_models, variant)({"image_model": "wan2.1"})
+        with pytest.raises(pack["architectures"].UnsupportedModelError, match=variant):
+            pack["architectures"].family_of(config)
+
+
+def test_wan_table_row(comfy, pack):
+    family = pack["architectures"].family_of(D.tiny_model("wan21_t2v"))
+    assert (family.latent_dimensions, family.video_frames, family.time_compression) == (3, 33, 4)
+    assert family.default_cfg == 5.0 and not family.guidance_distilled and family.guidance is None
+    assert family.block_lists == ("blocks",)
 
 
 # -- flow sampling --------------------------------------------------------------------------------
@@ -209,7 +225,7 @@ def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, c
     return sum(scores) / len(scores), torch.cat(images)
 
 
-@pytest.mark.parametrize("kind", list(D.FAMILIES))
+@pytest.mark.parametrize("kind", [k for k in D.FAMILIES if k not in D.VIDEO])
 def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras_dir, caplog):
     import comfy.lora
     import comfy.sd
