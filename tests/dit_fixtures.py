@@ -7,8 +7,8 @@
   explicit (ComfyUI's ops leave them empty).
 * VAEs: ComfyUI's ``comfy.sd.VAE`` built from a state dict: a 16-channel TAESD (taesd3 / taef1
   layout, with the family's scale/shift) for SD3 / FLUX / Chroma; the real Wan 2.1 VAE (fixed
-  full width in ComfyUI, about 127 M parameters) for Qwen-Image and Wan 2.1, which decodes their
-  5-D latents (Wan's video: 4k + 1 frames from k + 1 latent frames).
+  full width in ComfyUI, about 127 M parameters) for Qwen-Image, which decodes its 5-D latents;
+  the same class at width 16 for Wan 2.1 (its video: 4k + 1 frames from k + 1 latent frames).
 * Text conditioning is FAKE: a fixed pseudo-random function of the prompt, in the shapes each
   family's text encoders give (ComfyUI cannot build a small T5-XXL / CLIP-G / Qwen2.5-VL).
 
@@ -82,6 +82,10 @@ def conditioning(kind: str):
     return encode
 
 
+# Wan's VAE at width 16 instead of 96 (its own class, every layer; ComfyUI's VAE(sd=...) fixes the
+# width, so it is built at this width while the VAE is made): a video decode with gradient at full
+# width takes minutes on 2 CPU cores.
+WAN_VAE_DIM = 16
 _TAESD = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
 
 
@@ -91,10 +95,17 @@ def tiny_vae(kind: str, seed: int = 0):
     import comfy.sd
     if kind in ("qwen_image", "wan21_t2v"):
         import comfy.ldm.wan.vae
-        module = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                                          attn_scales=[], temperal_downsample=[False, True, True],
-                                          dropout=0.0)
+        dim = 96 if kind == "qwen_image" else WAN_VAE_DIM
+        real = comfy.ldm.wan.vae.WanVAE
+        module = real(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
         fill_(module, seed)
+        if dim != 96:  # ComfyUI builds the Wan VAE at width 96 whatever the state dict says
+            comfy.ldm.wan.vae.WanVAE = lambda **config: real(**{**config, "dim": dim})
+            try:
+                return comfy.sd.VAE(sd=module.state_dict())
+            finally:
+                comfy.ldm.wan.vae.WanVAE = real
         sd = module.state_dict()
     else:
         import comfy.taesd.taesd

@@ -193,9 +193,16 @@ def test_sampler_on_comfy_flow_model_sampling_equals_independent_euler(kind, shi
 
 
 # -- training, saving, loading --------------------------------------------------------------------
+# Wan: 9 frames (3 latent frames) of which the first 2 latent frames (5 frames) are decoded
+VIDEO_FRAMES, DECODED_LATENT_FRAMES = 9, 2
+
+
 def _run_config(rc, kind, iterations, **kw):
     from training import SamplerSettings, TrainSettings
-    steps = 4 if kind == "flux_schnell" else 6
+    from training.run_options import VideoOptions
+    steps = 4 if kind in ("flux_schnell", "wan21_t2v") else 6
+    if kind in D.VIDEO:
+        kw.setdefault("video", VideoOptions(VIDEO_FRAMES, DECODED_LATENT_FRAMES))
     base = dict(prompts=["a cat", "a dog"], negative_prompt="", sampler=SamplerSettings("draft_lv", lv_samples=2),
                 steps=steps, scheduler="simple", cfg=0.0, width=64, height=64,
                 train=TrainSettings(iterations=iterations, learning_rate=3e-2, seed=0, grad_clip=0.0),
@@ -208,7 +215,7 @@ def _run_config(rc, kind, iterations, **kw):
 def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, cfg, steps):
     import comfy.sample
     import node_helpers
-    shape = (1, 16, 1, 8, 8) if kind == "qwen_image" else (1, 16, 8, 8)
+    shape = {"qwen_image": (1, 16, 1, 8, 8), "wan21_t2v": (1, 16, 3, 8, 8)}.get(kind, (1, 16, 8, 8))
     scores, images = [], []
     for seed in seeds:
         cond = encode("a cat")
@@ -219,13 +226,13 @@ def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, c
             latent = comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", cond, encode(""),
                                          torch.zeros(shape), seed=seed, disable_pbar=True)
             image = vae.decode(latent)  # (B, [T,] H, W, 3)
-        image = image.reshape(-1, *image.shape[-3:]).movedim(-1, 1)
+        image = image.reshape(-1, *image.shape[-3:]).movedim(-1, 1)  # a video: all its frames
         images.append(image)
         scores.append(float(reward(image, ["a cat"]).mean()))
     return sum(scores) / len(scores), torch.cat(images)
 
 
-@pytest.mark.parametrize("kind", [k for k in D.FAMILIES if k not in D.VIDEO])
+@pytest.mark.parametrize("kind", list(D.FAMILIES))
 def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras_dir, caplog):
     import comfy.lora
     import comfy.sd
@@ -296,7 +303,57 @@ def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras
         assert torch.allclose(other, from_training, atol=2e-4), float((other - from_training).abs().max())
 
 
-@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image"])
+def test_wan_decoder_decodes_the_first_latent_frames_and_rewards_average_per_video(comfy, pack):
+    """The video decoder decodes only the first k latent frames (Wan's causal VAE: the same frames
+    as a decode of all of them, 1 + 4 (k - 1) of them), returns them as consecutive images per
+    video; the trainer scores every frame with its video's prompt and averages per video; previews
+    show the middle frame."""
+    from training.trainer import DraftTrainer
+    glue = pack["comfy_glue"]
+    model, vae = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v")
+    latent = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        two = glue.make_decoder(vae, model.model, 2)(latent)
+        full = glue.make_decoder(vae, model.model, 3)(latent)
+    assert two.shape == (2 * 5, 3, 32, 32) and full.shape == (2 * 9, 3, 32, 32)
+    assert torch.allclose(two.view(2, 5, 3, 32, 32), full.view(2, 9, 3, 32, 32)[:, :5], atol=1e-5)
+    seen = []
+
+    def reward(images, prompts):
+        seen.append(list(prompts))
+        return images.mean(dim=(1, 2, 3))
+    trainer = DraftTrainer.__new__(DraftTrainer)  # score() and middle_frames() use only the reward
+    trainer.reward = reward
+    scores = trainer.score(two, ["a", "b"])
+    assert seen == [["a"] * 5 + ["b"] * 5]
+    assert torch.allclose(scores, two.mean(dim=(1, 2, 3)).view(2, 5).mean(1))
+    assert torch.equal(DraftTrainer.middle_frames(two, 2), two[[2, 7]])
+    # ComfyUI's per-frame inference estimate of a Wan decode, times the decoded latent frames
+    decode, _ = glue.update_memory_inputs(model, vae, (16, 9, 60, 104), 3)
+    assert decode == 3 * vae.memory_used_decode([1, 16, 1, 60, 104], vae.vae_dtype)
+
+
+def test_wan_length_and_held_out_check_are_checked_when_queued(comfy, pack):
+    from training.run_options import VideoOptions
+    trainer_node = F.import_pack_module("nodes.trainer_node")
+    sampler_node = F.import_pack_module("nodes.sampler_node")
+    sampler = sampler_node.DraftSamplerNode.PREPARE_CLASS_CLONE({}).execute(
+        **{i.id: i.default for i in sampler_node.DraftSamplerNode.define_schema().inputs}).args[0]
+    values = dict(prompt_set="custom", prompts="a cat", negative_prompt="", steps=4,
+                  scheduler="simple", cfg=0.0, width=64, height=64, iterations=1, batch_size=1,
+                  learning_rate=1e-3, seed=0, lora_name="draft/wan", resume_lora="none")
+    node = trainer_node.DraftTrainerNode.PREPARE_CLASS_CLONE({})
+    with pytest.raises(ValueError) as e:
+        node.execute(model=D.tiny_model("wan21_t2v"), vae=D.tiny_vae("wan21_t2v"), clip=None,
+                     reward=None, sampler=sampler, video=VideoOptions(length=10),
+                     evaluation=object(), **values)
+    text = str(e.value)
+    print(text)
+    assert "- length of DRaFT Video Settings: length 10 is not 4k + 1 frames" in text, text
+    assert "(Wan 2.1 T2V)" in text and "evaluation: the DRaFT Held-out Check does not judge videos" in text, text
+
+
+@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image", "wan21_t2v"])
 def test_family_resumes_from_a_periodic_save(kind, comfy, pack, loras_dir):
     from reward_models import ImageStatReward
     rc = pack["training_run"]
