@@ -203,8 +203,9 @@ def denoiser_checkpoint_units(diffusion_model: torch.nn.Module) -> list:
 
 def decoder_checkpoint_units(first_stage_model: torch.nn.Module) -> list:
     """Modules of a ComfyUI VAE's decoder to checkpoint one by one: the mid block's resnets and
-    attention and every up level's resnets, attentions and upsampler (ldm ``Decoder``), or the
-    layers of a sequential decoder (TAESD)."""
+    attention and every up level's resnets, attentions and upsampler (ldm ``Decoder``), the middle
+    and upsampling blocks of Wan 2.1's video decoder (``Decoder3d``), or the layers of a sequential
+    decoder (TAESD)."""
     decoder = getattr(first_stage_model, "decoder", None)
     if decoder is not None and hasattr(decoder, "mid") and hasattr(decoder, "up"):
         units = [m for m in (getattr(decoder.mid, n, None) for n in ("block_1", "attn_1", "block_2"))
@@ -214,6 +215,10 @@ def decoder_checkpoint_units(first_stage_model: torch.nn.Module) -> list:
             if hasattr(level, "upsample"):
                 units.append(level.upsample)
         return units
+    if decoder is not None and hasattr(decoder, "middle") and hasattr(decoder, "upsamples"):
+        # Wan 2.1's causal video decoder (Decoder3d): its middle and upsampling blocks, which carry
+        # the previous latent frame's cache (training.checkpointing handles it)
+        return list(decoder.middle) + list(decoder.upsamples)
     sequential = getattr(first_stage_model, "taesd_decoder", None)
     if isinstance(sequential, torch.nn.Sequential):
         return [m for m in sequential.children() if any(True for _ in m.parameters())]

@@ -333,6 +333,56 @@ def test_wan_decoder_decodes_the_first_latent_frames_and_rewards_average_per_vid
     assert decode == 3 * vae.memory_used_decode([1, 16, 1, 60, 104], vae.vae_dtype)
 
 
+@pytest.mark.parametrize("keep", [None, "convolutions"])
+def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, keep):
+    """Wan's decoder blocks carry the previous latent frame's cache from call to call: checkpointed
+    (whole, or selectively as the middle memory way does) they give the decode's values and
+    gradients unchanged, and the cache-carrying calls leave no wrapper behind."""
+    from training.checkpointing import KEEP_CONVOLUTIONS, checkpoint_blocks, is_wrapped
+    glue = pack["comfy_glue"]
+    model, vae = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v")
+    units = glue.decoder_checkpoint_units(vae.first_stage_model)
+    assert len(units) == 3 + 4 * 3 + 3  # middle; 3 residual blocks in each of 4 levels; 3 upsamplers
+    decode = glue.make_decoder(vae, model.model, 2)
+    latent = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(5 * 3 * 32 * 32, generator=torch.Generator().manual_seed(2)).view(5, 3, 32, 32)
+
+    def value_and_grad():
+        x = latent.clone().requires_grad_(True)
+        out = decode(x)
+        (out * weights).sum().backward()
+        return out.detach(), x.grad
+    plain = value_and_grad()
+    with checkpoint_blocks(units, keep=KEEP_CONVOLUTIONS if keep else None) as wrapped:
+        assert wrapped == len(units)
+        checkpointed = value_and_grad()
+    assert not any(is_wrapped(u) for u in units)
+    assert torch.allclose(plain[0], checkpointed[0], atol=1e-6)
+    assert float(plain[1].abs().max()) > 0
+    assert torch.allclose(plain[1], checkpointed[1], atol=1e-6, rtol=1e-5)
+
+
+def test_wan_lean_way_trains_the_lora_of_the_fast_way(comfy, pack, loras_dir):
+    """Every block checkpointed (the Wan blocks and the Wan VAE decoder's), rows one at a time:
+    the same update as the fast way."""
+    from reward_models import ImageStatReward
+    from training.memory_plan import MemoryOptions
+    rc = pack["training_run"]
+    model, vae, encode = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v"), D.conditioning("wan21_t2v")
+    reward = pack["reward_types"].RewardHandle(ImageStatReward("brightness"), [], "brightness")
+    loras = []
+    for memory in (MemoryOptions("off", "all at once"), MemoryOptions("on", "one at a time")):
+        with torch.inference_mode(False), torch.enable_grad():
+            run = rc.TrainingRun(model, vae, encode, reward,
+                                 _run_config(rc, "wan21_t2v", 1, memory=memory))
+            loras.append(run.run().lora)
+    assert run._state["plan"].denoiser_blocks and run._state["plan"].row_by_row
+    for name, d in loras[0].items():
+        assert float(d.up.detach().abs().max()) > 0
+        # batched vs one row at a time: float32 sums in another order, through one AdamW step
+        assert torch.allclose(loras[1][name].up, d.up, atol=3e-5), name
+
+
 def test_wan_length_and_held_out_check_are_checked_when_queued(comfy, pack):
     from training.run_options import VideoOptions
     trainer_node = F.import_pack_module("nodes.trainer_node")

@@ -7,6 +7,10 @@ non-reentrant activation checkpointing while gradients are on (and as is otherwi
 on exit -- after a normal end, an exception or a Cancel alike -- so every module has its class's
 ``forward`` back.
 
+Blocks of a causal video VAE (Wan 2.1's decoder, ``block(x, feat_cache, feat_idx)``) carry a
+mutable cache of the previous latent frame from call to call; they are checkpointed as pure
+functions of their input and a snapshot of that cache (:func:`_cached_checkpoint`).
+
 Inside a checkpointed block only the block's inputs are kept for backward; its activations are
 recomputed, one block at a time, in the backward pass. Nested inside DRaFT-K's per-step
 checkpointing (``torch.utils.checkpoint`` nests), the peak of a differentiated step becomes one
@@ -36,6 +40,38 @@ def _frozen(value):
     return dict(value) if isinstance(value, dict) else value
 
 
+def _causal_cache(args: tuple, kwargs: dict):
+    """``(feat_cache, feat_idx)`` when a call follows the causal video VAEs' convention (Wan 2.1 in
+    ComfyUI and diffusers: ``block(x, feat_cache, feat_idx)``, a list of per-convolution caches
+    of the previous latent frame and a one-int list counting the slots used), else None."""
+    cache = kwargs.get("feat_cache", args[1] if len(args) > 1 else None)
+    index = kwargs.get("feat_idx", args[2] if len(args) > 2 else None)
+    if isinstance(cache, list) and isinstance(index, list) and len(index) == 1 \
+            and isinstance(index[0], int):
+        return cache, index
+    return None
+
+
+def _cached_checkpoint(forward, args: tuple, kwargs: dict, cache: list, index: list, extra: dict):
+    """Checkpoint a causal-cache block as a pure function of its input and a snapshot of the cache:
+    the block reads and replaces the slots from ``index[0]`` on; the recompute in the backward pass
+    runs on the snapshot (the shared list has moved on by then), and the new slots (tensors that
+    carry the gradient into the next latent frame) come out of the checkpoint and are written
+    back, as the block itself would have."""
+    start, snapshot = index[0], tuple(cache)
+    rest = args[3:]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("feat_cache", "feat_idx")}
+
+    def pure(x, old, first):
+        local, position = list(old), [first]
+        out = forward(x, local, position, *rest, **kwargs)
+        return out, position[0], tuple(local[first:position[0]])
+    out, end, new = checkpoint(pure, args[0], snapshot, start, use_reentrant=False, **extra)
+    cache[start:end] = list(new)
+    index[0] = end
+    return out
+
+
 def _checkpointed_forward(forward, keep: Optional[tuple] = None):
     extra = {}
     if keep:
@@ -43,6 +79,9 @@ def _checkpointed_forward(forward, keep: Optional[tuple] = None):
 
     def run(*args, **kwargs):
         if torch.is_grad_enabled():
+            causal = _causal_cache(args, kwargs)
+            if causal is not None:
+                return _cached_checkpoint(forward, args, kwargs, *causal, extra)
             args = tuple(_frozen(a) for a in args)
             kwargs = {k: _frozen(v) for k, v in kwargs.items()}
             return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
