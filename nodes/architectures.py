@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ..training.memory_plan import KL_DECODE_FACTORS
+
 # -- target patterns ----------------------------------------------------------------------------
 # UNets (SD1.x/SD2.x/SDXL): the SpatialTransformers inside the input/middle/output blocks.
 _UNET_CONTAINER = r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\."
@@ -115,6 +117,10 @@ class Family:
             step; blocks checkpointed) over ComfyUI's inference estimate of that row
             (``memory_required``), for ``training.memory_plan``'s estimate; traced by ``make vram``
             on the full-size architecture (tests/test_comfyui_memory_estimate.py checks them).
+        decode_factors: ``(whole, selective, blocks)``: the peak of one decode under gradient over
+            ComfyUI's decode estimate, per way of checkpointing the decoder, for a family whose
+            VAE is not the SD/FLUX KL VAE (``training.memory_plan.KL_DECODE_FACTORS``, None);
+            video: over ComfyUI's estimate of one latent frame times the decoded latent frames.
         variants: whether subclasses of ``config_classes`` train as this family. False for Wan
             2.1 T2V: ComfyUI's Wan variants (I2V, VACE, Camera, HuMo, Wan 2.2 ...) subclass
             ``WAN21_T2V`` but need other inputs or another VAE, so they are refused until a row of
@@ -137,6 +143,7 @@ class Family:
     module_classes: tuple = ()
     memory_factors: tuple = (11.5, 1.0)  # SD1.x / SD2.x, traced (see _SDXL_MEMORY below)
     variants: bool = True
+    decode_factors: Optional[tuple] = None
     patterns: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -167,7 +174,13 @@ _SDXL_MEMORY = (25.0, 1.0)
 _MMDIT_MEMORY = (22.0, 6.9)
 _FLUX_MEMORY = (47.0, 6.4)
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
+# Wan 2.1: the denoiser takes FLUX's factors (its lean update is the decoder's: not told apart by
+# the trace). Its causal video VAE decodes under gradient with every decoded frame's activations
+# kept: make vram traced one lean update of 1.3B at 480x832 (3 latent frames decoded) at 14.6 GiB,
+# 0.93 x ComfyUI's per-latent-frame decode estimate times 3, so blocks: 1.0; whole: the decoder
+# alone, unchecked, 2.5 x (KL's 2.9 kept); selective: not traced (KL's 1.7 kept).
 _WAN_MEMORY = _FLUX_MEMORY
+_WAN_DECODE = (2.9, 1.7, 1.0)
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
            block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
@@ -198,7 +211,8 @@ FAMILIES = (
     # frames, the length make vram measures for 1.3B at 480p (Wan generates 81 by default)
     Family("Wan 2.1 T2V", ("WAN21_T2V",), WAN_TARGETS, "native", "wan21_t2v", latent_dimensions=3,
            video_frames=33, time_compression=4, default_cfg=5.0, block_lists=("blocks",),
-           module_classes=("WanModel",), memory_factors=_WAN_MEMORY, variants=False),
+           module_classes=("WanModel",), memory_factors=_WAN_MEMORY, variants=False,
+           decode_factors=_WAN_DECODE),
 )
 _BY_CLASS = {c: f for f in FAMILIES for c in f.config_classes}
 _BY_MODULE: dict = {}
@@ -283,6 +297,11 @@ def block_lists(model) -> tuple:
 def memory_factors(model) -> tuple:
     """The family's ``(fast, lean)`` denoiser memory factors (:attr:`Family.memory_factors`)."""
     return family_of(model).memory_factors
+
+
+def decode_factors(model) -> tuple:
+    """The family's decoder memory factors (:attr:`Family.decode_factors`, or the KL VAEs')."""
+    return family_of(model).decode_factors or KL_DECODE_FACTORS
 
 
 def default_cfg(model) -> float:

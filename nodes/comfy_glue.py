@@ -218,7 +218,8 @@ def decoder_checkpoint_units(first_stage_model: torch.nn.Module) -> list:
     if decoder is not None and hasattr(decoder, "middle") and hasattr(decoder, "upsamples"):
         # Wan 2.1's causal video decoder (Decoder3d): its middle and upsampling blocks, which carry
         # the previous latent frame's cache (training.checkpointing handles it)
-        return list(decoder.middle) + list(decoder.upsamples)
+        # and the decoder itself, called once per latent frame (its blocks' checkpoints nest in it)
+        return [decoder] + list(decoder.middle) + list(decoder.upsamples)
     sequential = getattr(first_stage_model, "taesd_decoder", None)
     if isinstance(sequential, torch.nn.Sequential):
         return [m for m in sequential.children() if any(True for _ in m.parameters())]

@@ -342,7 +342,8 @@ def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, kee
     glue = pack["comfy_glue"]
     model, vae = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v")
     units = glue.decoder_checkpoint_units(vae.first_stage_model)
-    assert len(units) == 3 + 4 * 3 + 3  # middle; 3 residual blocks in each of 4 levels; 3 upsamplers
+    # the decoder (once per latent frame); middle; 3 residual blocks in each of 4 levels; 3 upsamplers
+    assert len(units) == 1 + 3 + 4 * 3 + 3 and units[0] is vae.first_stage_model.decoder
     decode = glue.make_decoder(vae, model.model, 2)
     latent = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     weights = torch.rand(5 * 3 * 32 * 32, generator=torch.Generator().manual_seed(2)).view(5, 3, 32, 32)
