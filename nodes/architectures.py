@@ -22,8 +22,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..training.memory_plan import KL_DECODE_FACTORS
-
 # -- target patterns ----------------------------------------------------------------------------
 # UNets (SD1.x/SD2.x/SDXL): the SpatialTransformers inside the input/middle/output blocks.
 _UNET_CONTAINER = r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\."
@@ -299,9 +297,10 @@ def memory_factors(model) -> tuple:
     return family_of(model).memory_factors
 
 
-def decode_factors(model) -> tuple:
-    """The family's decoder memory factors (:attr:`Family.decode_factors`, or the KL VAEs')."""
-    return family_of(model).decode_factors or KL_DECODE_FACTORS
+def decode_factors(model) -> Optional[tuple]:
+    """The family's decoder memory factors (:attr:`Family.decode_factors`); None: the KL VAEs'
+    (``training.memory_plan.KL_DECODE_FACTORS``). This module imports nothing of the pack."""
+    return family_of(model).decode_factors
 
 
 def default_cfg(model) -> float:

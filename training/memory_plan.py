@@ -114,7 +114,7 @@ def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
                           denoiser_row_bytes: float, lean: bool = False, blocks: str = "",
                           one_row: bool | None = None,
                           denoiser_factors: tuple = UNET_DENOISER_FACTORS,
-                          decode_factors: tuple = KL_DECODE_FACTORS) -> int:
+                          decode_factors: tuple | None = KL_DECODE_FACTORS) -> int:
     """Peak activation bytes of one update beside the weights.
 
     Args:
@@ -129,12 +129,14 @@ def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
         denoiser_factors: ``(fast, lean)`` peak of one denoiser row under gradient over
             ``denoiser_row_bytes``, the family's (``nodes/architectures.py``).
         decode_factors: ``(whole, selective, blocks)`` peak of one decode under gradient over
-            ``decode_bytes``, per way of checkpointing the decoder (the family's VAE's).
+            ``decode_bytes``, per way of checkpointing the decoder (the family's VAE's; None:
+            :data:`KL_DECODE_FACTORS`).
     """
     blocks = blocks or ("on" if lean else "off")
     one_row = lean if one_row is None else one_row
     fast_factor, lean_factor = denoiser_factors
-    decoder = dict(zip(("off", "decoder and reward", "on"), decode_factors))[blocks] * decode_bytes
+    decoder = dict(zip(("off", "decoder and reward", "on"),
+                       decode_factors or KL_DECODE_FACTORS))[blocks] * decode_bytes
     denoiser = (lean_factor if blocks == "on" else fast_factor) * cfg_branches * denoiser_row_bytes
     return int((1 if one_row else rows) * max(decoder, denoiser))
 
@@ -146,7 +148,7 @@ WAYS = tuple((b, r) for b in ("off", "decoder and reward", "on") for r in (False
 def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_bytes: float,
                 denoiser_row_bytes: float, available_bytes: int, streamable_bytes: int = 0,
                 hint: str = "", denoiser_factors: tuple = UNET_DENOISER_FACTORS,
-                decode_factors: tuple = KL_DECODE_FACTORS) -> MemoryPlan:
+                decode_factors: tuple | None = KL_DECODE_FACTORS) -> MemoryPlan:
     """Resolve ``auto`` choices against ``available_bytes`` (free device memory once the weights
     are loaded): the fastest way that fits, or the leanest when none does and it fits with
     ``streamable_bytes`` (weights ComfyUI can stream instead: lowvram partial loading) given up.
