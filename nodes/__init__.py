@@ -8,7 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import (evaluate_node, guidance_node, heldout_check_node, lora_settings_node,
                memory_options_node, optimizer_node, reward_model_nodes, reward_nodes, routes,
-               sampler_node, save_lora_node, save_preview_node, trainer_node)
+               sampler_node, save_lora_node, save_preview_node, trainer_node, video_settings_node)
 
 
 class DraftExtension(ComfyExtension):
@@ -25,6 +25,7 @@ class DraftExtension(ComfyExtension):
             evaluate_node.DraftEvaluate,
             guidance_node.DraftGuidanceNode,
             heldout_check_node.DraftHeldoutCheck,
+            video_settings_node.DraftVideoSettings,
             *reward_nodes.NODES,
             *reward_model_nodes.NODES,
         ]

@@ -58,6 +58,15 @@ QWEN_TARGETS = {
     "attention": rf"^transformer_blocks\.\d+\.{_QWEN_ATTN}$",
     "kohya default": rf"^transformer_blocks\.\d+\.({_QWEN_ATTN}|(img|txt)_mlp\.net\.(0\.proj|2))$",
 }
+# Wan 2.1 (WanModel): each WanAttentionBlock's self- and cross-attention q/k/v/o; the broader set
+# adds the block's feed-forward (ffn.0, ffn.2). That is musubi-tuner's networks.lora_wan default
+# exactly (every Linear in a WanAttentionBlock but norms): Wan's modulation is a bare parameter,
+# not a layer, so there is nothing to leave out. Checked in tests/test_kohya_tools.py.
+_WAN_ATTN = r"(self_attn|cross_attn)\.(q|k|v|o)"
+WAN_TARGETS = {
+    "attention": rf"^blocks\.\d+\.{_WAN_ATTN}$",
+    "kohya default": rf"^blocks\.\d+\.({_WAN_ATTN}|ffn\.(0|2))$",
+}
 TARGET_SET_NAMES = ("attention", "kohya default")
 TARGET_SETS = TARGET_SET_NAMES
 TARGET_SET_HELP = ("attention: the attention projections inside the blocks; kohya default: "
@@ -84,6 +93,10 @@ class Family:
             ``lora_metadata.NETWORK_MODULES``), or a function of the ``unet_config`` returning one.
         latent_dimensions: spatial(+time) dimensions of a latent: 2 ``(B,C,H,W)``; 3
             ``(B,C,T,H,W)`` with ``T = 1`` for an image (Qwen-Image).
+        video_frames: a video family's usual training length in frames (the default of DRaFT
+            Video Settings' ``length``); 0: an image family (one frame, ``T = 1``).
+        time_compression: frames per latent frame of a video family's causal VAE: ``frames =
+            1 + time_compression * (T - 1)`` (Wan 2.1: 4).
         default_cfg: classifier-free guidance scale used when the trainer's cfg is "auto".
         guidance_distilled: CFG is baked in (FLUX.1 dev/schnell): cfg 1 by default, no negative
             branch; a cfg above 1 only costs time and over-saturates.
@@ -102,6 +115,14 @@ class Family:
             step; blocks checkpointed) over ComfyUI's inference estimate of that row
             (``memory_required``), for ``training.memory_plan``'s estimate; traced by ``make vram``
             on the full-size architecture (tests/test_comfyui_memory_estimate.py checks them).
+        decode_factors: ``(whole, selective, blocks)``: the peak of one decode under gradient over
+            ComfyUI's decode estimate, per way of checkpointing the decoder, for a family whose
+            VAE is not the SD/FLUX KL VAE (``training.memory_plan.KL_DECODE_FACTORS``, None);
+            video: over ComfyUI's estimate of one latent frame times the decoded latent frames.
+        variants: whether subclasses of ``config_classes`` train as this family. False for Wan
+            2.1 T2V: ComfyUI's Wan variants (I2V, VACE, Camera, HuMo, Wan 2.2 ...) subclass
+            ``WAN21_T2V`` but need other inputs or another VAE, so they are refused until a row of
+            their own exists.
     """
 
     name: str
@@ -110,6 +131,8 @@ class Family:
     naming: str
     base_model: object
     latent_dimensions: int = 2
+    video_frames: int = 0
+    time_compression: int = 1
     default_cfg: float = 7.5
     guidance_distilled: bool = False
     guidance: Optional[float] = None
@@ -117,6 +140,8 @@ class Family:
     diffusers_layout: Optional[str] = None
     module_classes: tuple = ()
     memory_factors: tuple = (11.5, 1.0)  # SD1.x / SD2.x, traced (see _SDXL_MEMORY below)
+    variants: bool = True
+    decode_factors: Optional[tuple] = None
     patterns: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -147,6 +172,13 @@ _SDXL_MEMORY = (25.0, 1.0)
 _MMDIT_MEMORY = (22.0, 6.9)
 _FLUX_MEMORY = (47.0, 6.4)
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
+# Wan 2.1: the denoiser takes FLUX's factors (its lean update is the decoder's: not told apart by
+# the trace). Its causal video VAE decodes under gradient with every decoded frame's activations
+# kept: make vram traced one lean update of 1.3B at 480x832 (3 latent frames decoded) at 14.6 GiB,
+# 0.93 x ComfyUI's per-latent-frame decode estimate times 3, so blocks: 1.0; whole: the decoder
+# alone, unchecked, 2.5 x (KL's 2.9 kept); selective: not traced (KL's 1.7 kept).
+_WAN_MEMORY = _FLUX_MEMORY
+_WAN_DECODE = (2.9, 1.7, 1.0)
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
            block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
@@ -172,6 +204,13 @@ FAMILIES = (
     Family("Qwen-Image", ("QwenImage",), QWEN_TARGETS, "native", "qwen_image",
            latent_dimensions=3, default_cfg=2.5, block_lists=("transformer_blocks",),
            module_classes=("QwenImageTransformer2DModel",), memory_factors=_FLUX_MEMORY),
+    # Wan 2.1 T2V (1.3B, 14B): cfg 5, Wan's own sample_guide_scale for both sizes (its configs
+    # wan_t2v_1_3B.py / wan_t2v_14B.py; ComfyUI's example workflow uses 6); 33 frames = 9 latent
+    # frames, the length make vram measures for 1.3B at 480p (Wan generates 81 by default)
+    Family("Wan 2.1 T2V", ("WAN21_T2V",), WAN_TARGETS, "native", "wan21_t2v", latent_dimensions=3,
+           video_frames=33, time_compression=4, default_cfg=5.0, block_lists=("blocks",),
+           module_classes=("WanModel",), memory_factors=_WAN_MEMORY, variants=False,
+           decode_factors=_WAN_DECODE),
 )
 _BY_CLASS = {c: f for f in FAMILIES for c in f.config_classes}
 _BY_MODULE: dict = {}
@@ -203,6 +242,8 @@ def family_of(model) -> Family:
     config = _model_config(model)
     for cls in type(config).__mro__:
         if cls.__name__ in _BY_CLASS:
+            if cls is not type(config) and not _BY_CLASS[cls.__name__].variants:
+                break  # a variant of a family that does not take its variants (Wan)
             return _BY_CLASS[cls.__name__]
     if config is model and type(model).__name__ in _BY_MODULE:  # a bare diffusion_model
         return _BY_MODULE[type(model).__name__]
@@ -254,6 +295,12 @@ def block_lists(model) -> tuple:
 def memory_factors(model) -> tuple:
     """The family's ``(fast, lean)`` denoiser memory factors (:attr:`Family.memory_factors`)."""
     return family_of(model).memory_factors
+
+
+def decode_factors(model) -> Optional[tuple]:
+    """The family's decoder memory factors (:attr:`Family.decode_factors`); None: the KL VAEs'
+    (``training.memory_plan.KL_DECODE_FACTORS``). This module imports nothing of the pack."""
+    return family_of(model).decode_factors
 
 
 def default_cfg(model) -> float:

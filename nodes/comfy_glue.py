@@ -148,15 +148,24 @@ class PromptBatcher:
         return self._cache[key]
 
 
-def make_decoder(vae, inner_model):
-    """``latent (model space) -> images (B,3,H,W) in [0,1]``, differentiable, on the VAE's device.
+def make_decoder(vae, inner_model, latent_frames: Optional[int] = None):
+    """``latent (model space) -> images in [0,1]``, differentiable, on the VAE's device.
 
-    Latents with a time axis ``(B,C,1,h,w)`` (Qwen-Image, decoded by its video VAE) give
-    ``(B,3,1,H,W)`` from the VAE; the single frame is returned."""
+    Image latents give ``(B,3,H,W)``; latents with a time axis ``(B,C,1,h,w)`` (Qwen-Image, decoded
+    by its video VAE) give ``(B,3,1,H,W)`` from the VAE and the single frame is returned.
+
+    ``latent_frames`` (video families): only the first this many latent frames of ``(B,C,T,h,w)``
+    are decoded (a causal video VAE's first frames do not depend on later ones; Wan 2.1 gives
+    ``1 + 4 (k - 1)`` frames from ``k``), and the ``F`` frames come back as consecutive images,
+    ``(B*F,3,H,W)``, sample ``b``'s at ``b*F ...`` (``DraftTrainer.score`` averages each video's)."""
     def decode(latent: torch.Tensor) -> torch.Tensor:
+        if latent_frames is not None:
+            latent = latent[:, :, :latent_frames]
         z = inner_model.process_latent_out(latent).to(vae.device, vae.vae_dtype)
         images = vae.process_output(vae.first_stage_model.decode(z).float())
         if images.ndim == 5:
+            if latent_frames is not None:  # (B,3,F,H,W) -> (B*F,3,H,W)
+                return images.movedim(2, 1).flatten(0, 1)
             if images.shape[2] != 1:
                 raise ValueError(f"expected one decoded frame, got {images.shape[2]}")
             images = images[:, :, 0]
@@ -164,11 +173,18 @@ def make_decoder(vae, inner_model):
     return decode
 
 
-def update_memory_inputs(patcher, vae, latent_shape) -> tuple:
+def update_memory_inputs(patcher, vae, latent_shape, latent_frames: Optional[int] = None) -> tuple:
     """ComfyUI's own inference estimates for this model: ``(bytes of one decode, bytes of one
-    denoiser forward of one row)``, the inputs of ``training.memory_plan``'s estimate."""
+    denoiser forward of one row)``, the inputs of ``training.memory_plan``'s estimate.
+
+    ``latent_frames`` (video): the decoded latent frames. ComfyUI's estimate of a Wan VAE decode is
+    that of one latent frame (it decodes frame by frame, each frame's activations freed before the
+    next); under gradient every decoded frame's are kept, so the estimate is taken per frame."""
     one = [1] + list(latent_shape)
-    decode = float(vae.memory_used_decode(one, vae.vae_dtype))
+    if latent_frames is not None:
+        decode = float(vae.memory_used_decode(one[:2] + [1] + one[3:], vae.vae_dtype)) * latent_frames
+    else:
+        decode = float(vae.memory_used_decode(one, vae.vae_dtype))
     denoiser = float(patcher.model.memory_required(one))
     return decode, denoiser
 
@@ -187,8 +203,9 @@ def denoiser_checkpoint_units(diffusion_model: torch.nn.Module) -> list:
 
 def decoder_checkpoint_units(first_stage_model: torch.nn.Module) -> list:
     """Modules of a ComfyUI VAE's decoder to checkpoint one by one: the mid block's resnets and
-    attention and every up level's resnets, attentions and upsampler (ldm ``Decoder``), or the
-    layers of a sequential decoder (TAESD)."""
+    attention and every up level's resnets, attentions and upsampler (ldm ``Decoder``), the middle
+    and upsampling blocks of Wan 2.1's video decoder (``Decoder3d``), or the layers of a sequential
+    decoder (TAESD)."""
     decoder = getattr(first_stage_model, "decoder", None)
     if decoder is not None and hasattr(decoder, "mid") and hasattr(decoder, "up"):
         units = [m for m in (getattr(decoder.mid, n, None) for n in ("block_1", "attn_1", "block_2"))
@@ -198,6 +215,11 @@ def decoder_checkpoint_units(first_stage_model: torch.nn.Module) -> list:
             if hasattr(level, "upsample"):
                 units.append(level.upsample)
         return units
+    if decoder is not None and hasattr(decoder, "middle") and hasattr(decoder, "upsamples"):
+        # Wan 2.1's causal video decoder (Decoder3d): its middle and upsampling blocks, which carry
+        # the previous latent frame's cache (training.checkpointing handles it)
+        # and the decoder itself, called once per latent frame (its blocks' checkpoints nest in it)
+        return [decoder] + list(decoder.middle) + list(decoder.upsamples)
     sequential = getattr(first_stage_model, "taesd_decoder", None)
     if isinstance(sequential, torch.nn.Sequential):
         return [m for m in sequential.children() if any(True for _ in m.parameters())]

@@ -19,6 +19,7 @@ from .optimizer_node import DraftOptimizerType
 from .reward_types import DraftReward
 from .save_preview_node import DraftSavePreviewType
 from .training_run import RunConfig, TrainingRun, clip_encoder
+from .video_settings_node import DraftVideoSettingsType
 
 DraftHistory = io.Custom("DRAFT_HISTORY")
 
@@ -40,9 +41,9 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                          "arXiv 2309.17400). Rewards can be gamed: a DRaFT Held-out Check judges "
                          "the LoRA with rewards it never trains on, keeps the best and can stop "
                          "early. Optional nodes set the rest: DRaFT LoRA Settings, Optimizer, Save "
-                         "& Preview, Memory Options, Guidance (FLUX), Held-out Check."),
+                         "& Preview, Memory Options, Guidance (FLUX), Held-out Check, Video Settings."),
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image). It is not modified: the LoRA is trained on a clone."),
+                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image, Wan 2.1 T2V: video, see DRaFT Video Settings). It is not modified: the LoRA is trained on a clone."),
                 io.Vae.Input("vae", tooltip="Decodes samples for the reward; gradients flow through it."),
                 io.Clip.Input("clip", tooltip="Text encoder for the prompts."),
                 DraftReward.Input("reward", tooltip="What to maximise (a DRaFT reward node, or Combine)."),
@@ -85,6 +86,8 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                                          tooltip="Optional DRaFT Optimizer: weight decay, gradient clipping and accumulation, KL penalty, mixed precision (default AdamW decay 0.1, clip 10, no accumulation, no KL, auto precision)."),
                 DraftSavePreviewType.Input("saving", optional=True,
                                            tooltip="Optional DRaFT Save & Preview: periodic saves and previews (default: no periodic saves, a preview every 10 iterations)."),
+                DraftVideoSettingsType.Input("video", optional=True,
+                                             tooltip="Optional DRaFT Video Settings, for video models (Wan 2.1 T2V): frames per training video and decoded latent frames the reward scores (default: the family's usual length, 33 for Wan 2.1, and 3). Image models ignore it."),
                 DraftHeldoutType.Input("evaluation", optional=True,
                                        tooltip="Optional DRaFT Held-out Check: judges the LoRA every N updates on held-out prompts and seeds with rewards it never trains on, charts them, keeps the best LoRA (<lora_name>_best.safetensors) and can stop early. Without it: no held-out check, the last LoRA."),
             ],
@@ -106,11 +109,13 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
     def execute(cls, model, vae, clip, reward, sampler, prompt_set, prompts, negative_prompt,
                 steps, scheduler, cfg, width, height, iterations, batch_size, learning_rate, seed,
                 lora_name, resume_lora, sigmas=None, memory=None, guidance=None,
-                lora_settings=None, optimizer=None, saving=None, evaluation=None) -> io.NodeOutput:
+                lora_settings=None, optimizer=None, saving=None, evaluation=None,
+                video=None) -> io.NodeOutput:
         values = dict(locals())
         checked = validation.check_trainer(cls, values, model, vae, sampler, sigmas,
                                            prompt=cls.hidden.prompt, node_id=cls.hidden.unique_id)
-        lora, opt, save = (checked["options"][k] for k in ("lora_settings", "optimizer", "saving"))
+        lora, opt, save, video_options = (checked["options"][k] for k in
+                                          ("lora_settings", "optimizer", "saving", "video"))
         config = RunConfig(
             prompts=checked["prompts"], negative_prompt=negative_prompt,
             sampler=sampler.draft_settings, steps=steps, scheduler=scheduler, cfg=cfg, width=width,
@@ -122,7 +127,7 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
             resume_lora=None if resume_lora in (None, "none") else resume_lora,
             sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label,
             memory=memory if memory is not None else MemoryOptions(), guidance=guidance,
-            heldout=evaluation)
+            heldout=evaluation, video=video_options)
         with torch.inference_mode(False), torch.enable_grad():
             run = TrainingRun(model, vae, clip_encoder(clip), reward, config)
             result = run.run()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..training.run_options import LoRAOptions, OptimizerOptions, SavePreviewOptions
+from ..training.run_options import LoRAOptions, OptimizerOptions, SavePreviewOptions, VideoOptions
 
 
 class OptionInput(NamedTuple):
@@ -18,4 +18,5 @@ OPTION_INPUTS = {
     "lora_settings": OptionInput("DRaFT LoRA Settings", LoRAOptions),
     "optimizer": OptionInput("DRaFT Optimizer", OptimizerOptions),
     "saving": OptionInput("DRaFT Save & Preview", SavePreviewOptions),
+    "video": OptionInput("DRaFT Video Settings", VideoOptions),
 }

@@ -29,6 +29,7 @@ from ..training.heldout import HeldoutCheck
 from ..training.lora import LoRASet
 from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan, trainer_memory_kwargs
 from ..training.plot import moving_average
+from ..training.run_options import VideoOptions
 from ..training.sampler import DifferentiableSampler, SamplerSettings
 from ..training.trainer import DraftTrainer, StepReport, TrainSettings
 from . import architectures, comfy_glue, lora_files, progress_events
@@ -63,6 +64,7 @@ class RunConfig:
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     guidance: Optional[float] = None  # embedded guidance (FluxGuidance's); None: the family's default
     heldout: Optional[object] = None  # DRaFT Held-out Check's HeldoutRequest; None: no check
+    video: VideoOptions = field(default_factory=VideoOptions)  # DRaFT Video Settings (video families)
 
 
 @dataclass
@@ -171,14 +173,25 @@ class TrainingRun:
         return sigmas
 
     def _latent_shape(self, patcher) -> tuple:
-        """``(C, h, w)``, or ``(C, 1, h, w)`` for families with a time axis (Qwen-Image)."""
+        """``(C, h, w)``; ``(C, 1, h, w)`` for image families with a time axis (Qwen-Image);
+        ``(C, T, h, w)`` for video families, ``T`` latent frames of DRaFT Video Settings'
+        ``length`` (the family's usual by default)."""
         channels = patcher.model.latent_format.latent_channels
         down = self.vae.spacial_compression_encode()
         if self.cfg.width % down or self.cfg.height % down:
             raise ValueError(f"width and height must be multiples of {down}")
         spatial = (self.cfg.height // down, self.cfg.width // down)
-        time = (1,) * (architectures.family_of(patcher).latent_dimensions - 2)
+        family = architectures.family_of(patcher)
+        time = (1,) * (family.latent_dimensions - 2)
+        if family.video_frames:
+            time = (self.cfg.video.latent_frames(family.video_frames, family.time_compression),)
         return (channels, *time, *spatial)
+
+    def _decoded_latent_frames(self, latent_shape) -> Optional[int]:
+        """Latent frames the decoder hands the reward (video families), or None (images)."""
+        if not architectures.family_of(self.model).video_frames:
+            return None
+        return self.cfg.video.decoded(latent_shape[1])
 
     def _guidance_cfg(self) -> tuple:
         """``(cfg scale, embedded guidance or None)`` for this model's family: cfg 0 means the
@@ -211,7 +224,8 @@ class TrainingRun:
         weights = sum(m.model_size() for m in models)
         resident = sum(m.loaded_size() for m in models if m.current_loaded_device() == device)
         available = mm.get_free_memory(device) + resident - weights
-        decode, denoiser_row = comfy_glue.update_memory_inputs(patcher, self.vae, latent_shape)
+        decode, denoiser_row = comfy_glue.update_memory_inputs(
+            patcher, self.vae, latent_shape, self._decoded_latent_frames(latent_shape))
         plan = choose_plan(
             cfg.memory, rows=cfg.train.batch_size * cfg.sampler.samples_per_rollout,
             cfg_branches=1 if self.cfg_scale == 1.0 else 2, decode_bytes=decode,
@@ -219,7 +233,8 @@ class TrainingRun:
             streamable_bytes=int(patcher.model_size()) if device.type != "cpu" else 0,
             hint=f" (now {cfg.width}x{cfg.height}, batch {cfg.train.batch_size}, "
                  f"n = {cfg.sampler.lv_samples})",
-            denoiser_factors=architectures.memory_factors(patcher))
+            denoiser_factors=architectures.memory_factors(patcher),
+            decode_factors=architectures.decode_factors(patcher))
         log.info("DRaFT memory: %s", plan.describe())
         return plan
 
@@ -313,7 +328,8 @@ class TrainingRun:
                 decoder_units=comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model),
                 reward_units=(reward_model.checkpoint_units()
                               if hasattr(reward_model, "checkpoint_units") else ()))
-        trainer = DraftTrainer(sampler, comfy_glue.make_decoder(self.vae, inner), reward_fn,
+        decoder = comfy_glue.make_decoder(self.vae, inner, self._decoded_latent_frames(st["latent_shape"]))
+        trainer = DraftTrainer(sampler, decoder, reward_fn,
                                cfg.prompts, lora, st["latent_shape"], settings,
                                device=st["patcher"].load_device,
                                **trainer_memory_kwargs(plan, **memory),
@@ -503,7 +519,8 @@ class TrainingRun:
                 bar.update_absolute(trainer.iteration, total, _bar_preview(trainer.last_images))
                 if cfg.preview_every and trainer.iteration % cfg.preview_every == 0:
                     bar.update_absolute(trainer.iteration, total,
-                                        _bar_preview(trainer.generate([preview_seed], [0])))
+                                        _bar_preview(trainer.middle_frames(
+                                            trainer.generate([preview_seed], [0]), 1)))
                 if check is not None and check.due(trainer.iteration):
                     outcome = self._evaluate(trainer, result, events)
                     if outcome.stop:

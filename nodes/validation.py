@@ -45,7 +45,7 @@ from ..training.lora_resume import state_path_for
 from ..training.prompt_sets import PROMPT_SETS, parse_prompt_lines, resolve_prompts
 from ..training.run_options import LoRAOptions
 from ..training.safe_files import LoRAFileError
-from . import comfy_glue, lora_files
+from . import architectures, comfy_glue, lora_files
 from .trainer_options import OPTION_INPUTS
 
 
@@ -314,6 +314,20 @@ def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prom
         for side in ("width", "height"):
             if int(values[side]) % down:
                 add(side, f"{values[side]} is not a multiple of {down}, the VAE's downscale factor")
+
+    try:
+        family = architectures.family_of(model)
+    except architectures.UnsupportedModelError:
+        family = None  # reported below, by the target layers' check
+    if family is not None and family.video_frames:
+        video = options["video"]
+        try:
+            video.latent_frames(family.video_frames, family.time_compression)
+        except ValueError as e:
+            add(setting_label("video", "length", sources["video"]), f"{e} ({family.name})")
+        if values.get("evaluation") is not None:
+            add("evaluation", f"the DRaFT Held-out Check does not judge videos yet ({family.name} is "
+                "a video model): disconnect it")
 
     diffusion_model = model.model.diffusion_model
     names = []

@@ -1,13 +1,14 @@
 """Tiny DiT / flow models of every family DRaFT supports, built with ComfyUI's own classes.
 
 * Diffusion models: ComfyUI's config classes (``comfy.supported_models.SD3/Flux/FluxSchnell/
-  Chroma/QwenImage(unet_config).get_model({})``, which pick ``comfy.model_base``'s class, latent
+  Chroma/QwenImage/WAN21_T2V(unet_config).get_model({})``, which pick ``comfy.model_base``'s class, latent
   format and ``model_sampling``) at reduced width and depth; ComfyUI's state-dict detection of
   Flux / Qwen-Image assumes full width, so the config is given directly. Weights are seeded and
   explicit (ComfyUI's ops leave them empty).
 * VAEs: ComfyUI's ``comfy.sd.VAE`` built from a state dict: a 16-channel TAESD (taesd3 / taef1
   layout, with the family's scale/shift) for SD3 / FLUX / Chroma; the real Wan 2.1 VAE (fixed
-  full width in ComfyUI, about 127 M parameters) for Qwen-Image, which decodes its 5-D latents.
+  full width in ComfyUI, about 127 M parameters) for Qwen-Image, which decodes its 5-D latents;
+  the same class at width 16 for Wan 2.1 (its video: 4k + 1 frames from k + 1 latent frames).
 * Text conditioning is FAKE: a fixed pseudo-random function of the prompt, in the shapes each
   family's text encoders give (ComfyUI cannot build a small T5-XXL / CLIP-G / Qwen2.5-VL).
 
@@ -29,6 +30,8 @@ _CHROMA.update(image_model="chroma", in_channels=64, out_channels=64, in_dim=64,
 _QWEN = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2,
              attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
              axes_dims_rope=(8, 12, 12))
+_WAN21 = dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=32, text_dim=32,
+              num_heads=2, num_layers=2, in_dim=16, out_dim=16, eps=1e-6)
 _SD3 = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None,
             adm_in_channels=32, num_patches=256, pos_embed_max_size=16,
             context_embedder_config={"target": "torch.nn.Linear",
@@ -44,7 +47,9 @@ FAMILIES = {
     "flux_schnell": ("FluxSchnell", dict(_FLUX, guidance_embed=False), "pooled"),
     "chroma": ("Chroma", _CHROMA, "no pooled"),  # T5 only: pooled_output is None
     "qwen_image": ("QwenImage", _QWEN, "context"),
+    "wan21_t2v": ("WAN21_T2V", _WAN21, "context"),  # video: latents (B, 16, T, h, w)
 }
+VIDEO = {"wan21_t2v"}
 TEXT_WIDTH, TEXT_TOKENS = 32, 6
 
 
@@ -77,19 +82,30 @@ def conditioning(kind: str):
     return encode
 
 
+# Wan's VAE at width 16 instead of 96 (its own class, every layer; ComfyUI's VAE(sd=...) fixes the
+# width, so it is built at this width while the VAE is made): a video decode with gradient at full
+# width takes minutes on 2 CPU cores.
+WAN_VAE_DIM = 16
 _TAESD = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
 
 
 def tiny_vae(kind: str, seed: int = 0):
-    """ComfyUI's ``VAE`` for ``kind``: 16-channel TAESD, or Wan 2.1 for Qwen-Image (see above)."""
+    """ComfyUI's ``VAE`` for ``kind``: 16-channel TAESD, or Wan 2.1's for Qwen-Image and Wan."""
     comfy = import_comfy()
     import comfy.sd
-    if kind == "qwen_image":
+    if kind in ("qwen_image", "wan21_t2v"):
         import comfy.ldm.wan.vae
-        module = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                                          attn_scales=[], temperal_downsample=[False, True, True],
-                                          dropout=0.0)
+        dim = 96 if kind == "qwen_image" else WAN_VAE_DIM
+        real = comfy.ldm.wan.vae.WanVAE
+        module = real(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
         fill_(module, seed)
+        if dim != 96:  # ComfyUI builds the Wan VAE at width 96 whatever the state dict says
+            comfy.ldm.wan.vae.WanVAE = lambda **config: real(**{**config, "dim": dim})
+            try:
+                return comfy.sd.VAE(sd=module.state_dict())
+            finally:
+                comfy.ldm.wan.vae.WanVAE = real
         sd = module.state_dict()
     else:
         import comfy.taesd.taesd

@@ -59,6 +59,9 @@ _QWEN_ATTN = sorted(f"transformer_blocks.{i}.attn.{n}" for i in (0, 1) for n in 
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
 _QWEN_MLP = [f"transformer_blocks.{i}.{m}_mlp.net.{n}" for i in (0, 1) for m in ("img", "txt")
              for n in ("0.proj", "2")]
+_WAN_ATTN = sorted(f"blocks.{i}.{a}.{n}" for i in (0, 1) for a in ("self_attn", "cross_attn")
+                   for n in ("q", "k", "v", "o"))
+_WAN_FFN = [f"blocks.{i}.ffn.{n}" for i in (0, 1) for n in (0, 2)]
 EXPECTED = {  # kind -> (attention, kohya default, family name, base model)
     "sd3_medium": (_SD3_ATTN, sorted(_SD3_ATTN + _SD3_MLP), "SD3 / SD3.5", "sd3_medium"),
     "sd3_5_medium": (sorted(_SD3_ATTN + _SD35M_ATTN2), sorted(_SD3_ATTN + _SD35M_ATTN2 + _SD3_MLP),
@@ -68,6 +71,7 @@ EXPECTED = {  # kind -> (attention, kohya default, family name, base model)
     "flux_schnell": (_FLUX_ATTN, _FLUX_ALL, "FLUX.1 schnell", "flux1_schnell"),
     "chroma": (_FLUX_ATTN, _FLUX_ALL, "Chroma", "chroma"),
     "qwen_image": (_QWEN_ATTN, sorted(_QWEN_ATTN + _QWEN_MLP), "Qwen-Image", "qwen_image"),
+    "wan21_t2v": (_WAN_ATTN, sorted(_WAN_ATTN + _WAN_FFN), "Wan 2.1 T2V", "wan21_t2v"),
 }
 
 
@@ -87,7 +91,7 @@ def test_table_selects_the_listed_layers_of_each_dit_family(kind, pack):
     assert pack["lora_keys"].lora_file_facts(patcher)["name_map"] is None  # native kohya names
     top_level = {n for n, _ in patcher.model.diffusion_model.named_children()}
     assert not any(n.split(".")[0] not in arch.family_of(patcher).block_lists for n in broad)
-    assert "proj_out" in top_level or "final_layer" in top_level  # present, and not selected
+    assert {"proj_out", "final_layer", "head"} & top_level  # present, and not selected
 
 
 def test_table_unet_families_and_block_lists(comfy, pack):
@@ -120,8 +124,20 @@ def test_unknown_family_is_refused_listing_the_supported_ones(comfy, pack):
     model = comfy.supported_models.AuraFlow({"cond_seq_dim": 2048})
     with pytest.raises(pack["architectures"].UnsupportedModelError) as e:
         pack["comfy_glue"].target_module_names(model, "attention")
-    for name in ("AuraFlow", "SD1.x", "SDXL", "SD3", "FLUX.1 dev", "Chroma", "Qwen-Image"):
+    for name in ("AuraFlow", "SD1.x", "SDXL", "SD3", "FLUX.1 dev", "Chroma", "Qwen-Image", "Wan 2.1 T2V"):
         assert name in str(e.value)
+    # ComfyUI's Wan variants subclass WAN21_T2V but need other inputs (I2V) or another VAE (2.2)
+    for variant in ("WAN21_I2V", "WAN22_T2V", "WAN21_Vace"):
+        config = getattr(comfy.supported_models, variant)({"image_model": "wan2.1"})
+        with pytest.raises(pack["architectures"].UnsupportedModelError, match=variant):
+            pack["architectures"].family_of(config)
+
+
+def test_wan_table_row(comfy, pack):
+    family = pack["architectures"].family_of(D.tiny_model("wan21_t2v"))
+    assert (family.latent_dimensions, family.video_frames, family.time_compression) == (3, 33, 4)
+    assert family.default_cfg == 5.0 and not family.guidance_distilled and family.guidance is None
+    assert family.block_lists == ("blocks",)
 
 
 # -- flow sampling --------------------------------------------------------------------------------
@@ -177,9 +193,16 @@ def test_sampler_on_comfy_flow_model_sampling_equals_independent_euler(kind, shi
 
 
 # -- training, saving, loading --------------------------------------------------------------------
+# Wan: 9 frames (3 latent frames) of which the first 2 latent frames (5 frames) are decoded
+VIDEO_FRAMES, DECODED_LATENT_FRAMES = 9, 2
+
+
 def _run_config(rc, kind, iterations, **kw):
     from training import SamplerSettings, TrainSettings
-    steps = 4 if kind == "flux_schnell" else 6
+    from training.run_options import VideoOptions
+    steps = 4 if kind in ("flux_schnell", "wan21_t2v") else 6
+    if kind in D.VIDEO:
+        kw.setdefault("video", VideoOptions(VIDEO_FRAMES, DECODED_LATENT_FRAMES))
     base = dict(prompts=["a cat", "a dog"], negative_prompt="", sampler=SamplerSettings("draft_lv", lv_samples=2),
                 steps=steps, scheduler="simple", cfg=0.0, width=64, height=64,
                 train=TrainSettings(iterations=iterations, learning_rate=3e-2, seed=0, grad_clip=0.0),
@@ -192,7 +215,7 @@ def _run_config(rc, kind, iterations, **kw):
 def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, cfg, steps):
     import comfy.sample
     import node_helpers
-    shape = (1, 16, 1, 8, 8) if kind == "qwen_image" else (1, 16, 8, 8)
+    shape = {"qwen_image": (1, 16, 1, 8, 8), "wan21_t2v": (1, 16, 3, 8, 8)}.get(kind, (1, 16, 8, 8))
     scores, images = [], []
     for seed in seeds:
         cond = encode("a cat")
@@ -203,7 +226,7 @@ def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, c
             latent = comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", cond, encode(""),
                                          torch.zeros(shape), seed=seed, disable_pbar=True)
             image = vae.decode(latent)  # (B, [T,] H, W, 3)
-        image = image.reshape(-1, *image.shape[-3:]).movedim(-1, 1)
+        image = image.reshape(-1, *image.shape[-3:]).movedim(-1, 1)  # a video: all its frames
         images.append(image)
         scores.append(float(reward(image, ["a cat"]).mean()))
     return sum(scores) / len(scores), torch.cat(images)
@@ -280,7 +303,108 @@ def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras
         assert torch.allclose(other, from_training, atol=2e-4), float((other - from_training).abs().max())
 
 
-@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image"])
+def test_wan_decoder_decodes_the_first_latent_frames_and_rewards_average_per_video(comfy, pack):
+    """The video decoder decodes only the first k latent frames (Wan's causal VAE: the same frames
+    as a decode of all of them, 1 + 4 (k - 1) of them), returns them as consecutive images per
+    video; the trainer scores every frame with its video's prompt and averages per video; previews
+    show the middle frame."""
+    from training.trainer import DraftTrainer
+    glue = pack["comfy_glue"]
+    model, vae = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v")
+    latent = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        two = glue.make_decoder(vae, model.model, 2)(latent)
+        full = glue.make_decoder(vae, model.model, 3)(latent)
+    assert two.shape == (2 * 5, 3, 32, 32) and full.shape == (2 * 9, 3, 32, 32)
+    assert torch.allclose(two.view(2, 5, 3, 32, 32), full.view(2, 9, 3, 32, 32)[:, :5], atol=1e-5)
+    seen = []
+
+    def reward(images, prompts):
+        seen.append(list(prompts))
+        return images.mean(dim=(1, 2, 3))
+    trainer = DraftTrainer.__new__(DraftTrainer)  # score() and middle_frames() use only the reward
+    trainer.reward = reward
+    scores = trainer.score(two, ["a", "b"])
+    assert seen == [["a"] * 5 + ["b"] * 5]
+    assert torch.allclose(scores, two.mean(dim=(1, 2, 3)).view(2, 5).mean(1))
+    assert torch.equal(DraftTrainer.middle_frames(two, 2), two[[2, 7]])
+    # ComfyUI's per-frame inference estimate of a Wan decode, times the decoded latent frames
+    decode, _ = glue.update_memory_inputs(model, vae, (16, 9, 60, 104), 3)
+    assert decode == 3 * vae.memory_used_decode([1, 16, 1, 60, 104], vae.vae_dtype)
+
+
+@pytest.mark.parametrize("keep", [None, "convolutions"])
+def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, keep):
+    """Wan's decoder blocks carry the previous latent frame's cache from call to call: checkpointed
+    (whole, or selectively as the middle memory way does) they give the decode's values and
+    gradients unchanged, and the cache-carrying calls leave no wrapper behind."""
+    from training.checkpointing import KEEP_CONVOLUTIONS, checkpoint_blocks, is_wrapped
+    glue = pack["comfy_glue"]
+    model, vae = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v")
+    units = glue.decoder_checkpoint_units(vae.first_stage_model)
+    # the decoder (once per latent frame); middle; 3 residual blocks in each of 4 levels; 3 upsamplers
+    assert len(units) == 1 + 3 + 4 * 3 + 3 and units[0] is vae.first_stage_model.decoder
+    decode = glue.make_decoder(vae, model.model, 2)
+    latent = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(5 * 3 * 32 * 32, generator=torch.Generator().manual_seed(2)).view(5, 3, 32, 32)
+
+    def value_and_grad():
+        x = latent.clone().requires_grad_(True)
+        out = decode(x)
+        (out * weights).sum().backward()
+        return out.detach(), x.grad
+    plain = value_and_grad()
+    with checkpoint_blocks(units, keep=KEEP_CONVOLUTIONS if keep else None) as wrapped:
+        assert wrapped == len(units)
+        checkpointed = value_and_grad()
+    assert not any(is_wrapped(u) for u in units)
+    assert torch.allclose(plain[0], checkpointed[0], atol=1e-6)
+    assert float(plain[1].abs().max()) > 0
+    assert torch.allclose(plain[1], checkpointed[1], atol=1e-6, rtol=1e-5)
+
+
+def test_wan_lean_way_trains_the_lora_of_the_fast_way(comfy, pack, loras_dir):
+    """Every block checkpointed (the Wan blocks and the Wan VAE decoder's), rows one at a time:
+    the same update as the fast way."""
+    from reward_models import ImageStatReward
+    from training.memory_plan import MemoryOptions
+    rc = pack["training_run"]
+    model, vae, encode = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v"), D.conditioning("wan21_t2v")
+    reward = pack["reward_types"].RewardHandle(ImageStatReward("brightness"), [], "brightness")
+    loras = []
+    for memory in (MemoryOptions("off", "all at once"), MemoryOptions("on", "one at a time")):
+        with torch.inference_mode(False), torch.enable_grad():
+            run = rc.TrainingRun(model, vae, encode, reward,
+                                 _run_config(rc, "wan21_t2v", 1, memory=memory))
+            loras.append(run.run().lora)
+    assert run._state["plan"].denoiser_blocks and run._state["plan"].row_by_row
+    for name, d in loras[0].items():
+        assert float(d.up.detach().abs().max()) > 0
+        # batched vs one row at a time: float32 sums in another order, through one AdamW step
+        assert torch.allclose(loras[1][name].up, d.up, atol=3e-5), name
+
+
+def test_wan_length_and_held_out_check_are_checked_when_queued(comfy, pack):
+    from training.run_options import VideoOptions
+    trainer_node = F.import_pack_module("nodes.trainer_node")
+    sampler_node = F.import_pack_module("nodes.sampler_node")
+    sampler = sampler_node.DraftSamplerNode.PREPARE_CLASS_CLONE({}).execute(
+        **{i.id: i.default for i in sampler_node.DraftSamplerNode.define_schema().inputs}).args[0]
+    values = dict(prompt_set="custom", prompts="a cat", negative_prompt="", steps=4,
+                  scheduler="simple", cfg=0.0, width=64, height=64, iterations=1, batch_size=1,
+                  learning_rate=1e-3, seed=0, lora_name="draft/wan", resume_lora="none")
+    node = trainer_node.DraftTrainerNode.PREPARE_CLASS_CLONE({})
+    with pytest.raises(ValueError) as e:
+        node.execute(model=D.tiny_model("wan21_t2v"), vae=D.tiny_vae("wan21_t2v"), clip=None,
+                     reward=None, sampler=sampler, video=VideoOptions(length=10),
+                     evaluation=object(), **values)
+    text = str(e.value)
+    print(text)
+    assert "- length of DRaFT Video Settings: length 10 is not 4k + 1 frames" in text, text
+    assert "(Wan 2.1 T2V)" in text and "evaluation: the DRaFT Held-out Check does not judge videos" in text, text
+
+
+@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image", "wan21_t2v"])
 def test_family_resumes_from_a_periodic_save(kind, comfy, pack, loras_dir):
     from reward_models import ImageStatReward
     rc = pack["training_run"]

@@ -40,7 +40,11 @@ ROWS = {
                       torch.bfloat16, (16, 128, 128), 16, 1),
     "sd35m_1024": ("SD3", dit_fixtures.FAMILIES["sd3_5_medium"][1], torch.bfloat16, None,
                    (16, 128, 128), 16, 2),
+    # Wan 2.1 T2V 1.3B (ComfyUI's memory figure reads the width: dim 1536) at 480x832, 33 frames
+    "wan21_1_3b_480p": ("WAN21_T2V", dict(dit_fixtures.FAMILIES["wan21_t2v"][1], dim=1536),
+                        torch.bfloat16, None, (16, 9, 60, 104), 16, 2),
 }
+DECODED_LATENT_FRAMES = {"wan21_1_3b_480p": 3}  # video rows: latent frames the reward sees
 METHOD_ROWS = {"k1": 1, "lv2": 2, "full": 1}  # differentiated rows per batch row
 # make vram's modes that are ways of the trainer -> (blocks, rows one at a time); ``before`` (the
 # fast way with the whole decode checkpointed, as it was) is not one any more
@@ -69,7 +73,8 @@ def comfy_figures():
         for name, (cls, unet_config, dtype, manual_cast, latent, vae_channels, _) in ROWS.items():
             config = getattr(comfy.supported_models, cls)(dict(unet_config))
             config.set_inference_dtype(dtype, manual_cast)
-            model = config.get_model({})
+            video = name in DECODED_LATENT_FRAMES
+            model = config.get_model({}, device="meta" if video else None)
             patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                                        offload_device=torch.device("cpu"))
             # ComfyUI's own detection builds the family's KL VAE (ch 128) from its decoder's
@@ -77,12 +82,14 @@ def comfy_figures():
             # lists every one of them is muted).
             logging.disable(logging.WARNING)
             try:
-                vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(512, vae_channels, 3, 3)})
+                vae = (dit_fixtures.tiny_vae("wan21_t2v") if video else  # the Wan 2.1 VAE
+                       comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(512, vae_channels, 3, 3)}))
             finally:
                 logging.disable(logging.NOTSET)
             vae.vae_dtype = torch.bfloat16  # what ComfyUI picks for the VAE on a bf16 GPU
-            out[name] = glue.update_memory_inputs(patcher, vae, latent) + (
-                architectures.memory_factors(patcher),)
+            out[name] = glue.update_memory_inputs(
+                patcher, vae, latent, DECODED_LATENT_FRAMES.get(name)) + (
+                architectures.memory_factors(patcher), architectures.decode_factors(patcher))
     finally:
         mm.pytorch_attention_flash_attention = flash
     return out
@@ -107,10 +114,10 @@ def test_trainer_estimate_covers_the_traced_peak_without_overstating_it(comfy_fi
     rows = [r for r in _measured() if r["model"] == name and r["method"] == method
             and r["batch"] == batch and r["mode"] == mode and not r["lowvram"]]
     measured = rows[0]["peak_update_gib"] * 1024 ** 3
-    decode, denoiser_row, factors = comfy_figures[name]
+    decode, denoiser_row, factors, decode_factors = comfy_figures[name]
     estimate = estimate_update_bytes(
         rows=batch * METHOD_ROWS[method], cfg_branches=ROWS[name][6], decode_bytes=decode,
-        denoiser_row_bytes=denoiser_row, denoiser_factors=factors,
+        denoiser_row_bytes=denoiser_row, denoiser_factors=factors, decode_factors=decode_factors,
         blocks=WAY_OF_MODE[mode][0], one_row=WAY_OF_MODE[mode][1])
     assert measured <= estimate <= HEADROOM * measured, (
         f"{name} {method} b{batch} {mode}: estimate {estimate / 2**30:.2f} GiB, traced "

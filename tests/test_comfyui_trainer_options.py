@@ -1,5 +1,5 @@
 """DRaFT Trainer's optional settings nodes in-process (marker ``comfyui``): a trainer with none of
-DRaFT LoRA Settings, Optimizer and Save & Preview connected trains the same LoRA, bit for bit, as
+DRaFT LoRA Settings, Optimizer, Save & Preview and Video Settings (ignored by image models) connected trains the same LoRA, bit for bit, as
 with each of them connected at its defaults, and as a run with the same settings built the way
 the trainer built them before they moved to those nodes (RunConfig/TrainingRun with the old
 widgets' defaults written out); the nodes' non-default values reach the run."""
@@ -39,7 +39,9 @@ def _option_nodes():
     from comfyui_draft_pack.nodes.optimizer_node import DraftOptimizer
     from comfyui_draft_pack.nodes.save_preview_node import DraftSavePreview
     from comfyui_draft_pack.nodes.trainer_options import OPTION_INPUTS
-    nodes = {n.TRAINER_INPUT: n for n in (DraftLoRASettings, DraftOptimizer, DraftSavePreview)}
+    from comfyui_draft_pack.nodes.video_settings_node import DraftVideoSettings
+    nodes = {n.TRAINER_INPUT: n for n in (DraftLoRASettings, DraftOptimizer, DraftSavePreview,
+                                          DraftVideoSettings)}
     assert set(nodes) == set(OPTION_INPUTS)
     return nodes
 
@@ -90,11 +92,11 @@ def test_defaults_of_every_options_node_train_the_lora_of_the_trainer_alone_bit_
     alone = _train_node(comfy_env)
     assert len(alone) > 0 and any(v.abs().max() > 0 for k, v in alone.items() if "lora_up" in k)
     nodes = _option_nodes()
-    assert set(nodes) == {"lora_settings", "optimizer", "saving"}
+    assert set(nodes) == {"lora_settings", "optimizer", "saving", "video"}
     for name, node_cls in nodes.items():  # each one connected at its defaults
         _assert_same(alone, _train_node(comfy_env, **{name: _output(node_cls)}), f"{name} at its defaults")
     everything = {name: _output(node_cls) for name, node_cls in nodes.items()}
-    _assert_same(alone, _train_node(comfy_env, **everything), "all three at their defaults")
+    _assert_same(alone, _train_node(comfy_env, **everything), "all of them at their defaults")
     _assert_same(alone, _train_old_way(comfy_env), "the same settings built the old way")
 
 
@@ -117,10 +119,12 @@ def test_options_nodes_values_reach_the_run(comfy_env, monkeypatch):
                                           target_modules="kohya default"),
                     optimizer=_output(nodes["optimizer"], weight_decay=0.0, grad_clip=0.5,
                                       grad_accumulation=3, kl_coeff=0.25, mixed_precision="bf16"),
-                    saving=_output(nodes["saving"], save_every=7, preview_every=0))
+                    saving=_output(nodes["saving"], save_every=7, preview_every=0),
+                    video=_output(nodes["video"], length=17, decoded_latent_frames=2))
     c = captured[0]
     assert (c.rank, c.alpha, c.target_set) == (4, 2.0, "kohya default")
     assert (c.train.weight_decay, c.train.grad_clip, c.train.grad_accum, c.train.kl_coeff) == (0.0, 0.5, 3, 0.25)
     assert c.mixed_precision == "bf16" and (c.save_every, c.preview_every) == (7, 0)
+    assert (c.video.length, c.video.decoded_latent_frames) == (17, 2)
     assert (c.train.iterations, c.train.batch_size, c.train.learning_rate, c.train.seed) == (2, 1, 1e-2, 5)
 

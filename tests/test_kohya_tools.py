@@ -10,7 +10,7 @@ checkouts named by ``KOHYA_SD_SCRIPTS_PATH`` (kohya-ss/sd-scripts) and ``MUSUBI_
 * the kohya model is built from kohya's own classes and parameter dataclasses at the fixture's
   reduced width (``library.flux_models.Flux(FluxParams)``, ``library.chroma_models.Chroma
   (ChromaParams)``, ``library.sd3_models.create_sd3_mmdit(sd3_utils.analyze_state_dict_state(...))``,
-  musubi's ``QwenImageTransformer2DModel``), and the ComfyUI model's weights load into it with
+  musubi's ``QwenImageTransformer2DModel`` and Wan ``WanModel``), and the ComfyUI model's weights load into it with
   ``strict=True`` (same module tree, same shapes); kohya's own full-size loaders
   (``flux_utils.load_flow_model``) cannot build a small model, they use the full-size configs;
 * kohya's inference path (``flux_minimal_inference.py`` / ``sd3_minimal_inference.py``:
@@ -19,9 +19,9 @@ checkouts named by ``KOHYA_SD_SCRIPTS_PATH`` (kohya-ss/sd-scripts) and ``MUSUBI_
   our file (none unmatched either way), with our rank and alpha, and each patched layer computes
   ``W x + alpha/rank * up(down(x))`` with our factors; the merged weights are ``W + delta``;
 * FLUX: sd-scripts' merge script (``networks/flux_merge_lora.merge_to_flux_model``) merges our
-  file into the model's safetensors with every LoRA key consumed; Qwen-Image: musubi's loader
-  (``utils.lora_utils.load_safetensors_with_lora_and_fp8``, what ``qwen_image_generate_image.py``
-  uses) merges it with every key used;
+  file into the model's safetensors with every LoRA key consumed; Qwen-Image and Wan 2.1: musubi's
+  loader (``utils.lora_utils.load_safetensors_with_lora_and_fp8``, what ``qwen_image_generate_image.py``
+  and ``wan.modules.model.load_wan_model`` use) merges it with every key used;
 * metadata: ``ss_base_model_version``, ``ss_network_module`` and ``modelspec.architecture`` /
   ``implementation`` are what kohya's trainers write (values from kohya's own code where it has a
   function for them: ``sai_model_spec.build_metadata``, ``sd3_utils`` model types,
@@ -89,7 +89,7 @@ def musubi():
     root = musubi_tuner_path()
     names = ("musubi_tuner.networks.lora_qwen_image", "musubi_tuner.qwen_image.qwen_image_model",
              "musubi_tuner.utils.lora_utils", "musubi_tuner.utils.sai_model_spec",
-             "musubi_tuner.dataset.architectures")
+             "musubi_tuner.dataset.architectures", "musubi_tuner.networks.lora_wan")
     return dict(zip((n.split(".")[-1] for n in names), _import_from(root, names)))
 
 
@@ -376,6 +376,71 @@ def test_musubi_tuner_reads_our_qwen_image_lora(musubi, pack, loras_dir, tmp_pat
     assert meta["modelspec.implementation"] == spec["modelspec.implementation"]
 
 
+# -- musubi-tuner: Wan 2.1 --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def musubi_wan(musubi):
+    """musubi's ``wan.modules.model``. Its package's ``__init__`` imports ``wan.modules.t5``, whose
+    ``T5EncoderModel`` has ``device=torch.cuda.current_device()`` as a default argument, evaluated
+    at import: on a machine without CUDA it raises, so the import sees device 0 (the text encoder
+    is never built here)."""
+    from unittest import mock
+    with mock.patch.object(torch.cuda, "current_device", lambda: 0):
+        (model,) = _import_from(musubi_tuner_path(), ["musubi_tuner.wan.modules.model"])
+    return dict(musubi, model=model)
+
+
+def _musubi_wan(musubi):
+    cfg = D.FAMILIES["wan21_t2v"][1]
+    return musubi["model"].WanModel(
+        model_type="t2v", model_version="2.1", in_dim=cfg["in_dim"], dim=cfg["dim"],
+        ffn_dim=cfg["ffn_dim"], freq_dim=cfg["freq_dim"], text_dim=cfg["text_dim"],
+        out_dim=cfg["out_dim"], num_heads=cfg["num_heads"], num_layers=cfg["num_layers"],
+        eps=cfg["eps"])
+
+
+@pytest.mark.comfyui
+@pytest.mark.musubi
+def test_musubi_tuner_reads_our_wan_lora(musubi_wan, pack, loras_dir, tmp_path, caplog):
+    """musubi-tuner's own networks.lora_wan (create_arch_network_from_weights: apply + strict load,
+    merge_to) and its Wan loader's LoRA merge (load_safetensors_with_lora_and_fp8, what
+    wan.modules.model.load_wan_model calls) use every module and key of our file; its metadata is
+    what musubi's wan_train_network.py writes."""
+    musubi = musubi_wan
+    patcher = D.tiny_model("wan21_t2v")
+    path, lora, tensors, meta = _save_ours("wan21_t2v", patcher, pack, loras_dir)
+    base_sd = _comfy_state_dict(patcher)
+    build = lambda: _load_strict(_musubi_wan(musubi), base_sd)  # noqa: E731
+    create = musubi["lora_wan"].create_arch_network_from_weights
+    assert any(".ffn." in n for n in lora.names())  # the broad set: attention and feed-forward
+
+    model = build()
+    network = create(1.0, dict(tensors), unet=model, for_inference=True)
+    _check_created_modules(network, tensors, lora)
+    network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+    info = network.load_state_dict(dict(tensors), strict=True)
+    assert not info.missing_keys and not info.unexpected_keys
+    _check_applied(model, base_sd, lora)
+    model = build()
+    network = create(1.0, dict(tensors), unet=model, for_inference=True)
+    network.merge_to(None, model, dict(tensors), device=torch.device("cpu"))
+    _check_merged(model.state_dict(), base_sd, lora, "musubi merge_to")
+
+    model_file = str(tmp_path / "wan.safetensors")
+    save_file(base_sd, model_file)
+    with caplog.at_level(logging.WARNING):
+        merged = musubi["lora_utils"].load_safetensors_with_lora_and_fp8(
+            model_file, [load_file(path)], [1.0], False, torch.device("cpu"))
+    assert "not all LoRA keys are used" not in caplog.text, caplog.text
+    _check_merged(merged, base_sd, lora, "musubi load_safetensors_with_lora_and_fp8")
+
+    arch = musubi["architectures"]
+    spec = musubi["sai_model_spec"].build_metadata(None, arch.ARCHITECTURE_WAN, time.time())
+    assert meta["ss_base_model_version"] == arch.ARCHITECTURE_WAN_FULL  # wan_train_network.py
+    assert meta["ss_network_module"] == musubi["lora_wan"].__name__.removeprefix("musubi_tuner.")
+    assert meta["modelspec.architecture"] == spec["modelspec.architecture"] == "wan2.1/lora"
+    assert meta["modelspec.implementation"] == spec["modelspec.implementation"]
+
+
 # -- our "kohya default" set against kohya's trainers' own default ----------------------------------
 _MODULATION = {  # what kohya's default trains beyond ours: the blocks' modulation (adaLN) layers
     "flux_dev": [f"double_blocks.{i}.{m}_mod.lin" for i in (0, 1) for m in ("img", "txt")]
@@ -386,6 +451,7 @@ _MODULATION = {  # what kohya's default trains beyond ours: the blocks' modulati
     # musubi's lora_qwen_image adds the exclude pattern r".*(_mod_).*", but it is matched against
     # the dotted module name ("transformer_blocks.0.img_mod.1"), so img_mod / txt_mod are trained
     "qwen_image": [f"transformer_blocks.{i}.{m}_mod.1" for i in (0, 1) for m in ("img", "txt")],
+    "wan21_t2v": [],  # Wan's modulation is a bare parameter, no layer: musubi's default is ours
 }
 
 
@@ -393,7 +459,8 @@ _MODULATION = {  # what kohya's default trains beyond ours: the blocks' modulati
 @pytest.mark.parametrize("kind", [
     pytest.param("flux_dev", marks=pytest.mark.kohya), pytest.param("chroma", marks=pytest.mark.kohya),
     pytest.param("sd3_5_medium", marks=pytest.mark.kohya),
-    pytest.param("qwen_image", marks=pytest.mark.musubi)])
+    pytest.param("qwen_image", marks=pytest.mark.musubi),
+    pytest.param("wan21_t2v", marks=pytest.mark.musubi)])
 def test_kohya_default_set_is_the_kohya_trainers_default_less_modulation(kind, pack, request):
     """kohya's training-time ``create_network`` with default arguments (every Linear inside the
     family's blocks) selects our "kohya default" layers plus exactly the modulation layers (which
@@ -405,6 +472,10 @@ def test_kohya_default_set_is_the_kohya_trainers_default_less_modulation(kind, p
         musubi = request.getfixturevalue("musubi")
         model = _load_strict(_musubi_qwen(musubi), base_sd)
         network = musubi["lora_qwen_image"].create_arch_network(1.0, 4, 1.0, None, [], model)
+    elif kind == "wan21_t2v":
+        musubi = request.getfixturevalue("musubi_wan")
+        model = _load_strict(_musubi_wan(musubi), base_sd)
+        network = musubi["lora_wan"].create_arch_network(1.0, 4, 1.0, None, [], model)
     else:
         kohya = request.getfixturevalue("kohya")
         if kind.startswith("sd3"):

@@ -41,6 +41,8 @@ BASE_MODELS = {
     # ss_base_model_version = architecture_full_name = "qwen_image" (dataset/architectures.py
     # ARCHITECTURE_QWEN_IMAGE_FULL; training/trainer_base.py), architecture "Qwen-Image/lora" and
     # implementation "https://github.com/QwenLM/Qwen-Image" (utils/sai_model_spec.py).
+    # Wan 2.1: musubi-tuner's wan_train_network.py writes architecture_full_name "wan"
+    # (ARCHITECTURE_WAN_FULL), sai_model_spec's ARCH_WAN "wan2.1" + "/lora" and IMPL_WAN.
     # tests/test_kohya_tools.py checks these against kohya's / musubi's own code.
     "sd3_medium": ("medium", "stable-diffusion-3-medium/lora", "diffusers"),
     "sd3_5_medium": ("5-medium", "stable-diffusion-3-5-medium/lora", "diffusers"),
@@ -49,6 +51,7 @@ BASE_MODELS = {
     "flux1_schnell": ("flux1", "flux-1-schnell/lora", _BFL_FLUX),
     "chroma": ("chroma", "chroma/lora", "https://huggingface.co/lodestones/Chroma"),
     "qwen_image": ("qwen_image", "Qwen-Image/lora", "https://github.com/QwenLM/Qwen-Image"),
+    "wan21_t2v": ("wan", "wan2.1/lora", "https://github.com/Wan-Video/Wan2.1"),
 }
 ARCHITECTURES = {k: v[1] for k, v in BASE_MODELS.items()}
 # base model -> ss_network_module: the --network_module kohya's trainer for that family runs and
@@ -56,13 +59,14 @@ ARCHITECTURES = {k: v[1] for k, v in BASE_MODELS.items()}
 # networks.lora_flux (docs/flux_train_network.md); SD3: networks.lora_sd3, the module with MMDiT
 # targets (sd3_minimal_inference.py reads only it; networks/lora.py finds no layer in an MMDiT,
 # though docs/sd3_train_network.md's example names it); Qwen-Image: musubi-tuner's
-# networks.lora_qwen_image (its trainer_base.py writes args.network_module; docs/qwen_image.md).
+# networks.lora_qwen_image (its trainer_base.py writes args.network_module; docs/qwen_image.md);
+# Wan 2.1: musubi's networks.lora_wan (docs/wan.md).
 # SD UNets: networks.lora.
 NETWORK_MODULES = {
     "sd3_medium": "networks.lora_sd3", "sd3_5_medium": "networks.lora_sd3",
     "sd3_5_large": "networks.lora_sd3",
     "flux1_dev": "networks.lora_flux", "flux1_schnell": "networks.lora_flux", "chroma": "networks.lora_flux",
-    "qwen_image": "networks.lora_qwen_image",
+    "qwen_image": "networks.lora_qwen_image", "wan21_t2v": "networks.lora_wan",
 }
 DEFAULT_NETWORK_MODULE = "networks.lora"
 

@@ -49,6 +49,10 @@ FAST_DECODE_FACTOR = 2.9
 SELECTIVE_DECODE_FACTOR = 1.7
 # The SD1.x/SD2.x denoiser factors (fast, lean): the default of :func:`estimate_update_bytes`.
 UNET_DENOISER_FACTORS = (11.5, 1.0)
+# The decoder factors (whole, selective, blocks) of the SD / FLUX / SD3 KL VAEs above: the default
+# of :func:`estimate_update_bytes`; a family whose VAE differs (Wan's causal video VAE) has its own
+# (``nodes/architectures.py`` ``decode_factors``).
+KL_DECODE_FACTORS = (FAST_DECODE_FACTOR, SELECTIVE_DECODE_FACTOR, LEAN_DECODE_FACTOR)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,8 @@ class DoesNotFit(RuntimeError):
 def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
                           denoiser_row_bytes: float, lean: bool = False, blocks: str = "",
                           one_row: bool | None = None,
-                          denoiser_factors: tuple = UNET_DENOISER_FACTORS) -> int:
+                          denoiser_factors: tuple = UNET_DENOISER_FACTORS,
+                          decode_factors: tuple | None = KL_DECODE_FACTORS) -> int:
     """Peak activation bytes of one update beside the weights.
 
     Args:
@@ -123,12 +128,15 @@ def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
         one_row: rows one at a time (overrides ``lean``).
         denoiser_factors: ``(fast, lean)`` peak of one denoiser row under gradient over
             ``denoiser_row_bytes``, the family's (``nodes/architectures.py``).
+        decode_factors: ``(whole, selective, blocks)`` peak of one decode under gradient over
+            ``decode_bytes``, per way of checkpointing the decoder (the family's VAE's; None:
+            :data:`KL_DECODE_FACTORS`).
     """
     blocks = blocks or ("on" if lean else "off")
     one_row = lean if one_row is None else one_row
     fast_factor, lean_factor = denoiser_factors
-    decoder = {"off": FAST_DECODE_FACTOR, "decoder and reward": SELECTIVE_DECODE_FACTOR,
-               "on": LEAN_DECODE_FACTOR}[blocks] * decode_bytes
+    decoder = dict(zip(("off", "decoder and reward", "on"),
+                       decode_factors or KL_DECODE_FACTORS))[blocks] * decode_bytes
     denoiser = (lean_factor if blocks == "on" else fast_factor) * cfg_branches * denoiser_row_bytes
     return int((1 if one_row else rows) * max(decoder, denoiser))
 
@@ -139,7 +147,8 @@ WAYS = tuple((b, r) for b in ("off", "decoder and reward", "on") for r in (False
 
 def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_bytes: float,
                 denoiser_row_bytes: float, available_bytes: int, streamable_bytes: int = 0,
-                hint: str = "", denoiser_factors: tuple = UNET_DENOISER_FACTORS) -> MemoryPlan:
+                hint: str = "", denoiser_factors: tuple = UNET_DENOISER_FACTORS,
+                decode_factors: tuple | None = KL_DECODE_FACTORS) -> MemoryPlan:
     """Resolve ``auto`` choices against ``available_bytes`` (free device memory once the weights
     are loaded): the fastest way that fits, or the leanest when none does and it fits with
     ``streamable_bytes`` (weights ComfyUI can stream instead: lowvram partial loading) given up.
@@ -147,7 +156,8 @@ def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_
     cond_only = options.cfg_gradient == "conditional only"
     branches = 1 if cond_only else cfg_branches
     kw = dict(rows=rows, cfg_branches=branches, decode_bytes=decode_bytes,
-              denoiser_row_bytes=denoiser_row_bytes, denoiser_factors=denoiser_factors)
+              denoiser_row_bytes=denoiser_row_bytes, denoiser_factors=denoiser_factors,
+              decode_factors=decode_factors)
     fast, lean = estimate_update_bytes(lean=False, **kw), estimate_update_bytes(lean=True, **kw)
     want_blocks = None if options.block_checkpointing == "auto" else options.block_checkpointing
     want_row = {"one at a time": True, "all at once": False}.get(options.rows)
@@ -194,4 +204,4 @@ def trainer_memory_kwargs(plan: MemoryPlan, denoiser_units: Sequence = (),
 
 __all__ = ["MemoryOptions", "MemoryPlan", "DoesNotFit", "estimate_update_bytes", "choose_plan",
            "trainer_memory_kwargs", "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES",
-           "UNET_DENOISER_FACTORS", "WAYS"]
+           "UNET_DENOISER_FACTORS", "KL_DECODE_FACTORS", "WAYS"]

@@ -54,3 +54,39 @@ class SavePreviewOptions:
 
     save_every: int = 0  # 0: no periodic saves
     preview_every: int = 10  # 0: show the latest training sample only
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How a video family (Wan 2.1) trains; image families ignore it.
+
+    ``length``: frames per training video, ``1 + time_compression * k`` (Wan: 4k + 1); 0 takes the
+    family's usual (``nodes/architectures.py`` ``video_frames``: 33 for Wan 2.1). Latent frames:
+    ``(length - 1) / time_compression + 1``.
+    ``decoded_latent_frames``: the reward sees only the first this many latent frames, decoded
+    (Wan's causal VAE gives ``1 + 4 (k - 1)`` frames from the first ``k``; VideoX-Fun's reward
+    training decodes 3, ``num_decoded_latents``); each frame is scored and a video's reward is the
+    mean over its frames. 0 decodes every latent frame."""
+
+    length: int = 0
+    decoded_latent_frames: int = 3
+
+    def __post_init__(self):
+        if self.length < 0 or self.decoded_latent_frames < 0:
+            raise ValueError("length and decoded_latent_frames must be >= 0")
+
+    def frames(self, family_frames: int) -> int:
+        """The training length in frames for a family whose usual length is ``family_frames``."""
+        return self.length or family_frames
+
+    def latent_frames(self, family_frames: int, time_compression: int) -> int:
+        """Latent frames of a training video (ValueError when the length does not fit the VAE)."""
+        frames = self.frames(family_frames)
+        if (frames - 1) % time_compression:
+            raise ValueError(f"length {frames} is not {time_compression}k + 1 frames (the video "
+                             f"VAE encodes {time_compression} frames per latent frame after the first)")
+        return (frames - 1) // time_compression + 1
+
+    def decoded(self, latent_frames: int) -> int:
+        """How many of ``latent_frames`` are decoded for the reward."""
+        return min(self.decoded_latent_frames or latent_frames, latent_frames)

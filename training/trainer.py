@@ -118,6 +118,14 @@ def _host_list(t: torch.Tensor) -> list:
     return [0.0] * t.numel() if isinstance(t, FakeTensor) else t.tolist()
 
 
+def _frames_per_sample(images: torch.Tensor, samples: int) -> int:
+    """Decoded images per sample: 1 for an image decoder, ``F`` for a video decoder that returns
+    each sample's ``F`` frames as consecutive images."""
+    if samples < 1 or images.shape[0] % samples:
+        raise ValueError(f"{images.shape[0]} decoded images for {samples} samples")
+    return images.shape[0] // samples
+
+
 ROW_STREAM = 0x524F57  # tags per-row generators: SeedSequence([a, b, c]) == SeedSequence([a, b, c, 0])
 
 
@@ -136,7 +144,9 @@ class DraftTrainer:
 
     Args:
         sampler: the differentiable sampler (its denoiser closes over the LoRA'd model).
-        decode: ``latent (B,C,h,w) -> images (B,3,H,W)`` in [0, 1], differentiable.
+        decode: ``latent (B,C,h,w) -> images (B,3,H,W)`` in [0, 1], differentiable; a video
+            decoder returns ``F`` frames per latent, ``(B*F,3,H,W)``, and each sample's reward is
+            the mean over its frames (:meth:`score`).
         reward: ``(images, prompts) -> (B,)``, differentiable, higher is better.
         prompts: the prompt list; batches draw indices into it uniformly with replacement.
         lora: the trained deltas (or a plain list of parameters).
@@ -207,7 +217,7 @@ class DraftTrainer:
         self.iteration = 0
         self.skipped_steps = 0
         self.history: list = []
-        self.last_images: Optional[torch.Tensor] = None  # first decoded image of the last update
+        self.last_images: Optional[torch.Tensor] = None  # first sample of the last update (video: middle frame)
         if self.reward_statistics is None and hasattr(self.reward, "deferred_statistics"):
             self.reward_statistics = self.reward.deferred_statistics
 
@@ -273,7 +283,7 @@ class DraftTrainer:
                         rollout = self.sampler.tail(tail, rows, step_checkpoint=step_ckpt,
                                                     params=self.params)
                         images = self.decode_images(rollout.latents)
-                        scores = self.reward(images, self._prompts(rollout.prompt_index)).float()
+                        scores = self.score(images, self._prompts(rollout.prompt_index))
                         share = n_rows / tail.rows  # this group's part of the micro-batch mean
                         # -mean over the micro-batch's rows, split into per-group parts
                         loss = -scores.sum() / tail.rows
@@ -283,7 +293,7 @@ class DraftTrainer:
                             loss = loss + weight * fn(rollout, images) * share
                         loss = loss / s.grad_accum
                     if rows is None or int(rows[0]) == 0:
-                        self.last_images = images.detach()[:1].float().cpu()
+                        self.last_images = self.middle_frames(images.detach(), n_rows)[:1].float().cpu()
                     rewards += _host_list(scores.detach().cpu())
                     loss_value = _host_float(loss.detach())
                     if not math.isfinite(loss_value):
@@ -350,6 +360,24 @@ class DraftTrainer:
             return self.reward_statistics()
         return contextlib.nullcontext()
 
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Per-sample rewards ``(B,)`` (float32) of decoded ``images``: ``(B,3,H,W)``, or for a
+        video ``(B*F,3,H,W)``, sample ``b``'s ``F`` frames at ``b*F ... b*F+F-1`` (what a video
+        decoder returns). Each frame is scored with its video's prompt and a video's reward is
+        the mean over its frames, so the loss stays ``-mean`` over samples (videos)."""
+        frames = _frames_per_sample(images, len(prompts))
+        if frames == 1:
+            return self.reward(images, prompts).float()
+        per_frame = [p for p in prompts for _ in range(frames)]
+        return self.reward(images, per_frame).float().view(len(prompts), frames).mean(1)
+
+    @staticmethod
+    def middle_frames(images: torch.Tensor, samples: int) -> torch.Tensor:
+        """The middle frame of each of ``samples`` decoded samples (for a video decoder's
+        ``(samples*F,3,H,W)``; images unchanged): what previews show."""
+        frames = _frames_per_sample(images, samples)
+        return images[frames // 2::frames] if frames > 1 else images
+
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """``self.decode`` in the memory format of ``channels_last_decode``: images (B,3,H,W),
         contiguous."""
@@ -361,7 +389,8 @@ class DraftTrainer:
     @torch.no_grad()
     def generate(self, seeds: Sequence[int], prompt_index: Optional[Sequence[int]] = None
                  ) -> torch.Tensor:
-        """Decoded images (N,3,H,W) in [0,1] for held-out ``seeds`` (one sample each), no grad.
+        """Decoded images (N,3,H,W) in [0,1] for held-out ``seeds`` (one sample each; a video
+        decoder's ``F`` frames each: (N*F,3,H,W)), no grad.
 
         ``prompt_index`` defaults to cycling through the prompts."""
         if prompt_index is None:
@@ -383,7 +412,7 @@ class DraftTrainer:
             prompt_index = [i % len(self.prompts) for i in range(len(seeds))]
         images = self.generate(seeds, prompt_index)
         with self._autocast():
-            return self.reward(images, [self.prompts[p] for p in prompt_index]).float().cpu()
+            return self.score(images, [self.prompts[p] for p in prompt_index]).cpu()
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

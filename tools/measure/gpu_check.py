@@ -352,7 +352,8 @@ def estimates(ctx, name: str, method: str) -> dict:
     latent = (spec[7], px // down, px // down)
     decode, row = pack["comfy_glue"].update_memory_inputs(patcher, vae, latent)
     kw = dict(rows=METHODS[method][1], cfg_branches=1 if spec[8] == 1.0 else 2, decode_bytes=decode,
-              denoiser_row_bytes=row, denoiser_factors=pack["architectures"].memory_factors(patcher))
+              denoiser_row_bytes=row, denoiser_factors=pack["architectures"].memory_factors(patcher),
+              decode_factors=pack["architectures"].decode_factors(patcher))
     mp = pack["memory_plan"]
     return {way: mp.estimate_update_bytes(blocks=b, one_row=r == "one at a time", **kw)
             for way, (b, r, _) in WAYS.items()}
@@ -489,7 +490,8 @@ def expected_way(ctx, name: str, available: int) -> str:
             mp.MemoryOptions(), rows=1, cfg_branches=1 if spec[8] == 1.0 else 2, decode_bytes=decode,
             denoiser_row_bytes=row, available_bytes=int(available),
             streamable_bytes=0 if ctx["dry_run"] else int(patcher.model_size()),
-            denoiser_factors=pack["architectures"].memory_factors(patcher))
+            denoiser_factors=pack["architectures"].memory_factors(patcher),
+            decode_factors=pack["architectures"].decode_factors(patcher))
     except mp.DoesNotFit:
         return "refused"
     return plan_way(plan.describe())

@@ -305,16 +305,19 @@ def update_sampler(method: str, sigmas, **kwargs):
 
 
 def update_trainer(sampler, denoiser, vae, latent_scale: float, latent_shift, reward, lora,
-                   latent_shape: tuple, batch: int, mode: str, denoiser_units: list):
+                   latent_shape: tuple, batch: int, mode: str, denoiser_units: list,
+                   decode=None):
     """The ``DraftTrainer`` of one traced update: ``denoiser`` in ``sampler``, the decode through
-    ``vae`` (latent / ``latent_scale`` + ``latent_shift`` unless None, to [0, 1]), ``reward`` on 4
-    prompts, the memory settings of ``mode`` and AdamW's state allocated without its step."""
+    ``vae`` (latent / ``latent_scale`` + ``latent_shift`` unless None, to [0, 1]; or ``decode``,
+    a video decoder returning each sample's frames), ``reward`` on 4 prompts, the memory settings
+    of ``mode`` and AdamW's state allocated without its step."""
     from training import DraftTrainer, TrainSettings
 
-    def decode(z):
-        z = z / latent_scale if latent_shift is None else z / latent_scale + latent_shift
-        img = vae.decode(z, return_dict=False)[0]
-        return (img.float() * 0.5 + 0.5).clamp(0, 1)
+    if decode is None:
+        def decode(z):
+            z = z / latent_scale if latent_shift is None else z / latent_scale + latent_shift
+            img = vae.decode(z, return_dict=False)[0]
+            return (img.float() * 0.5 + 0.5).clamp(0, 1)
 
     if mode == "before":  # the fast way as it was: the whole decode checkpointed
         from torch.utils.checkpoint import checkpoint

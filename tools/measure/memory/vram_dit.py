@@ -15,7 +15,13 @@ without them; see :mod:`.vram` for every mode), counted by
   blocks 0-12, q/k RMS norm) at 1024 px (4096 image + 333 text tokens), bf16, cfg 4.5 (both
   branches in one batch); DRaFT-LV n = 2.
 
-Both decode with the 16-channel FLUX/SD3 VAE decoder (``AutoencoderKL``, no quant convs, bf16) and
+* ``wan21_1_3b_480p``: Wan 2.1 T2V 1.3B (``WanTransformer3DModel``: 30 blocks, 1536 wide, 12
+  heads, FFN 8960) at 480x832, 33 frames (9 latent frames of 30 x 52 patches: 14,040 tokens; 512
+  T5 tokens), bf16, cfg 5 (both branches in one batch); only the first 3 latent frames (9 frames)
+  are decoded, by the Wan 2.1 VAE decoder (``AutoencoderKLWan``'s, causal, frame by frame), and
+  every frame is scored (the reward of a video is their mean). DRaFT-1 and DRaFT-LV n = 2.
+
+FLUX and SD3 decode with the 16-channel FLUX/SD3 VAE decoder (``AutoencoderKL``, no quant convs, bf16) and
 score with the LAION aesthetic reward (CLIP ViT-L/14, bf16); LoRA rank 8 on the attention targets
 of ``nodes/architectures.py`` in diffusers naming (FLUX: ``to_q/k/v``, ``to_out.0``,
 ``add_*_proj``, ``to_add_out``, single blocks' ``to_q/k/v``, ``proj_mlp``, ``proj_out``; SD3:
@@ -29,7 +35,9 @@ import time
 from tools.measure.setup import (build_aesthetic_reward, trace_update, update_sampler,
                                  update_trainer, vae_decoder)
 
-DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024}
+DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024, "wan21_1_3b_480p": 480}
+# Wan: (height, width, frames, decoded latent frames); frames = 4 (latent frames - 1) + 1
+WAN_VIDEO = {"wan21_1_3b_480p": (480, 832, 33, 3)}
 
 
 def build_transformer(model: str):
@@ -74,7 +82,74 @@ def store_fp8(transformer) -> None:
 
 def block_units(transformer) -> list:
     units = list(getattr(transformer, "transformer_blocks", []) or [])
+    units += list(getattr(transformer, "blocks", []) or [])  # Wan
     return units + list(getattr(transformer, "single_transformer_blocks", []) or [])
+
+
+def wan_attention_targets(transformer) -> list:
+    """Wan's ``attention`` set in diffusers names: self- (attn1) and cross-attention (attn2)
+    q, k, v, out."""
+    return [n for n, _ in transformer.named_modules() if n.startswith("blocks.")
+            and n.endswith((".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0",
+                            ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0"))]
+
+
+def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "lean") -> dict:
+    """Peak bytes of one Wan 2.1 video update (see the module docstring; modes as measure_dit)."""
+    import torch
+    from torch import nn
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from training import wrap_module
+    from training.memory_trace import fake_mode
+
+    torch.set_default_dtype(torch.bfloat16)
+    height, width, frames, decoded = WAN_VIDEO[model]
+    latent_t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
+    shift = 8.0  # ComfyUI's WAN21_T2V sampling shift
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    sigmas = (shift * t / (1 + (shift - 1) * t)).float()
+
+    def renoise(s, n, x0):
+        s = s.reshape(-1, 1, 1, 1, 1).to(n)
+        return s * n + (1 - s) * x0
+    sampler = update_sampler(method, sigmas, renoise=renoise)
+    started = time.perf_counter()
+    with fake_mode():
+        transformer = WanTransformer3DModel(  # Wan-AI/Wan2.1-T2V-1.3B
+            num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
+        autoencoder = AutoencoderKLWan()
+        del autoencoder.encoder, autoencoder.quant_conv
+        reward = build_aesthetic_reward()
+        for m in (transformer, autoencoder, reward):
+            m.eval().requires_grad_(False)
+        lora = wrap_module(transformer, wan_attention_targets(transformer), rank=8, alpha=8.0, seed=0)
+        tokens, cfg = 512, 5.0
+        context, uncond = torch.randn(4, tokens, 4096), torch.randn(1, tokens, 4096)
+        mean = torch.tensor(autoencoder.config.latents_mean).view(1, 16, 1, 1, 1)
+        std = torch.tensor(autoencoder.config.latents_std).view(1, 16, 1, 1, 1)
+
+        class Denoiser(nn.Module):
+            """Flow model: x0 = x - sigma * v; CFG with both branches in one batch."""
+
+            def forward(self, x, sigma, index):
+                s = sigma.to(x.dtype)
+                b = x.shape[0]
+                v_u, v_c = transformer(torch.cat([x, x]), torch.cat([s, s]) * 1000,
+                                       torch.cat([uncond.expand(b, -1, -1), context[index]]),
+                                       return_dict=False)[0].chunk(2)
+                v = v_u + cfg * (v_c - v_u)
+                return x - s.reshape(-1, 1, 1, 1, 1) * v.to(x.dtype)
+
+        def decode(z):  # the first `decoded` latent frames -> (B*F, 3, H, W), as the trainer's
+            video = autoencoder.decode(z[:, :, :decoded] * std + mean, return_dict=False)[0]
+            return (video.float() * 0.5 + 0.5).clamp(0, 1).movedim(2, 1).flatten(0, 1)
+
+        trainer = update_trainer(sampler, Denoiser(), autoencoder, 1.0, None, reward, lora,
+                                 (16, latent_t, h, w), batch, mode, block_units(transformer),
+                                 decode=decode)
+    row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=False, steps=steps,
+               resolution=height)
+    return trace_update(trainer, row, transformer, autoencoder, reward, lora, started)
 
 
 def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int,
@@ -83,6 +158,8 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
     checkpointing, one row at a time), ``lean_decoder`` (the decoder's blocks only, one row at a
     time), ``fast`` (per-step checkpointing, every row at once) or ``before`` (``fast`` with the
     whole decode checkpointed)."""
+    if model in WAN_VIDEO:
+        return measure_wan(model, method, batch, steps, mode)
     import torch
     from torch import nn
     from training import wrap_module

@@ -1,0 +1,33 @@
+"""DRaFT Video Settings: a video family's training length and the frames the reward sees
+(optional; default: the family's usual length, 3 decoded latent frames; image families ignore it)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..training.run_options import VideoOptions
+from .options_node import OptionsNode
+from .trainer_options import OPTION_INPUTS
+
+DraftVideoSettingsType = io.Custom("DRAFT_VIDEO")
+
+
+class DraftVideoSettings(OptionsNode):
+    TRAINER_INPUT, TYPE = "video", DraftVideoSettingsType
+    TITLE, OPTIONS = OPTION_INPUTS[TRAINER_INPUT]
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return cls.options_schema(
+            "DRaFTVideoSettings", cls.TITLE,
+            ("Optional, for video models (Wan 2.1 T2V): how long the training videos are and how "
+             "many of their frames the reward scores (without this node: the family's usual "
+             "length, 33 frames for Wan 2.1, and 3 decoded latent frames). Any image reward scores "
+             "a video frame by frame; a video's reward is the mean over its decoded frames. Image "
+             "models ignore this node."),
+            [
+                io.Int.Input("length", default=VideoOptions.length, min=0, max=1024, step=1,
+                             tooltip="Frames per training video, 4k + 1 for Wan (33 = 9 latent frames; Wan generates 81 by default); 0 = the model family's usual (33 for Wan 2.1). Memory and time grow with it: every latent frame goes through the DiT."),
+                io.Int.Input("decoded_latent_frames", default=VideoOptions.decoded_latent_frames, min=0, max=256,
+                             tooltip="Decode only the first this many latent frames for the reward (Wan's causal VAE gives 1 + 4(k - 1) frames from k: 3 -> 9 frames), as VideoX-Fun's reward training does (num_decoded_latents 3); 0 = all. The decoder's memory grows with it."),
+            ],
+        )
