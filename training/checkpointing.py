@@ -261,24 +261,37 @@ def _autocast_states(device_type: str) -> list:
 
 class _SavedTracker:
     """Saved-tensor hooks of a recompute: each saved tensor's version noted when saved, those at
-    the positions ``copy`` copied; :meth:`overwritten` gives the positions written since."""
+    the positions ``copy`` copied; :meth:`overwritten` gives the positions written since.
+    ``originals``: ``id(copy of an argument) -> (weak reference to it, its version, the saved
+    argument)``. It holds the graph's tensors weakly: autograd keeps the hooks as long as the
+    graph, so a strong reference would keep every activation of the block until its whole
+    backward is done, or, through a copy's ``grad_fn``, keep a discarded recompute for good."""
 
-    def __init__(self, copy):
-        self.copy, self.saved = copy, []
+    def __init__(self, copy, originals: dict):
+        self.copy, self.originals, self.saved = copy, originals, []
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        known = self.originals.get(id(t))
+        if known is not None and known[0]() is t and t._version == known[1]:
+            # a copy of an argument, not yet written: the saved argument has the same values
+            self.saved.append(None)
+            return known[2]
         kept = t.detach()  # (detached, as torch's checkpoint keeps them: no reference cycle)
         if len(self.saved) in self.copy:
             kept = kept.clone()
-        self.saved.append((kept, kept._version))
+        self.saved.append((weakref.ref(kept), kept._version))
         return kept
 
     @staticmethod
     def unpack(t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def release(self) -> None:
+        self.originals, self.saved = {}, []
+
     def overwritten(self) -> set:
-        return {i for i, (t, version) in enumerate(self.saved) if t._version != version}
+        return {i for i, entry in enumerate(self.saved)
+                if entry is not None and entry[0]() is not None and entry[0]()._version != entry[1]}
 
 
 def _trainable_leaves(outputs) -> list:
@@ -351,18 +364,23 @@ class _RecomputedBlock(torch.autograd.Function):
         need_in, need_params = ctx.needs_input_grad[1:1 + n], ctx.needs_input_grad[1 + n:]
         for _ in range(_RECOMPUTE_TRIES):
             leaves = [t.detach().requires_grad_(need) for t, need in zip(saved, need_in)]
-            tracker = _SavedTracker(set(notes.copy_saved))
             with torch.random.fork_rng(devices=ctx.rng[1]), contextlib.ExitStack() as recompute:
                 _set_rng_states(ctx.rng)
                 recompute.enter_context(torch.enable_grad())
                 for device, on, dtype in ctx.autocast:  # the forward's autocast states
                     recompute.enter_context(torch.autocast(device, dtype=dtype, enabled=on))
-                recompute.enter_context(
-                    torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack))
                 # the block writes into copies of the arguments it writes into (made with
                 # gradients on: a copy of a leaf passes its gradient on to the leaf)
-                flat = call.run(_copies(leaves, notes.written))
+                inputs = _copies(leaves, notes.written)
+                originals = {id(c): (weakref.ref(c), c._version, t.detach())
+                             for c, t, leaf in zip(inputs, saved, leaves) if c is not leaf}
+                tracker = _SavedTracker(set(notes.copy_saved), originals)
+                recompute.enter_context(
+                    torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack))
+                flat = call.run(inputs)
+                inputs = originals = None
             overwritten = tracker.overwritten()
+            tracker.release()  # (autograd keeps the hooks with the graph: they must hold nothing)
             tracker = None
             if not overwritten:
                 break
