@@ -157,7 +157,8 @@ class DraftTrainer:
             over the rows it is given: with ``row_by_row`` it is called per row and weighted by the
             row's share).
         block_units: modules (of the denoiser and the decoder) to checkpoint one by one during an
-            update (:func:`training.checkpointing.checkpoint_blocks`), restored after each update.
+            update (:func:`training.checkpointing.checkpoint_blocks`, given the trained
+            parameters), restored after each update.
         selective_units: modules (the decoder's blocks in the middle memory way) checkpointed
             selectively: their convolutions' outputs are kept, the rest recomputed
             (:data:`training.checkpointing.KEEP_CONVOLUTIONS`); distinct from ``block_units``.
@@ -217,6 +218,7 @@ class DraftTrainer:
         self.iteration = 0
         self.skipped_steps = 0
         self.history: list = []
+        self._block_state: dict = {}  # training.checkpointing's, per checkpointed block
         self.last_images: Optional[torch.Tensor] = None  # first sample of the last update (video: middle frame)
         if self.reward_statistics is None and hasattr(self.reward, "deferred_statistics"):
             self.reward_statistics = self.reward.deferred_statistics
@@ -261,7 +263,7 @@ class DraftTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         rewards, total_loss, k, reason = [], 0.0, 0, ""
         step_ckpt = None  # the sampler's own setting, unless blocks are checkpointed (below)
-        with checkpoint_blocks(self.block_units), \
+        with checkpoint_blocks(self.block_units, params=self.params, state=self._block_state), \
                 checkpoint_blocks(self.selective_units, keep=KEEP_CONVOLUTIONS), self._statistics():
             for micro in range(s.grad_accum):
                 g, rows_g = self._generators(micro, iteration)
