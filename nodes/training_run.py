@@ -339,7 +339,7 @@ class TrainingRun:
                                parallel=distributed.current(check=self.reward.model))
         notes = []
         if cfg.heldout is not None:
-            self.check = self._heldout_check(trainer, reward_fn, notes)
+            self.check = self._heldout_check(trainer, notes)
             trainer.state_parts["heldout"] = self.check
         if st["resume_state"] is not None:
             trainer.load_state_dict(st["resume_state"])
@@ -361,7 +361,7 @@ class TrainingRun:
         self.result = result
         self._loop(trainer, result)
 
-    def _heldout_check(self, trainer: DraftTrainer, reward_fn, notes: list) -> HeldoutCheck:
+    def _heldout_check(self, trainer: DraftTrainer, notes: list) -> HeldoutCheck:
         """The held-out check of this run: judges as no-grad callables on their devices, the
         similarity's image encoder (CLIP_VISION, else a judge's or the training reward's own)."""
         cfg, request = self.cfg, self.cfg.heldout
