@@ -337,34 +337,43 @@ def _musubi_qwen(musubi):
 
 @pytest.mark.comfyui
 @pytest.mark.musubi
-def test_musubi_tuner_reads_our_qwen_image_lora(musubi, pack, loras_dir, tmp_path, caplog):
-    patcher = D.tiny_model("qwen_image")
-    path, lora, tensors, meta = _save_ours("qwen_image", patcher, pack, loras_dir)
+def _musubi_reads(musubi, network_module: str, build_model, patcher, path, lora, tensors,
+                  tmp_path, caplog) -> None:
+    """musubi's network from our weights (its training resume / inference path:
+    ``create_arch_network_from_weights``), applied with a strict load and merged, and its DiT
+    loader's merge while loading (``lora_utils.load_safetensors_with_lora_and_fp8``): every module
+    and key of our file used, the weights ``W + delta``. ``build_model(musubi)``: musubi's own
+    model of the family, empty; ComfyUI's weights of ``patcher`` are loaded into it strictly."""
     base_sd = _comfy_state_dict(patcher)
-    build = lambda: _load_strict(_musubi_qwen(musubi), base_sd)  # noqa: E731
-    create = musubi["lora_qwen_image"].create_arch_network_from_weights
+    create = musubi[network_module].create_arch_network_from_weights
 
-    # musubi's network from our weights (its training resume / inference path), applied and merged
-    model = build()
+    model = _load_strict(build_model(musubi), base_sd)
     network = create(1.0, dict(tensors), unet=model, for_inference=True)
     _check_created_modules(network, tensors, lora)
     network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
     info = network.load_state_dict(dict(tensors), strict=True)
     assert not info.missing_keys and not info.unexpected_keys
     _check_applied(model, base_sd, lora)
-    model = build()
+    model = _load_strict(build_model(musubi), base_sd)
     network = create(1.0, dict(tensors), unet=model, for_inference=True)
     network.merge_to(None, model, dict(tensors), device=torch.device("cpu"))
     _check_merged(model.state_dict(), base_sd, lora, "musubi merge_to")
 
-    # musubi's DiT loader with LoRA (qwen_image_model.load_qwen_image_model's merge while loading)
-    model_file = str(tmp_path / "qwen_image.safetensors")
+    model_file = str(tmp_path / "base.safetensors")
     save_file(base_sd, model_file)
     with caplog.at_level(logging.WARNING):
         merged = musubi["lora_utils"].load_safetensors_with_lora_and_fp8(
             model_file, [load_file(path)], [1.0], False, torch.device("cpu"))
     assert "not all LoRA keys are used" not in caplog.text, caplog.text
     _check_merged(merged, base_sd, lora, "musubi load_safetensors_with_lora_and_fp8")
+
+
+def test_musubi_tuner_reads_our_qwen_image_lora(musubi, pack, loras_dir, tmp_path, caplog):
+    patcher = D.tiny_model("qwen_image")
+    path, lora, tensors, meta = _save_ours("qwen_image", patcher, pack, loras_dir)
+    # musubi's DiT loader with LoRA: qwen_image_model.load_qwen_image_model's merge while loading
+    _musubi_reads(musubi, "lora_qwen_image", _musubi_qwen, patcher, path, lora, tensors,
+                  tmp_path, caplog)
 
     # what musubi's trainer writes: ss_base_model_version = architecture_full_name, the network
     # module given on its command line, modelspec from its sai_model_spec
@@ -408,30 +417,8 @@ def test_musubi_tuner_reads_our_wan_lora(musubi_wan, pack, loras_dir, tmp_path, 
     musubi = musubi_wan
     patcher = D.tiny_model("wan21_t2v")
     path, lora, tensors, meta = _save_ours("wan21_t2v", patcher, pack, loras_dir)
-    base_sd = _comfy_state_dict(patcher)
-    build = lambda: _load_strict(_musubi_wan(musubi), base_sd)  # noqa: E731
-    create = musubi["lora_wan"].create_arch_network_from_weights
     assert any(".ffn." in n for n in lora.names())  # the broad set: attention and feed-forward
-
-    model = build()
-    network = create(1.0, dict(tensors), unet=model, for_inference=True)
-    _check_created_modules(network, tensors, lora)
-    network.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
-    info = network.load_state_dict(dict(tensors), strict=True)
-    assert not info.missing_keys and not info.unexpected_keys
-    _check_applied(model, base_sd, lora)
-    model = build()
-    network = create(1.0, dict(tensors), unet=model, for_inference=True)
-    network.merge_to(None, model, dict(tensors), device=torch.device("cpu"))
-    _check_merged(model.state_dict(), base_sd, lora, "musubi merge_to")
-
-    model_file = str(tmp_path / "wan.safetensors")
-    save_file(base_sd, model_file)
-    with caplog.at_level(logging.WARNING):
-        merged = musubi["lora_utils"].load_safetensors_with_lora_and_fp8(
-            model_file, [load_file(path)], [1.0], False, torch.device("cpu"))
-    assert "not all LoRA keys are used" not in caplog.text, caplog.text
-    _check_merged(merged, base_sd, lora, "musubi load_safetensors_with_lora_and_fp8")
+    _musubi_reads(musubi, "lora_wan", _musubi_wan, patcher, path, lora, tensors, tmp_path, caplog)
 
     arch = musubi["architectures"]
     spec = musubi["sai_model_spec"].build_metadata(None, arch.ARCHITECTURE_WAN, time.time())
