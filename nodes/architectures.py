@@ -8,7 +8,7 @@ the :class:`Family` fields; they never test model classes themselves.
 
 A model's family is found from its ``model_config`` class (``comfy.supported_models``: ``SD15``,
 ``SD20``, ``SDXL``, ``SDXLRefiner``, ``SD3``, ``Flux``, ``FluxSchnell``, ``Chroma``,
-``QwenImage``, ...), walking the class's bases so that variants (``SSD1B`` is an ``SDXL``
+``QwenImage``, ``Lumina2``, ``HunyuanImage21``, ...), walking the class's bases so that variants (``SSD1B`` is an ``SDXL``
 subclass) train with their parent's layout; only an exact class match claims the parent's
 base-model name in the file metadata (a variant's LoRA would not fit the parent in other tools).
 
@@ -58,12 +58,23 @@ QWEN_TARGETS = {
     "attention": rf"^transformer_blocks\.\d+\.{_QWEN_ATTN}$",
     "kohya default": rf"^transformer_blocks\.\d+\.({_QWEN_ATTN}|(img|txt)_mlp\.net\.(0\.proj|2))$",
 }
+# Lumina 2 (NextDiT): every JointTransformerBlock's fused qkv and output projection, in the main
+# ``layers`` and in the two refiner lists (``context_refiner``: text tokens only, ``noise_refiner``:
+# image tokens only); the broader set adds the blocks' SwiGLU MLPs (w1, w2, w3). sd-scripts'
+# networks.lora_lumina also trains adaLN_modulation.1 and the top-level final_layer (linear and
+# its modulation) by default; frozen here.
+LUMINA_TARGETS = {
+    "attention": r"^(context_refiner|noise_refiner|layers)\.\d+\.attention\.(qkv|out)$",
+    "kohya default": r"^(context_refiner|noise_refiner|layers)\.\d+\.(attention\.(qkv|out)"
+                     r"|feed_forward\.(w1|w2|w3))$",
+}
 TARGET_SET_NAMES = ("attention", "kohya default")
 TARGET_SETS = TARGET_SET_NAMES
 TARGET_SET_HELP = ("attention: the attention projections inside the blocks; kohya default: "
                    "attention plus the blocks' MLPs (UNets: also proj_in/proj_out), what kohya "
-                   "sd-scripts trains by default on UNets and Chroma (on FLUX, SD3 and Qwen-Image "
-                   "kohya also trains the modulation layers, which stay frozen here)")
+                   "sd-scripts trains by default on UNets and Chroma (on FLUX, SD3, Qwen-Image, "
+                   "Lumina 2 and HunyuanImage 2.1 kohya also trains the modulation layers, which "
+                   "stay frozen here)")
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,9 @@ _SDXL_MEMORY = (25.0, 1.0)
 _MMDIT_MEMORY = (22.0, 6.9)
 _FLUX_MEMORY = (47.0, 6.4)
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
+# Lumina 2 and HunyuanImage 2.1: traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1).
+_LUMINA_MEMORY = (47.0, 6.4)
+_HUNYUAN_IMAGE_MEMORY = (47.0, 6.4)
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
            block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
@@ -172,6 +186,21 @@ FAMILIES = (
     Family("Qwen-Image", ("QwenImage",), QWEN_TARGETS, "native", "qwen_image",
            latent_dimensions=3, default_cfg=2.5, block_lists=("transformer_blocks",),
            module_classes=("QwenImageTransformer2DModel",), memory_factors=_FLUX_MEMORY),
+    # Lumina 2: 16-channel FLUX latents (8x VAE), CFG 4.0 (ComfyUI's Lumina 2 example workflow);
+    # blocks in execution order: the text refiner, the image refiner, the main layers.
+    Family("Lumina 2", ("Lumina2",), LUMINA_TARGETS, "native", "lumina2", default_cfg=4.0,
+           block_lists=("context_refiner", "noise_refiner", "layers"), module_classes=("NextDiT",),
+           memory_factors=_LUMINA_MEMORY),
+    # HunyuanImage 2.1 (not its refiner, a separate class): ComfyUI builds it from FLUX's double /
+    # single stream blocks (same module names), 64-channel latents of a 32x VAE, patch size 1, CFG
+    # 3.5 (the base model's default guidance scale; the distilled checkpoint, same class, is meant
+    # for cfg 1). LoRA keys: ComfyUI's names, which sd-scripts' networks.lora_hunyuan_image shares
+    # for attention and linear1/linear2; its own files name the double blocks' MLPs img_mlp_fc1 /
+    # _fc2 (Tencent's names), which ComfyUI 0.3.64 does not read and sd-scripts'
+    # networks/convert_hunyuan_image_lora_to_comfy.py renames to these.
+    Family("HunyuanImage 2.1", ("HunyuanImage21",), FLUX_TARGETS, "native", "hunyuan_image_2_1",
+           default_cfg=3.5, block_lists=_FLUX_BLOCKS, module_classes=("HunyuanVideo",),
+           memory_factors=_HUNYUAN_IMAGE_MEMORY),
 )
 _BY_CLASS = {c: f for f in FAMILIES for c in f.config_classes}
 _BY_MODULE: dict = {}
@@ -244,7 +273,8 @@ def select_targets(model, diffusion_model, target_set: str,
 def block_lists(model) -> tuple:
     """``((name, nn.ModuleList or module), ...)`` of the model's top-level blocks in execution
     order, for block-level checkpointing (UNet ``input_blocks``/``middle_block``/``output_blocks``,
-    FLUX ``double_blocks``/``single_blocks``, MMDiT ``joint_blocks``, Qwen ``transformer_blocks``)."""
+    FLUX ``double_blocks``/``single_blocks``, MMDiT ``joint_blocks``, Qwen ``transformer_blocks``, Lumina ``context_refiner``/
+    ``noise_refiner``/``layers``)."""
     inner = getattr(model, "model", model)
     diffusion_model = getattr(inner, "diffusion_model", inner)
     return tuple((name, getattr(diffusion_model, name)) for name in family_of(model).block_lists
