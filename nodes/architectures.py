@@ -113,6 +113,10 @@ class Family:
             step; blocks checkpointed) over ComfyUI's inference estimate of that row
             (``memory_required``), for ``training.memory_plan``'s estimate; traced by ``make vram``
             on the full-size architecture (tests/test_comfyui_memory_estimate.py checks them).
+        decode_factors: ``(fast, selective, lean)``: the decode's peak under gradient (decoder not
+            checkpointed / its blocks selectively / wholly) over ComfyUI's decode estimate
+            (``memory_used_decode``), where the family's VAE differs from the SD-style decoders
+            ``training.memory_plan``'s defaults were traced on; None: those defaults.
     """
 
     name: str
@@ -128,6 +132,7 @@ class Family:
     diffusers_layout: Optional[str] = None
     module_classes: tuple = ()
     memory_factors: tuple = (11.5, 1.0)  # SD1.x / SD2.x, traced (see _SDXL_MEMORY below)
+    decode_factors: Optional[tuple] = None
     patterns: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -158,9 +163,18 @@ _SDXL_MEMORY = (25.0, 1.0)
 _MMDIT_MEMORY = (22.0, 6.9)
 _FLUX_MEMORY = (47.0, 6.4)
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
-# Lumina 2 and HunyuanImage 2.1: traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1).
-_LUMINA_MEMORY = (47.0, 6.4)
-_HUNYUAN_IMAGE_MEMORY = (47.0, 6.4)
+# Lumina 2 and HunyuanImage 2.1, traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1):
+# one Lumina 2 row under gradient holds 51 x ComfyUI's estimate of its forward (39.4 GiB at
+# 1024 px), 7 x with its blocks checkpointed; HunyuanImage 2.1's 78 x (48 GiB a row at 2048 px).
+# HunyuanImage's 32x VAE decoder at 2048 px holds far more under gradient than ComfyUI's decode
+# estimate says (700 bytes a pixel in bf16: 5.5 GiB): traced alone with the reward, 38.4 GiB not
+# checkpointed (7.0 x), 13.5 GiB with
+# its blocks checkpointed (2.5 x), 25.5 GiB selectively (4.7 x); in the lean way the
+# differentiated step's saved block inputs (3.5 GiB at 2048 px, both CFG branches) sit beside the
+# decoder's backward: 17.0 GiB in all (3.1 x).
+_LUMINA_MEMORY = (55.0, 7.5)
+_HUNYUAN_IMAGE_MEMORY = (82.0, 6.4)
+_HUNYUAN_IMAGE_DECODE = (7.5, 5.0, 3.2)
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
            block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
@@ -200,7 +214,7 @@ FAMILIES = (
     # networks/convert_hunyuan_image_lora_to_comfy.py renames to these.
     Family("HunyuanImage 2.1", ("HunyuanImage21",), FLUX_TARGETS, "native", "hunyuan_image_2_1",
            default_cfg=3.5, block_lists=_FLUX_BLOCKS, module_classes=("HunyuanVideo",),
-           memory_factors=_HUNYUAN_IMAGE_MEMORY),
+           memory_factors=_HUNYUAN_IMAGE_MEMORY, decode_factors=_HUNYUAN_IMAGE_DECODE),
 )
 _BY_CLASS = {c: f for f in FAMILIES for c in f.config_classes}
 _BY_MODULE: dict = {}
@@ -284,6 +298,12 @@ def block_lists(model) -> tuple:
 def memory_factors(model) -> tuple:
     """The family's ``(fast, lean)`` denoiser memory factors (:attr:`Family.memory_factors`)."""
     return family_of(model).memory_factors
+
+
+def decode_factors(model) -> Optional[tuple]:
+    """The family's ``(fast, selective, lean)`` decode memory factors, or None for
+    ``training.memory_plan``'s defaults (:attr:`Family.decode_factors`)."""
+    return family_of(model).decode_factors
 
 
 def default_cfg(model) -> float:

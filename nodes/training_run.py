@@ -219,7 +219,8 @@ class TrainingRun:
             streamable_bytes=int(patcher.model_size()) if device.type != "cpu" else 0,
             hint=f" (now {cfg.width}x{cfg.height}, batch {cfg.train.batch_size}, "
                  f"n = {cfg.sampler.lv_samples})",
-            denoiser_factors=architectures.memory_factors(patcher))
+            denoiser_factors=architectures.memory_factors(patcher),
+            decode_factors=architectures.decode_factors(patcher))
         log.info("DRaFT memory: %s", plan.describe())
         return plan
 

@@ -40,6 +40,11 @@ ROWS = {
                       torch.bfloat16, (16, 128, 128), 16, 1),
     "sd35m_1024": ("SD3", dit_fixtures.FAMILIES["sd3_5_medium"][1], torch.bfloat16, None,
                    (16, 128, 128), 16, 2),
+    "lumina2_1024": ("Lumina2", dit_fixtures.FAMILIES["lumina2"][1], torch.bfloat16, None,
+                     (16, 128, 128), 16, 2),
+    # HunyuanImage 2.1 at 2048 px: 64-channel latents of its 32x VAE, fp8 weights, cfg 3.5
+    "hunyuanimage21_2048": ("HunyuanImage21", dit_fixtures.FAMILIES["hunyuan_image_2_1"][1],
+                            torch.float8_e4m3fn, torch.bfloat16, (64, 64, 64), 64, 2),
 }
 METHOD_ROWS = {"k1": 1, "lv2": 2, "full": 1}  # differentiated rows per batch row
 # make vram's modes that are ways of the trainer -> (blocks, rows one at a time); ``before`` (the
@@ -77,12 +82,13 @@ def comfy_figures():
             # lists every one of them is muted).
             logging.disable(logging.WARNING)
             try:
-                vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(512, vae_channels, 3, 3)})
+                width = 1024 if vae_channels == 64 else 512  # HunyuanImage 2.1's 32x decoder: 1024
+                vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(width, vae_channels, 3, 3)})
             finally:
                 logging.disable(logging.NOTSET)
             vae.vae_dtype = torch.bfloat16  # what ComfyUI picks for the VAE on a bf16 GPU
             out[name] = glue.update_memory_inputs(patcher, vae, latent) + (
-                architectures.memory_factors(patcher),)
+                architectures.memory_factors(patcher), architectures.decode_factors(patcher))
     finally:
         mm.pytorch_attention_flash_attention = flash
     return out
@@ -107,10 +113,10 @@ def test_trainer_estimate_covers_the_traced_peak_without_overstating_it(comfy_fi
     rows = [r for r in _measured() if r["model"] == name and r["method"] == method
             and r["batch"] == batch and r["mode"] == mode and not r["lowvram"]]
     measured = rows[0]["peak_update_gib"] * 1024 ** 3
-    decode, denoiser_row, factors = comfy_figures[name]
+    decode, denoiser_row, factors, decode_factors = comfy_figures[name]
     estimate = estimate_update_bytes(
         rows=batch * METHOD_ROWS[method], cfg_branches=ROWS[name][6], decode_bytes=decode,
-        denoiser_row_bytes=denoiser_row, denoiser_factors=factors,
+        denoiser_row_bytes=denoiser_row, denoiser_factors=factors, decode_factors=decode_factors,
         blocks=WAY_OF_MODE[mode][0], one_row=WAY_OF_MODE[mode][1])
     assert measured <= estimate <= HEADROOM * measured, (
         f"{name} {method} b{batch} {mode}: estimate {estimate / 2**30:.2f} GiB, traced "

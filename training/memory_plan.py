@@ -109,7 +109,8 @@ class DoesNotFit(RuntimeError):
 def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
                           denoiser_row_bytes: float, lean: bool = False, blocks: str = "",
                           one_row: bool | None = None,
-                          denoiser_factors: tuple = UNET_DENOISER_FACTORS) -> int:
+                          denoiser_factors: tuple = UNET_DENOISER_FACTORS,
+                          decode_factors: tuple | None = None) -> int:
     """Peak activation bytes of one update beside the weights.
 
     Args:
@@ -123,12 +124,17 @@ def estimate_update_bytes(*, rows: int, cfg_branches: int, decode_bytes: float,
         one_row: rows one at a time (overrides ``lean``).
         denoiser_factors: ``(fast, lean)`` peak of one denoiser row under gradient over
             ``denoiser_row_bytes``, the family's (``nodes/architectures.py``).
+        decode_factors: ``(fast, selective, lean)`` decode peaks over ``decode_bytes`` for a family
+            whose VAE differs from the SD-style decoders (HunyuanImage 2.1's 32x VAE); None: the
+            module's ``FAST`` / ``SELECTIVE`` / ``LEAN_DECODE_FACTOR``.
     """
     blocks = blocks or ("on" if lean else "off")
     one_row = lean if one_row is None else one_row
     fast_factor, lean_factor = denoiser_factors
-    decoder = {"off": FAST_DECODE_FACTOR, "decoder and reward": SELECTIVE_DECODE_FACTOR,
-               "on": LEAN_DECODE_FACTOR}[blocks] * decode_bytes
+    fast_decode, selective_decode, lean_decode = decode_factors or (
+        FAST_DECODE_FACTOR, SELECTIVE_DECODE_FACTOR, LEAN_DECODE_FACTOR)
+    decoder = {"off": fast_decode, "decoder and reward": selective_decode,
+               "on": lean_decode}[blocks] * decode_bytes
     denoiser = (lean_factor if blocks == "on" else fast_factor) * cfg_branches * denoiser_row_bytes
     return int((1 if one_row else rows) * max(decoder, denoiser))
 
@@ -139,7 +145,8 @@ WAYS = tuple((b, r) for b in ("off", "decoder and reward", "on") for r in (False
 
 def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_bytes: float,
                 denoiser_row_bytes: float, available_bytes: int, streamable_bytes: int = 0,
-                hint: str = "", denoiser_factors: tuple = UNET_DENOISER_FACTORS) -> MemoryPlan:
+                hint: str = "", denoiser_factors: tuple = UNET_DENOISER_FACTORS,
+                decode_factors: tuple | None = None) -> MemoryPlan:
     """Resolve ``auto`` choices against ``available_bytes`` (free device memory once the weights
     are loaded): the fastest way that fits, or the leanest when none does and it fits with
     ``streamable_bytes`` (weights ComfyUI can stream instead: lowvram partial loading) given up.
@@ -147,7 +154,8 @@ def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_
     cond_only = options.cfg_gradient == "conditional only"
     branches = 1 if cond_only else cfg_branches
     kw = dict(rows=rows, cfg_branches=branches, decode_bytes=decode_bytes,
-              denoiser_row_bytes=denoiser_row_bytes, denoiser_factors=denoiser_factors)
+              denoiser_row_bytes=denoiser_row_bytes, denoiser_factors=denoiser_factors,
+              decode_factors=decode_factors)
     fast, lean = estimate_update_bytes(lean=False, **kw), estimate_update_bytes(lean=True, **kw)
     want_blocks = None if options.block_checkpointing == "auto" else options.block_checkpointing
     want_row = {"one at a time": True, "all at once": False}.get(options.rows)
