@@ -8,7 +8,7 @@ the :class:`Family` fields; they never test model classes themselves.
 
 A model's family is found from its ``model_config`` class (``comfy.supported_models``: ``SD15``,
 ``SD20``, ``SDXL``, ``SDXLRefiner``, ``SD3``, ``Flux``, ``FluxSchnell``, ``Chroma``,
-``QwenImage``, ...), walking the class's bases so that variants (``SSD1B`` is an ``SDXL``
+``QwenImage``, ``Lumina2``, ``HunyuanImage21``, ...), walking the class's bases so that variants (``SSD1B`` is an ``SDXL``
 subclass) train with their parent's layout; only an exact class match claims the parent's
 base-model name in the file metadata (a variant's LoRA would not fit the parent in other tools).
 
@@ -67,12 +67,23 @@ WAN_TARGETS = {
     "attention": rf"^blocks\.\d+\.{_WAN_ATTN}$",
     "kohya default": rf"^blocks\.\d+\.({_WAN_ATTN}|ffn\.(0|2))$",
 }
+# Lumina 2 (NextDiT): every JointTransformerBlock's fused qkv and output projection, in the main
+# ``layers`` and in the two refiner lists (``context_refiner``: text tokens only, ``noise_refiner``:
+# image tokens only); the broader set adds the blocks' SwiGLU MLPs (w1, w2, w3). sd-scripts'
+# networks.lora_lumina also trains adaLN_modulation.1 and the top-level final_layer (linear and
+# its modulation) by default; frozen here.
+LUMINA_TARGETS = {
+    "attention": r"^(context_refiner|noise_refiner|layers)\.\d+\.attention\.(qkv|out)$",
+    "kohya default": r"^(context_refiner|noise_refiner|layers)\.\d+\.(attention\.(qkv|out)"
+                     r"|feed_forward\.(w1|w2|w3))$",
+}
 TARGET_SET_NAMES = ("attention", "kohya default")
 TARGET_SETS = TARGET_SET_NAMES
 TARGET_SET_HELP = ("attention: the attention projections inside the blocks; kohya default: "
                    "attention plus the blocks' MLPs (UNets: also proj_in/proj_out), what kohya "
-                   "sd-scripts trains by default on UNets and Chroma (on FLUX, SD3 and Qwen-Image "
-                   "kohya also trains the modulation layers, which stay frozen here)")
+                   "sd-scripts trains by default on UNets and Chroma (on FLUX, SD3, Qwen-Image, "
+                   "Lumina 2 and HunyuanImage 2.1 kohya also trains the modulation layers, which "
+                   "stay frozen here)")
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,18 @@ _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 # alone, unchecked, 2.5 x (KL's 2.9 kept); selective: not traced (KL's 1.7 kept).
 _WAN_MEMORY = _FLUX_MEMORY
 _WAN_DECODE = (2.9, 1.7, 1.0)
+# Lumina 2 and HunyuanImage 2.1, traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1):
+# one Lumina 2 row under gradient holds 51 x ComfyUI's estimate of its forward (39.4 GiB at
+# 1024 px), 7 x with its blocks checkpointed; HunyuanImage 2.1's 78 x (48 GiB a row at 2048 px).
+# HunyuanImage's 32x VAE decoder at 2048 px holds far more under gradient than ComfyUI's decode
+# estimate says (700 bytes a pixel in bf16: 5.5 GiB): traced alone with the reward, 38.4 GiB not
+# checkpointed (7.0 x), 13.5 GiB with
+# its blocks checkpointed (2.5 x), 25.5 GiB selectively (4.7 x); in the lean way the
+# differentiated step's saved block inputs (3.5 GiB at 2048 px, both CFG branches) sit beside the
+# decoder's backward: 17.0 GiB in all (3.1 x).
+_LUMINA_MEMORY = (55.0, 7.5)
+_HUNYUAN_IMAGE_MEMORY = (82.0, 6.4)
+_HUNYUAN_IMAGE_DECODE = (7.5, 5.0, 3.2)
 FAMILIES = (
     Family("SD1.x", ("SD15", "SD15_instructpix2pix"), UNET_TARGETS, "diffusers", "sd_v1",
            block_lists=_UNET_BLOCKS, diffusers_layout="unet", module_classes=("UNetModel",)),
@@ -211,6 +234,21 @@ FAMILIES = (
            video_frames=33, time_compression=4, default_cfg=5.0, block_lists=("blocks",),
            module_classes=("WanModel",), memory_factors=_WAN_MEMORY, variants=False,
            decode_factors=_WAN_DECODE),
+    # Lumina 2: 16-channel FLUX latents (8x VAE), CFG 4.0 (ComfyUI's Lumina 2 example workflow);
+    # blocks in execution order: the text refiner, the image refiner, the main layers.
+    Family("Lumina 2", ("Lumina2",), LUMINA_TARGETS, "native", "lumina2", default_cfg=4.0,
+           block_lists=("context_refiner", "noise_refiner", "layers"), module_classes=("NextDiT",),
+           memory_factors=_LUMINA_MEMORY),
+    # HunyuanImage 2.1 (not its refiner, a separate class): ComfyUI builds it from FLUX's double /
+    # single stream blocks (same module names), 64-channel latents of a 32x VAE, patch size 1, CFG
+    # 3.5 (the base model's default guidance scale; the distilled checkpoint, same class, is meant
+    # for cfg 1). LoRA keys: ComfyUI's names, which sd-scripts' networks.lora_hunyuan_image shares
+    # for attention and linear1/linear2; its own files name the double blocks' MLPs img_mlp_fc1 /
+    # _fc2 (Tencent's names), which ComfyUI 0.3.64 does not read and sd-scripts'
+    # networks/convert_hunyuan_image_lora_to_comfy.py renames to these.
+    Family("HunyuanImage 2.1", ("HunyuanImage21",), FLUX_TARGETS, "native", "hunyuan_image_2_1",
+           default_cfg=3.5, block_lists=_FLUX_BLOCKS, module_classes=("HunyuanVideo",),
+           memory_factors=_HUNYUAN_IMAGE_MEMORY, decode_factors=_HUNYUAN_IMAGE_DECODE),
 )
 _BY_CLASS = {c: f for f in FAMILIES for c in f.config_classes}
 _BY_MODULE: dict = {}
@@ -285,7 +323,8 @@ def select_targets(model, diffusion_model, target_set: str,
 def block_lists(model) -> tuple:
     """``((name, nn.ModuleList or module), ...)`` of the model's top-level blocks in execution
     order, for block-level checkpointing (UNet ``input_blocks``/``middle_block``/``output_blocks``,
-    FLUX ``double_blocks``/``single_blocks``, MMDiT ``joint_blocks``, Qwen ``transformer_blocks``)."""
+    FLUX ``double_blocks``/``single_blocks``, MMDiT ``joint_blocks``, Qwen ``transformer_blocks``, Lumina ``context_refiner``/
+    ``noise_refiner``/``layers``)."""
     inner = getattr(model, "model", model)
     diffusion_model = getattr(inner, "diffusion_model", inner)
     return tuple((name, getattr(diffusion_model, name)) for name in family_of(model).block_lists

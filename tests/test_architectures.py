@@ -27,7 +27,9 @@ NEVER = ["proj_out", "img_in", "txt_in", "final_layer.linear", "norm_out.linear"
          "x_embedder.proj", "time_in.in_layer", "out.2", "label_emb.0.0", "time_embed.0",
          "double_blocks.0.img_mod.lin", "single_blocks.0.modulation.lin",
          "joint_blocks.0.x_block.adaLN_modulation.1", "transformer_blocks.0.img_mod.1",
-         "input_blocks.0.0", "input_blocks.1.0.in_layers.2", "distilled_guidance_layer.in_proj"]
+         "input_blocks.0.0", "input_blocks.1.0.in_layers.2", "distilled_guidance_layer.in_proj",
+         "layers.0.adaLN_modulation.1", "noise_refiner.1.adaLN_modulation.1", "cap_embedder.1",
+         "final_layer.adaLN_modulation.1", "txt_in.individual_token_refiner.blocks.0.self_attn.qkv"]
 
 
 def test_patterns_never_pick_top_level_or_modulation_layers(arch):
@@ -47,6 +49,12 @@ def test_patterns_never_pick_top_level_or_modulation_layers(arch):
     ("joint_blocks.5.context_block.mlp.fc1", "SD3 / SD3.5", False, True),
     ("transformer_blocks.7.attn.add_k_proj", "Qwen-Image", True, True),
     ("transformer_blocks.7.img_mlp.net.0.proj", "Qwen-Image", False, True),
+    ("layers.25.attention.qkv", "Lumina 2", True, True),
+    ("context_refiner.1.attention.out", "Lumina 2", True, True),
+    ("noise_refiner.0.feed_forward.w3", "Lumina 2", False, True),
+    ("double_blocks.19.txt_attn.proj", "HunyuanImage 2.1", True, True),
+    ("double_blocks.0.img_mlp.0", "HunyuanImage 2.1", False, True),
+    ("single_blocks.39.linear2", "HunyuanImage 2.1", True, True),
     ("input_blocks.1.1.transformer_blocks.0.attn2.to_out.0", "SD1.x", True, True),
     ("output_blocks.5.1.proj_out", "SDXL", False, True),
     ("middle_block.1.transformer_blocks.0.ff.net.0.proj", "SD2.x", False, True),

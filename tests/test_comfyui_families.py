@@ -1,4 +1,5 @@
-"""DRaFT on the DiT and flow families (SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image) and the
+"""DRaFT on the DiT and flow families (SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image, Lumina 2,
+HunyuanImage 2.1) and the
 architecture table, with tiny models built through ComfyUI's own classes (marker ``comfyui``).
 
 * The table (``nodes/architectures.py``) selects, per family, exactly the listed layers (never a
@@ -11,7 +12,7 @@ architecture table, with tiny models built through ComfyUI's own classes (marker
   training-time LoRA; a resumed run continues the step count.
 
 Text conditioning is fake (see tests/dit_fixtures.py): ComfyUI cannot build small T5-XXL / CLIP-G /
-Qwen2.5-VL text encoders.
+Qwen2.5-VL / Gemma 2 text encoders.
 """
 import logging
 import os
@@ -62,6 +63,9 @@ _QWEN_MLP = [f"transformer_blocks.{i}.{m}_mlp.net.{n}" for i in (0, 1) for m in 
 _WAN_ATTN = sorted(f"blocks.{i}.{a}.{n}" for i in (0, 1) for a in ("self_attn", "cross_attn")
                    for n in ("q", "k", "v", "o"))
 _WAN_FFN = [f"blocks.{i}.ffn.{n}" for i in (0, 1) for n in (0, 2)]
+_LUMINA_BLOCKS = ("context_refiner.0", "noise_refiner.0", "layers.0", "layers.1")
+_LUMINA_ATTN = sorted(f"{b}.attention.{n}" for b in _LUMINA_BLOCKS for n in ("qkv", "out"))
+_LUMINA_MLP = [f"{b}.feed_forward.{n}" for b in _LUMINA_BLOCKS for n in ("w1", "w2", "w3")]
 EXPECTED = {  # kind -> (attention, kohya default, family name, base model)
     "sd3_medium": (_SD3_ATTN, sorted(_SD3_ATTN + _SD3_MLP), "SD3 / SD3.5", "sd3_medium"),
     "sd3_5_medium": (sorted(_SD3_ATTN + _SD35M_ATTN2), sorted(_SD3_ATTN + _SD35M_ATTN2 + _SD3_MLP),
@@ -72,6 +76,9 @@ EXPECTED = {  # kind -> (attention, kohya default, family name, base model)
     "chroma": (_FLUX_ATTN, _FLUX_ALL, "Chroma", "chroma"),
     "qwen_image": (_QWEN_ATTN, sorted(_QWEN_ATTN + _QWEN_MLP), "Qwen-Image", "qwen_image"),
     "wan21_t2v": (_WAN_ATTN, sorted(_WAN_ATTN + _WAN_FFN), "Wan 2.1 T2V", "wan21_t2v"),
+    "lumina2": (_LUMINA_ATTN, sorted(_LUMINA_ATTN + _LUMINA_MLP), "Lumina 2", "lumina2"),
+    # HunyuanImage 2.1: ComfyUI builds it from FLUX's double / single stream blocks
+    "hunyuan_image_2_1": (_FLUX_ATTN, _FLUX_ALL, "HunyuanImage 2.1", "hunyuan_image_2_1"),
 }
 
 
@@ -92,6 +99,10 @@ def test_table_selects_the_listed_layers_of_each_dit_family(kind, pack):
     top_level = {n for n, _ in patcher.model.diffusion_model.named_children()}
     assert not any(n.split(".")[0] not in arch.family_of(patcher).block_lists for n in broad)
     assert {"proj_out", "final_layer", "head"} & top_level  # present, and not selected
+    latent = patcher.model.latent_format
+    assert latent.latent_channels == (64 if kind == "hunyuan_image_2_1" else 16)  # its 32x VAE's
+    assert arch.family_of(patcher).latent_dimensions == latent.latent_dimensions == (
+        3 if kind in ("qwen_image", "wan21_t2v") else 2)
 
 
 def test_table_unet_families_and_block_lists(comfy, pack):
@@ -215,7 +226,9 @@ def _run_config(rc, kind, iterations, **kw):
 def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, cfg, steps):
     import comfy.sample
     import node_helpers
-    shape = {"qwen_image": (1, 16, 1, 8, 8), "wan21_t2v": (1, 16, 3, 8, 8)}.get(kind, (1, 16, 8, 8))
+    side = 64 // vae.spacial_compression_encode()  # 64 px: 8 x 8 latents, 2 x 2 for HunyuanImage
+    time = (3,) if kind == "wan21_t2v" else (1,) * (model.model.latent_format.latent_dimensions - 2)
+    shape = (1, model.model.latent_format.latent_channels, *time, side, side)
     scores, images = [], []
     for seed in seeds:
         cond = encode("a cat")
@@ -257,6 +270,7 @@ def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras
     # Qwen-Image's last block's text queries and text output feed nothing: no gradient reaches them
     dead = ["transformer_blocks.1.attn.add_q_proj", "transformer_blocks.1.attn.to_add_out"]
     assert untrained == (dead if kind == "qwen_image" else [])
+    assert len(result.lora) == len(EXPECTED[kind][0])
 
     # held-out seeds through ComfyUI's stock KSampler: the LoRA raises the reward
     lora_model, comfy_sd = run.model_with_lora()
@@ -404,7 +418,7 @@ def test_wan_length_and_held_out_check_are_checked_when_queued(comfy, pack):
     assert "(Wan 2.1 T2V)" in text and "evaluation: the DRaFT Held-out Check does not judge videos" in text, text
 
 
-@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image", "wan21_t2v"])
+@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image", "wan21_t2v", "lumina2", "hunyuan_image_2_1"])
 def test_family_resumes_from_a_periodic_save(kind, comfy, pack, loras_dir):
     from reward_models import ImageStatReward
     rc = pack["training_run"]

@@ -43,6 +43,11 @@ ROWS = {
     # Wan 2.1 T2V 1.3B (ComfyUI's memory figure reads the width: dim 1536) at 480x832, 33 frames
     "wan21_1_3b_480p": ("WAN21_T2V", dict(dit_fixtures.FAMILIES["wan21_t2v"][1], dim=1536),
                         torch.bfloat16, None, (16, 9, 60, 104), 16, 2),
+    "lumina2_1024": ("Lumina2", dit_fixtures.FAMILIES["lumina2"][1], torch.bfloat16, None,
+                     (16, 128, 128), 16, 2),
+    # HunyuanImage 2.1 at 2048 px: 64-channel latents of its 32x VAE, fp8 weights, cfg 3.5
+    "hunyuanimage21_2048": ("HunyuanImage21", dit_fixtures.FAMILIES["hunyuan_image_2_1"][1],
+                            torch.float8_e4m3fn, torch.bfloat16, (64, 64, 64), 64, 2),
 }
 DECODED_LATENT_FRAMES = {"wan21_1_3b_480p": 3}  # video rows: latent frames the reward sees
 METHOD_ROWS = {"k1": 1, "lv2": 2, "full": 1}  # differentiated rows per batch row
@@ -82,8 +87,9 @@ def comfy_figures():
             # lists every one of them is muted).
             logging.disable(logging.WARNING)
             try:
+                width = 1024 if vae_channels == 64 else 512  # HunyuanImage 2.1's 32x decoder: 1024
                 vae = (dit_fixtures.tiny_vae("wan21_t2v") if video else  # the Wan 2.1 VAE
-                       comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(512, vae_channels, 3, 3)}))
+                       comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(width, vae_channels, 3, 3)}))
             finally:
                 logging.disable(logging.NOTSET)
             vae.vae_dtype = torch.bfloat16  # what ComfyUI picks for the VAE on a bf16 GPU

@@ -22,6 +22,20 @@ checkouts named by ``KOHYA_SD_SCRIPTS_PATH`` (kohya-ss/sd-scripts) and ``MUSUBI_
   file into the model's safetensors with every LoRA key consumed; Qwen-Image and Wan 2.1: musubi's
   loader (``utils.lora_utils.load_safetensors_with_lora_and_fp8``, what ``qwen_image_generate_image.py``
   and ``wan.modules.model.load_wan_model`` use) merges it with every key used;
+* Lumina 2: sd-scripts' ``library.lumina_models.NextDiT`` at the fixture's width (the ComfyUI
+  weights load strictly: same names); ``networks.lora_lumina``'s ``create_network_from_weights``,
+  ``apply_to`` and ``merge_to`` (sd-scripts has no Lumina merge script);
+* HunyuanImage 2.1: sd-scripts' ``HYImageDiffusionTransformer`` fixes the full width (3584, 60
+  blocks, 17 B parameters), so its own block classes (``MMDoubleStreamBlock``,
+  ``MMSingleStreamBlock``, which ``networks.lora_hunyuan_image`` looks for by class name) are built
+  at the fixture's width in ``double_blocks`` / ``single_blocks`` lists; ComfyUI's weights are
+  renamed to Tencent's names with ComfyUI's own loader conversion
+  (``HunyuanImage21.process_unet_state_dict``, run on the kohya names) and load strictly. Our file
+  has ComfyUI's names; those of the attention set are sd-scripts' too and load as they are; the
+  double blocks' MLPs (``img_mlp_0`` / ``_2``) are renamed to sd-scripts' (``img_mlp_fc1`` /
+  ``_fc2``) by the table of sd-scripts' own ``networks/convert_hunyuan_image_lora_to_comfy.py``
+  (``--reverse``; read from the script, whose import needs ``library.train_util`` and with it
+  ``toml``, absent here), then every key is used;
 * metadata: ``ss_base_model_version``, ``ss_network_module`` and ``modelspec.architecture`` /
   ``implementation`` are what kohya's trainers write (values from kohya's own code where it has a
   function for them: ``sai_model_spec.build_metadata``, ``sd3_utils`` model types,
@@ -428,6 +442,127 @@ def test_musubi_tuner_reads_our_wan_lora(musubi_wan, pack, loras_dir, tmp_path, 
     assert meta["modelspec.implementation"] == spec["modelspec.implementation"]
 
 
+# -- sd-scripts: Lumina 2 --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kohya_lumina_hunyuan():
+    root = kohya_sd_scripts_path()
+    names = ("networks.lora_lumina", "library.lumina_models", "library.lumina_util",
+             "networks.lora_hunyuan_image", "library.hunyuan_image_modules",
+             "library.hunyuan_image_utils", "library.sai_model_spec")
+    return dict(zip((n.split(".")[-1] for n in names), _import_from(root, names)))
+
+
+def _kohya_lumina(kohya):
+    cfg = D.FAMILIES["lumina2"][1]
+    keys = ("patch_size", "in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads",
+            "n_kv_heads", "multiple_of", "qk_norm", "cap_feat_dim", "axes_dims", "axes_lens")
+    return kohya["lumina_models"].NextDiT(**{k: cfg[k] for k in keys})
+
+
+_NO_GEMMA = [torch.nn.Module()]  # lora_lumina walks text_encoders[0]: no text encoder LoRA here
+
+
+def _check_metadata(meta, kohya, module, version, model_config):
+    spec = kohya["sai_model_spec"].build_metadata(None, False, False, False, True, False, time.time(),
+                                                 model_config=model_config)
+    assert meta["ss_base_model_version"] == version
+    assert meta["ss_network_module"] == module.__name__
+    assert meta["modelspec.architecture"] == spec["modelspec.architecture"]
+    assert meta["modelspec.implementation"] == spec["modelspec.implementation"]
+
+
+@pytest.mark.comfyui
+@pytest.mark.kohya
+def test_sd_scripts_reads_our_lumina2_lora(kohya_lumina_hunyuan, pack, loras_dir):
+    kohya = kohya_lumina_hunyuan
+    patcher = D.tiny_model("lumina2")
+    path, lora, tensors, meta = _save_ours("lumina2", patcher, pack, loras_dir)
+    base_sd = _comfy_state_dict(patcher)
+    build = lambda: _load_strict(_kohya_lumina(kohya), base_sd)  # noqa: E731
+    _kohya_inference_paths(kohya["lora_lumina"].create_network_from_weights, _NO_GEMMA, build,
+                           base_sd, tensors, lora)
+    # lumina_train_network.py: model version lumina_util.MODEL_VERSION_LUMINA_V2, sai model spec
+    # with lumina="lumina2"
+    _check_metadata(meta, kohya, kohya["lora_lumina"], kohya["lumina_util"].MODEL_VERSION_LUMINA_V2,
+                    {"lumina": "lumina2"})
+
+
+# -- sd-scripts: HunyuanImage 2.1 -----------------------------------------------------------------
+def _kohya_hunyuan_blocks(kohya):
+    """sd-scripts' own HunyuanImage blocks at the fixture's width, under the model's list names."""
+    cfg = D.FAMILIES["hunyuan_image_2_1"][1]
+    hm = kohya["hunyuan_image_modules"]
+    model = torch.nn.Module()
+    model.double_blocks = torch.nn.ModuleList([
+        hm.MMDoubleStreamBlock(cfg["hidden_size"], cfg["num_heads"], cfg["mlp_ratio"],
+                               qkv_bias=cfg["qkv_bias"]) for _ in range(cfg["depth"])])
+    model.single_blocks = torch.nn.ModuleList([
+        hm.MMSingleStreamBlock(cfg["hidden_size"], cfg["num_heads"], cfg["mlp_ratio"])
+        for _ in range(cfg["depth_single_blocks"])])
+    return model
+
+
+def _hunyuan_names(patcher, kohya_model):
+    """Tencent's (sd-scripts') parameter name -> ComfyUI's, by ComfyUI's own loader conversion."""
+    config = patcher.model.model_config
+    return {k: next(iter(config.process_unet_state_dict({k: None})))
+            for k in kohya_model.state_dict()}
+
+
+def _convert_script_table(kohya_root):
+    """The (sd-scripts, ComfyUI) module-name pairs of sd-scripts'
+    networks/convert_hunyuan_image_lora_to_comfy.py, read from its source."""
+    import ast
+    with open(os.path.join(kohya_root, "networks", "convert_hunyuan_image_lora_to_comfy.py")) as f:
+        tree = ast.parse(f.read())
+    tables = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.walk(tree)
+              if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id.endswith("_mappings")}
+    return tables["double_blocks_mappings"], tables["single_blocks_mappings"]
+
+
+def _to_sd_scripts_names(tensors, kohya_root):
+    """The script's --reverse (ComfyUI -> sd-scripts) on our file's keys."""
+    double, single = _convert_script_table(kohya_root)
+    out = {}
+    for k, v in tensors.items():
+        mappings = double if "double_blocks" in k else single if "single_blocks" in k else []
+        for src, dst in mappings:
+            k = k.replace(dst, src)
+        out[k] = v
+    return out
+
+
+@pytest.mark.comfyui
+@pytest.mark.kohya
+def test_sd_scripts_reads_our_hunyuan_image_lora(kohya_lumina_hunyuan, pack, loras_dir):
+    kohya = kohya_lumina_hunyuan
+    patcher = D.tiny_model("hunyuan_image_2_1")
+    path, lora, tensors, meta = _save_ours("hunyuan_image_2_1", patcher, pack, loras_dir)
+    comfy_sd = _comfy_state_dict(patcher)
+    names = _hunyuan_names(patcher, _kohya_hunyuan_blocks(kohya))
+    base_sd = {k: comfy_sd[c] for k, c in names.items()}  # every block weight, Tencent's names
+    build = lambda: _load_strict(_kohya_hunyuan_blocks(kohya), base_sd)  # noqa: E731
+    create = kohya["lora_hunyuan_image"].create_network_from_weights
+
+    # as written: sd-scripts finds the attention / linear1 / linear2 modules under our names, not
+    # the double blocks' MLPs (its img_mlp.fc1 / fc2 are ComfyUI's img_mlp.0 / 2)
+    network, _ = create(1.0, None, None, [], build(), dict(tensors), True)
+    unmatched = _file_modules(tensors) - {m.lora_name for m in network.unet_loras}
+    assert sorted(unmatched) == sorted(kohya_name(f"double_blocks.{i}.{m}_mlp.{n}")
+                                       for i in (0, 1) for m in ("img", "txt") for n in (0, 2))
+
+    # after sd-scripts' own converter (--reverse): every key used, apply and merge give W + delta
+    renamed = _to_sd_scripts_names(tensors, kohya_sd_scripts_path())
+    to_kohya = {c[:-len(".weight")]: k[:-len(".weight")] for k, c in names.items() if k.endswith(".weight")}
+    kohya_lora = {to_kohya[n]: d for n, d in lora.items()}
+    _kohya_inference_paths(create, [], build, base_sd, renamed, kohya_lora)
+    # hunyuan_image_train_network.py: hunyuan_image_utils.MODEL_VERSION_2_1, sai model spec with
+    # hunyuan_image="2.1"
+    _check_metadata(meta, kohya, kohya["lora_hunyuan_image"], kohya["hunyuan_image_utils"].MODEL_VERSION_2_1,
+                    {"hunyuan_image": "2.1"})
+
+
 # -- our "kohya default" set against kohya's trainers' own default ----------------------------------
 _MODULATION = {  # what kohya's default trains beyond ours: the blocks' modulation (adaLN) layers
     "flux_dev": [f"double_blocks.{i}.{m}_mod.lin" for i in (0, 1) for m in ("img", "txt")]
@@ -439,6 +574,13 @@ _MODULATION = {  # what kohya's default trains beyond ours: the blocks' modulati
     # the dotted module name ("transformer_blocks.0.img_mod.1"), so img_mod / txt_mod are trained
     "qwen_image": [f"transformer_blocks.{i}.{m}_mod.1" for i in (0, 1) for m in ("img", "txt")],
     "wan21_t2v": [],  # Wan's modulation is a bare parameter, no layer: musubi's default is ours
+    # lora_lumina: every Linear of every JointTransformerBlock (the text refiner has no
+    # modulation) and of the FinalLayer, a top-level layer
+    "lumina2": [f"{b}.adaLN_modulation.1" for b in ("noise_refiner.0", "layers.0", "layers.1")]
+    + ["final_layer.linear", "final_layer.adaLN_modulation.1"],
+    # lora_hunyuan_image (in ComfyUI's names: its img_mod.linear is ComfyUI's img_mod.lin)
+    "hunyuan_image_2_1": [f"double_blocks.{i}.{m}_mod.lin" for i in (0, 1) for m in ("img", "txt")]
+    + [f"single_blocks.{i}.modulation.lin" for i in (0, 1)],
 }
 
 
@@ -447,7 +589,9 @@ _MODULATION = {  # what kohya's default trains beyond ours: the blocks' modulati
     pytest.param("flux_dev", marks=pytest.mark.kohya), pytest.param("chroma", marks=pytest.mark.kohya),
     pytest.param("sd3_5_medium", marks=pytest.mark.kohya),
     pytest.param("qwen_image", marks=pytest.mark.musubi),
-    pytest.param("wan21_t2v", marks=pytest.mark.musubi)])
+    pytest.param("wan21_t2v", marks=pytest.mark.musubi),
+    pytest.param("lumina2", marks=pytest.mark.kohya),
+    pytest.param("hunyuan_image_2_1", marks=pytest.mark.kohya)])
 def test_kohya_default_set_is_the_kohya_trainers_default_less_modulation(kind, pack, request):
     """kohya's training-time ``create_network`` with default arguments (every Linear inside the
     family's blocks) selects our "kohya default" layers plus exactly the modulation layers (which
@@ -455,6 +599,25 @@ def test_kohya_default_set_is_the_kohya_trainers_default_less_modulation(kind, p
     patcher = D.tiny_model(kind)
     ours = {kohya_name(n) for n in pack["comfy_glue"].target_module_names(patcher, "kohya default")}
     base_sd = _comfy_state_dict(patcher)
+    if kind in ("lumina2", "hunyuan_image_2_1"):
+        kohya = request.getfixturevalue("kohya_lumina_hunyuan")
+        if kind == "lumina2":
+            model = _load_strict(_kohya_lumina(kohya), base_sd)
+            network = kohya["lora_lumina"].create_network(1.0, 4, 1.0, None, _NO_GEMMA, model)
+            theirs = {m.lora_name for m in network.unet_loras}
+        else:
+            model = _kohya_hunyuan_blocks(kohya)
+            network = kohya["lora_hunyuan_image"].create_network(1.0, 4, 1.0, None, [], model)
+            double, single = _convert_script_table(kohya_sd_scripts_path())
+            theirs = set()
+            for m in network.unet_loras:  # sd-scripts' names -> ComfyUI's, as its script does
+                name = m.lora_name
+                for src, dst in (double if "double_blocks" in name else single):
+                    name = name.replace(src, dst)
+                theirs.add(name)
+        assert sorted(ours - theirs) == []
+        assert sorted(theirs - ours) == sorted(kohya_name(n) for n in _MODULATION[kind])
+        return
     if kind == "qwen_image":
         musubi = request.getfixturevalue("musubi")
         model = _load_strict(_musubi_qwen(musubi), base_sd)

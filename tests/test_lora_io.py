@@ -96,6 +96,8 @@ def test_base_model_metadata(base_model, v_pred, version, arch):
     ("flux1_schnell", "flux1", "flux-1-schnell/lora", "networks.lora_flux"),
     ("chroma", "chroma", "chroma/lora", "networks.lora_flux"),
     ("qwen_image", "qwen_image", "Qwen-Image/lora", "networks.lora_qwen_image"),
+    ("lumina2", "lumina2", "lumina-2/lora", "networks.lora_lumina"),
+    ("hunyuan_image_2_1", "hunyuan-image-2.1", "hunyuan-image-2.1/lora", "networks.lora_hunyuan_image"),
     ("hidream_i1", "hidream_i1", None, "networks.lora"),  # unknown: no architecture claimed
 ])
 def test_network_module_and_base_model_per_family(base_model, version, arch, module):

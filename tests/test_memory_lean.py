@@ -173,6 +173,14 @@ def test_memory_plan_is_fast_when_it_fits_lean_when_only_that_fits_and_refuses_o
     assert cond.cond_only and cond.fast_bytes < both.fast_bytes
     with pytest.raises(ValueError, match="rows must be one of"):
         MemoryOptions(rows="sometimes")
+    # a family's own decode factors (HunyuanImage 2.1's 32x VAE) replace the defaults, per way
+    own = (7.0, 5.0, 3.0)
+    for (blocks, one_row), factor in zip((("off", True), ("decoder and reward", True), ("on", True)), own):
+        assert estimate_update_bytes(blocks=blocks, one_row=one_row, decode_factors=own, **kw) == \
+            int(factor * GIB)
+    assert choose_plan(MemoryOptions(), available_bytes=int(2.5 * GIB), **kw).block_checkpointing
+    with pytest.raises(DoesNotFit):
+        choose_plan(MemoryOptions(), available_bytes=int(2.5 * GIB), decode_factors=own, **kw)
 
 
 def test_selective_checkpointing_recomputes_no_convolution_and_keeps_the_gradient():

@@ -620,11 +620,13 @@ def diffusers_unet_units(unet: nn.Module) -> list:
 
 def diffusers_decoder_units(decoder: nn.Module) -> list:
     """Checkpoint units of a diffusers VAE ``Decoder``: the mid block's resnets and attention, every
-    up block's resnets and upsampler."""
+    up block's resnets and upsampler; an up block that is itself one resnet or upsampler (the flat
+    ``up_blocks`` of ``AutoencoderKLHunyuanImage``'s decoder) is a unit itself."""
     units = []
     for block in [decoder.mid_block] + list(decoder.up_blocks):
-        for attr in ("resnets", "attentions", "upsamplers"):
-            units += [m for m in (getattr(block, attr, None) or []) if m is not None]
+        parts = [m for attr in ("resnets", "attentions", "upsamplers")
+                 for m in (getattr(block, attr, None) or []) if m is not None]
+        units += parts or ([block] if block is not decoder.mid_block else [])
     return units
 
 

@@ -52,6 +52,13 @@ BASE_MODELS = {
     "chroma": ("chroma", "chroma/lora", "https://huggingface.co/lodestones/Chroma"),
     "qwen_image": ("qwen_image", "Qwen-Image/lora", "https://github.com/QwenLM/Qwen-Image"),
     "wan21_t2v": ("wan", "wan2.1/lora", "https://github.com/Wan-Video/Wan2.1"),
+    # sd-scripts' lumina_train_network.py / hunyuan_image_train_network.py: model version
+    # lumina_util.MODEL_VERSION_LUMINA_V2 "lumina2" / hunyuan_image_utils.MODEL_VERSION_2_1
+    # "hunyuan-image-2.1"; sai_model_spec ARCH_LUMINA_2 / ARCH_HUNYUAN_IMAGE_2_1 + "/lora";
+    # implementation IMPL_LUMINA, and "diffusers" for HunyuanImage (determine_implementation has
+    # no HunyuanImage branch).
+    "lumina2": ("lumina2", "lumina-2/lora", "https://github.com/Alpha-VLLM/Lumina-Image-2.0"),
+    "hunyuan_image_2_1": ("hunyuan-image-2.1", "hunyuan-image-2.1/lora", "diffusers"),
 }
 ARCHITECTURES = {k: v[1] for k, v in BASE_MODELS.items()}
 # base model -> ss_network_module: the --network_module kohya's trainer for that family runs and
@@ -67,6 +74,7 @@ NETWORK_MODULES = {
     "sd3_5_large": "networks.lora_sd3",
     "flux1_dev": "networks.lora_flux", "flux1_schnell": "networks.lora_flux", "chroma": "networks.lora_flux",
     "qwen_image": "networks.lora_qwen_image", "wan21_t2v": "networks.lora_wan",
+    "lumina2": "networks.lora_lumina", "hunyuan_image_2_1": "networks.lora_hunyuan_image",
 }
 DEFAULT_NETWORK_MODULE = "networks.lora"
 

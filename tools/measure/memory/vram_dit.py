@@ -14,19 +14,31 @@ without them; see :mod:`.vram` for every mode), counted by
 * ``sd35m_1024``: SD3.5 medium (``SD3Transformer2DModel``: 24 MMDiT blocks, 1536 wide, attn2 in
   blocks 0-12, q/k RMS norm) at 1024 px (4096 image + 333 text tokens), bf16, cfg 4.5 (both
   branches in one batch); DRaFT-LV n = 2.
-
+* ``lumina2_1024``: Lumina Image 2.0 (``Lumina2Transformer2DModel``: 2 + 2 refiner blocks and 26
+  main blocks, 2304 wide, 24 query / 8 key-value heads; Gemma 2 2B text features, 2304 wide) at
+  1024 px (4096 image + 256 text tokens), bf16, cfg 4.0 (both branches in one batch); DRaFT-LV
+  n = 2; the 16-channel FLUX VAE (ComfyUI's Lumina 2 uses FLUX's latent format).
+* ``hunyuanimage21_2048``: HunyuanImage 2.1 (``HunyuanImageTransformer2DModel``: 20 double + 40
+  single blocks, 3584 wide, patch 1, with its byT5 glyph mapper) at 2048 px (64 x 64 = 4096 image
+  tokens of its 32x VAE, 256 Qwen2.5-VL tokens; no byT5 tokens: ComfyUI adds them only for quoted
+  text in the prompt, and diffusers' boolean-mask reordering of them cannot run on fake tensors),
+  base weights in float8 e4m3 cast to bf16 per use,
+  cfg 3.5 (both branches); DRaFT-1; decoded with its own 64-channel 32x VAE decoder
+  (``AutoencoderKLHunyuanImage``, block widths 128 ... 1024, bf16).
 * ``wan21_1_3b_480p``: Wan 2.1 T2V 1.3B (``WanTransformer3DModel``: 30 blocks, 1536 wide, 12
   heads, FFN 8960) at 480x832, 33 frames (9 latent frames of 30 x 52 patches: 14,040 tokens; 512
   T5 tokens), bf16, cfg 5 (both branches in one batch); only the first 3 latent frames (9 frames)
   are decoded, by the Wan 2.1 VAE decoder (``AutoencoderKLWan``'s, causal, frame by frame), and
   every frame is scored (the reward of a video is their mean). DRaFT-1 and DRaFT-LV n = 2.
 
-FLUX and SD3 decode with the 16-channel FLUX/SD3 VAE decoder (``AutoencoderKL``, no quant convs, bf16) and
-score with the LAION aesthetic reward (CLIP ViT-L/14, bf16); LoRA rank 8 on the attention targets
-of ``nodes/architectures.py`` in diffusers naming (FLUX: ``to_q/k/v``, ``to_out.0``,
-``add_*_proj``, ``to_add_out``, single blocks' ``to_q/k/v``, ``proj_mlp``, ``proj_out``; SD3:
-``attn`` and ``attn2`` projections). Text encoders are not counted (ComfyUI offloads them once the
-prompts are encoded); their outputs are.
+FLUX, SD3.5 and Lumina 2 decode with the 16-channel FLUX/SD3 VAE decoder (``AutoencoderKL``, no
+quant convs, bf16); all score with the LAION aesthetic reward (CLIP ViT-L/14, bf16); LoRA rank 8 on the
+attention targets of ``nodes/architectures.py`` in diffusers naming (FLUX / HunyuanImage:
+``to_q/k/v``, ``to_out.0``, ``add_*_proj``, ``to_add_out``, single blocks' ``to_q/k/v``,
+``proj_mlp``, ``proj_out``; SD3: ``attn`` and ``attn2`` projections; Lumina 2: every block's
+``attn.to_q/k/v/to_out.0``, refiners included), inside the blocks only (HunyuanImage's text token
+refiner has attention too; it is not a target). Text encoders are not counted (ComfyUI offloads
+them once the prompts are encoded); their outputs are.
 """
 from __future__ import annotations
 
@@ -35,9 +47,20 @@ import time
 from tools.measure.setup import (build_aesthetic_reward, trace_update, update_sampler,
                                  update_trainer, vae_decoder)
 
-DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024, "wan21_1_3b_480p": 480}
+DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024, "wan21_1_3b_480p": 480, "lumina2_1024": 1024,
+              "hunyuanimage21_2048": 2048}
 # Wan: (height, width, frames, decoded latent frames); frames = 4 (latent frames - 1) + 1
 WAN_VIDEO = {"wan21_1_3b_480p": (480, 832, 33, 3)}
+# model -> (latent channels, VAE downscale, VAE scale, VAE shift or None, cfg, text tokens, text
+# width, pooled width or None, fp8 base weights, schedule shift)
+SPECS = {
+    "flux_dev_1024": (16, 8, 0.3611, 0.1159, 1.0, 512, 4096, 768, True, 3.0),
+    "sd35m_1024": (16, 8, 1.5305, 0.0609, 4.5, 333, 4096, 2048, False, 3.0),
+    "lumina2_1024": (16, 8, 0.3611, 0.1159, 4.0, 256, 2304, None, False, 6.0),
+    "hunyuanimage21_2048": (64, 32, 0.75289, None, 3.5, 256, 3584, None, True, 5.0),
+}
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.", "layers.", "noise_refiner.",
+                  "context_refiner.")
 
 
 def build_transformer(model: str):
@@ -51,7 +74,30 @@ def build_transformer(model: str):
             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    if model == "lumina2_1024":
+        from diffusers import Lumina2Transformer2DModel
+        return Lumina2Transformer2DModel(  # Alpha-VLLM/Lumina-Image-2.0
+            sample_size=128, patch_size=2, in_channels=16, hidden_size=2304, num_layers=26,
+            num_refiner_layers=2, num_attention_heads=24, num_kv_heads=8, multiple_of=256,
+            norm_eps=1e-5, axes_dim_rope=(32, 32, 32), axes_lens=(300, 512, 512), cap_feat_dim=2304)
+    if model == "hunyuanimage21_2048":
+        from diffusers import HunyuanImageTransformer2DModel
+        return HunyuanImageTransformer2DModel(  # hunyuanvideo-community/HunyuanImage-2.1-Diffusers
+            in_channels=64, out_channels=64, num_attention_heads=28, attention_head_dim=128,
+            num_layers=20, num_single_layers=40, num_refiner_layers=2, patch_size=(1, 1),
+            text_embed_dim=3584, text_embed_2_dim=1472, rope_axes_dim=(64, 64))
     raise ValueError(model)
+
+
+def hunyuan_image_vae_decoder():
+    """HunyuanImage 2.1's 64-channel 32x VAE (``AutoencoderKLHunyuanImage``) without its encoder."""
+    from diffusers import AutoencoderKLHunyuanImage
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=64,
+                                    block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                                    layers_per_block=2, spatial_compression_ratio=32,
+                                    sample_size=512, scaling_factor=0.75289)
+    del vae.encoder
+    return vae
 
 
 def attention_targets(transformer) -> list:
@@ -59,7 +105,7 @@ def attention_targets(transformer) -> list:
     ends = (".to_q", ".to_k", ".to_v", ".to_out.0", ".add_q_proj", ".add_k_proj", ".add_v_proj",
             ".to_add_out")
     names = [n for n, _ in transformer.named_modules() if n.endswith(ends)
-             and (".attn." in n or ".attn2." in n)]
+             and (".attn." in n or ".attn2." in n) and n.startswith(BLOCK_PREFIXES)]
     names += [n for n, _ in transformer.named_modules()
               if n.startswith("single_transformer_blocks.") and n.endswith((".proj_mlp", ".proj_out"))]
     return names
@@ -81,9 +127,11 @@ def store_fp8(transformer) -> None:
 
 
 def block_units(transformer) -> list:
-    units = list(getattr(transformer, "transformer_blocks", []) or [])
-    units += list(getattr(transformer, "blocks", []) or [])  # Wan
-    return units + list(getattr(transformer, "single_transformer_blocks", []) or [])
+    units = []
+    for name in ("context_refiner", "noise_refiner", "layers", "transformer_blocks", "blocks",
+                 "single_transformer_blocks"):  # blocks: Wan
+        units += list(getattr(transformer, name, []) or [])
+    return units
 
 
 def wan_attention_targets(transformer) -> list:
@@ -166,8 +214,11 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
     from training.memory_trace import fake_mode
 
     torch.set_default_dtype(torch.bfloat16)
-    flux = model == "flux_dev_1024"
-    shift = 3.0  # SD3's; FLUX's resolution-dependent shift gives a schedule of the same length
+    channels, down, scale, shift_z, cfg, tokens, text_width, pooled_dim, fp8, shift = SPECS[model]
+    kind = {"flux_dev_1024": "flux", "sd35m_1024": "sd3", "lumina2_1024": "lumina",
+            "hunyuanimage21_2048": "hunyuan"}[model]
+    # the model's shift on a linear schedule (FLUX's resolution-dependent shift gives a schedule
+    # of the same length; only the length matters for memory)
     t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     sigmas = (shift * t / (1 + (shift - 1) * t)).float()
     sampler = update_sampler(method, sigmas,
@@ -175,20 +226,19 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
                              + (1 - s.reshape(-1, 1, 1, 1).to(n)) * x0)
     started = time.perf_counter()
     with fake_mode():
-        latent = resolution // 8
+        latent = resolution // down
         transformer = build_transformer(model)
-        vae = vae_decoder(16)
+        vae = hunyuan_image_vae_decoder() if kind == "hunyuan" else vae_decoder(16)
         reward = build_aesthetic_reward()
         for m in (transformer, vae, reward):
             m.eval().requires_grad_(False)
-        if flux:
+        if fp8:
             store_fp8(transformer)
         lora = wrap_module(transformer, attention_targets(transformer), rank=8, alpha=8.0, seed=0)
-        tokens, pooled_dim = (512, 768) if flux else (333, 2048)
-        context = torch.randn(4, tokens, 4096)
-        pooled = torch.randn(4, pooled_dim)
-        uncond, uncond_pooled = torch.randn(1, tokens, 4096), torch.randn(1, pooled_dim)
-        cfg = 1.0 if flux else 4.5
+        context = torch.randn(4, tokens, text_width)
+        uncond = torch.randn(1, tokens, text_width)
+        pooled = torch.randn(4, pooled_dim or 1)
+        uncond_pooled = torch.randn(1, pooled_dim or 1)
         h = latent // 2
         rows = torch.arange(h, dtype=torch.float32)
         img_ids = torch.stack([torch.zeros(h, h), rows[:, None].expand(h, h),
@@ -196,10 +246,16 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
         txt_ids = torch.zeros(tokens, 3, dtype=torch.float32)
 
         def velocity(x, s, ctx, pool):
-            if not flux:
+            b, c = x.shape[:2]
+            if kind == "sd3":
                 return transformer(x, encoder_hidden_states=ctx, pooled_projections=pool,
                                    timestep=s * 1000, return_dict=False)[0]
-            b, c = x.shape[:2]
+            if kind == "lumina":  # Lumina's time runs from 0 (noise) to 1; it predicts -v
+                mask = torch.ones(b, tokens, dtype=torch.bool)
+                return -transformer(x, 1 - s, ctx, mask, return_dict=False)[0]
+            if kind == "hunyuan":
+                mask = torch.ones(b, tokens, dtype=torch.bool)
+                return transformer(x, s * 1000, ctx, mask, return_dict=False)[0]
             packed = x.reshape(b, c, h, 2, h, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * h, c * 4)
             out = transformer(packed, encoder_hidden_states=ctx, pooled_projections=pool, timestep=s,
                               img_ids=img_ids, txt_ids=txt_ids,
@@ -221,9 +277,8 @@ def measure_dit(model: str, method: str, batch: int, steps: int, resolution: int
                     v = v_u + cfg * (v_c - v_u)
                 return x - s.reshape(-1, 1, 1, 1) * v.to(x.dtype)
 
-        scale, shift_z = (0.3611, 0.1159) if flux else (1.5305, 0.0609)
         trainer = update_trainer(sampler, Denoiser(), vae, scale, shift_z, reward, lora,
-                                 (16, latent, latent), batch, mode, block_units(transformer))
+                                 (channels, latent, latent), batch, mode, block_units(transformer))
     row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=False, steps=steps,
                resolution=resolution)
     return trace_update(trainer, row, transformer, vae, reward, lora, started)
