@@ -32,7 +32,8 @@ class DraftEvaluate(CheckedNode):
                                 tooltip="The prompt of each image (each video, with frames_per_video), one per line; a single line applies to all. Only text-conditioned rewards use it."),
                 io.Int.Input("chunk_size", default=8, min=1, max=256,
                              tooltip="Images (frames) scored per forward pass, whole videos at a time (at least one); lower it if VRAM is short."),
-                io.Int.Input("frames_per_video", default=0, min=0, max=4096,
+                # optional: graphs saved before this input existed (API format) still run
+                io.Int.Input("frames_per_video", default=0, min=0, max=4096, optional=True,
                              tooltip="0: the batch is images, each scored on its own. N: the batch is videos of N frames each (the batch size must be a multiple of N); each video's score is the mean over its frames (a video reward such as Temporal Consistency scores the video as a whole), shown per video."),
             ],
             outputs=[io.Float.Output(display_name="mean_score", tooltip="Mean reward over the batch (over the videos, with frames_per_video).")],

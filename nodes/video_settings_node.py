@@ -31,9 +31,9 @@ class DraftVideoSettings(OptionsNode):
                              tooltip="Frames per training video, 4k + 1 for Wan (33 = 9 latent frames; Wan generates 81 by default); 0 = the model family's usual (33 for Wan 2.1). Memory and time grow with it: every latent frame goes through the DiT."),
                 io.Int.Input("decoded_latent_frames", default=VideoOptions.decoded_latent_frames, min=0, max=256,
                              tooltip="Decode at most the first this many latent frames for the reward (Wan's causal VAE gives 1 + 4(k - 1) frames from k: 3 -> 9 frames), as VideoX-Fun's reward training does (num_decoded_latents 3); 0 = all. The decoder's memory grows with it."),
-                io.Int.Input("reward_frames", default=VideoOptions.reward_frames, min=0, max=1024,
+                io.Int.Input("reward_frames", default=VideoOptions.reward_frames, min=0, max=1024, optional=True,
                              tooltip="How many of the decoded frames the reward scores per video; 0 = every decoded frame. Only the latent frames the picked frames need are decoded ('first' with 5 frames: 2 latent frames). At most the decoded frames (1 + 4(k - 1)); 2 or more for the Temporal Consistency reward."),
-                io.Combo.Input("frame_pick", options=list(FRAME_PICKS), default=VideoOptions.frame_pick,
+                io.Combo.Input("frame_pick", options=list(FRAME_PICKS), default=VideoOptions.frame_pick, optional=True,
                                tooltip="Which frames reward_frames takes: first: the first ones (the fewest latent frames decoded); evenly spaced: spread over the decoded frames, first and last included (1 frame: the middle one); random: a fresh draw every update from the run's seed (held-out checks and previews then score every decoded frame)."),
             ],
         )
