@@ -40,7 +40,9 @@ class DraftHeldoutCheck(CheckedNode):
                 "scores them with judge rewards it never trains on, with its own reward and with a "
                 "diversity figure; the chart draws them beside the training reward. Keeps the best "
                 "LoRA (saved as <lora_name>_best.safetensors) and can stop the run when the judge "
-                "falls. Connect to DRaFT Trainer's 'evaluation' input."),
+                "falls. Videos (Wan) are judged as the trainer scores them: per video, on the "
+                "frames DRaFT Video Settings picks, the similarity on each video's middle frame. "
+                "Connect to DRaFT Trainer's 'evaluation' input."),
             inputs=[
                 io.Int.Input("every", default=d.every, min=1, max=100000,
                              tooltip="Evaluate every N updates (and at update 0, the base model, and at the last). Each evaluation samples prompts x seeds images without gradient: with the defaults (4 prompts x 4 seeds every 10 updates) about 1.6 samples per update."),

@@ -1,11 +1,13 @@
 """Reward nodes: each outputs a ``DRAFT_REWARD`` (a reward_models RewardModel + its patchers)."""
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
-from ..reward_models import STATISTICS, CombinedReward, ImageStatReward
+from ..reward_models import STATISTICS, CombinedReward, ImageStatReward, TemporalConsistencyReward
+from . import validation
 from .checked_node import CheckedNode
-from .reward_types import DraftReward, RewardHandle
+from .reward_types import DraftReward, RewardHandle, clip_vision_encoder
 
 COMBINE_SLOTS = 4
 
@@ -52,12 +54,17 @@ class DraftCombineRewards(CheckedNode):
         inputs.append(io.Boolean.Input(
             "standardize", default=False,
             tooltip=("Divide each reward by a running estimate of its spread (and centre it) before "
-                     "weighting, so rewards on different scales (aesthetic ~5, HPSv2 ~0.27) can be mixed.")))
+                     "weighting, so rewards on different scales (aesthetic ~5, HPSv2 ~0.27) can be "
+                     "mixed. With a video reward (Temporal Consistency) every reward is taken per "
+                     "video (an image reward: its mean over the video's frames) and so are the "
+                     "statistics.")))
         return io.Schema(
             node_id="DRaFTCombineRewards",
             display_name="DRaFT Combine Rewards",
             category="DRaFT/rewards",
-            description="Weighted sum of up to four rewards (negative weights are penalties).",
+            description=("Weighted sum of up to four rewards (negative weights are penalties). "
+                         "A video reward among them (Temporal Consistency) makes the sum score "
+                         "whole videos; give it a positive weight to penalise flicker."),
             inputs=inputs,
             outputs=[DraftReward.Output(display_name="reward", tooltip="The combined reward.")],
         )
@@ -74,4 +81,63 @@ class DraftCombineRewards(CheckedNode):
         return io.NodeOutput(RewardHandle(model=model, patchers=patchers, label=label))
 
 
-NODES = [DraftImageStatReward, DraftCombineRewards]
+class DraftTemporalConsistencyReward(CheckedNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DRaFTTemporalConsistencyReward",
+            display_name="DRaFT Temporal Consistency Reward",
+            category="DRaFT/rewards",
+            description=(
+                "Video models only (Wan 2.1 T2V): how alike a video's consecutive scored frames are "
+                "(the frames DRaFT Video Settings' reward_frames and frame_pick choose). With a "
+                "CLIP vision model, or the image encoder of a connected reward: the mean cosine "
+                "similarity of consecutive frames' embeddings, in [-1, 1]; without: pixels, "
+                "1 - mean |difference| of consecutive frames, in [0, 1] (1 = identical). Higher is "
+                "steadier: in DRaFT Combine Rewards, beside an image reward, a positive weight "
+                "penalises flicker (alone it would reward a still video). Refused on image models."),
+            inputs=[
+                io.Int.Input("chunk_size", default=16, min=1, max=1024,
+                             tooltip="Frames embedded per forward pass (whole videos, at least one video at a time); lower it if VRAM is short."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Optional CLIP vision model (CLIPVisionLoader): compare the frames' CLIP image embeddings (what the frames show, not every pixel). Leave empty to use 'embeddings_from', or the pixels."),
+                DraftReward.Input("embeddings_from", optional=True,
+                                  tooltip="Optional reward whose own image encoder gives the embeddings (Aesthetic, HPSv2, PickScore, CLIP Score: their CLIP tower; it is not scored). Not together with clip_vision."),
+            ],
+            outputs=[DraftReward.Output(display_name="reward",
+                                        tooltip="The temporal consistency reward (scores whole videos): for DRaFT Combine Rewards, the trainer or Evaluate with frames_per_video.")],
+        )
+
+    @classmethod
+    def execute(cls, chunk_size, clip_vision=None, embeddings_from=None) -> io.NodeOutput:
+        if clip_vision is not None and embeddings_from is not None:
+            raise ValueError("DRaFT Temporal Consistency Reward: connect clip_vision or "
+                             "embeddings_from, not both")
+        if clip_vision is not None:
+            encoder, transform = clip_vision_encoder(clip_vision)
+            model = TemporalConsistencyReward(encoder, transform, chunk_size=chunk_size)
+            return io.NodeOutput(RewardHandle(model=model, patchers=[clip_vision.patcher],
+                                              label="temporal(CLIP vision)"))
+        if embeddings_from is not None:
+            if embeddings_from.model.image_embeddings(torch.full((1, 3, 64, 64), 0.5).to(
+                    embeddings_from.device or "cpu")) is None:
+                raise ValueError(f"DRaFT Temporal Consistency Reward: embeddings_from: "
+                                 f"{embeddings_from.label} has no image encoder (connect Aesthetic, "
+                                 "HPSv2, PickScore or CLIP Score, or a CLIP vision model)")
+            model = TemporalConsistencyReward(embeddings_of=embeddings_from.model, chunk_size=chunk_size)
+            return io.NodeOutput(RewardHandle(model=model, patchers=list(embeddings_from.patchers),
+                                              label=f"temporal({embeddings_from.label})"))
+        return io.NodeOutput(RewardHandle(model=TemporalConsistencyReward(chunk_size=chunk_size),
+                                          patchers=[], label="temporal(pixels)"))
+
+
+def _temporal_rule(values: dict) -> list:
+    # a linked input's value is None when queued: present means connected
+    if "clip_vision" in values and "embeddings_from" in values:
+        return [("embeddings_from", "connect clip_vision or embeddings_from, not both")]
+    return []
+
+
+validation.NODE_RULES["DRaFTTemporalConsistencyReward"] = _temporal_rule
+
+NODES = [DraftImageStatReward, DraftCombineRewards, DraftTemporalConsistencyReward]

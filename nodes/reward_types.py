@@ -30,3 +30,58 @@ class RewardHandle:
         for p in self.model.parameters():
             return p.device
         return None
+
+
+class DeviceReward:
+    """A reward model as the engine calls it (``training.trainer`` ``Reward``): images moved to
+    the reward's ``device`` (None: left where they are), scores to ``out_device`` (None: left on
+    the reward's); ``scores_videos`` passed on, and ``frames_per_video`` with it, so the trainer and
+    the held-out check score whole videos with a video reward (``reward_models.base``)."""
+
+    def __init__(self, model: torch.nn.Module, device: Optional[torch.device] = None,
+                 out_device: Optional[torch.device] = None):
+        self.model, self.device, self.out_device = model, device, out_device
+
+    @property
+    def scores_videos(self) -> bool:
+        return bool(getattr(self.model, "scores_videos", False))
+
+    def __call__(self, images: torch.Tensor, prompts, **video) -> torch.Tensor:
+        if self.device is not None:
+            images = images.to(self.device)
+        scores = self.model(images, prompts, **video)
+        return scores.to(self.out_device) if self.out_device is not None else scores
+
+
+class InPlaceSafeEncoder(torch.nn.Module):
+    """An image encoder of ComfyUI's whose transformer layers add their residuals in place
+    (``comfy/clip_model.py`` ``CLIPLayer``: ``x += ...``, into the tensor its layer norm saved),
+    made differentiable: under gradient its layers run through
+    :func:`training.checkpointing.checkpoint_blocks`, which recomputes blocks that write in place
+    correctly (plain autograd refuses their backward). Layers already wrapped (the lean memory
+    way checkpoints the reward's blocks itself) are left as they are; without gradient (held-out
+    check, Evaluate) it is the encoder."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.encoder(pixels)
+        from ..reward_models import RewardModel
+        from ..training.checkpointing import checkpoint_blocks
+        with checkpoint_blocks(RewardModel.checkpoint_units(self)):  # its ``layers`` lists
+            return self.encoder(pixels)
+
+
+def clip_vision_encoder(clip_vision) -> tuple:
+    """``(encoder, transform)`` for ComfyUI's CLIP_VISION: its projected image embeddings (output
+    2, as the aesthetic reward node uses them; differentiable: :class:`InPlaceSafeEncoder`) and its
+    own resize, crop and normalisation, done in torch (``clip_preprocess`` rounds: no gradient).
+    Not through ``encode_image``, whose ``load_model_gpu`` could evict the models being trained."""
+    from ..reward_models import ImageTransform, OutputSelectingEncoder
+    encoder = InPlaceSafeEncoder(OutputSelectingEncoder(clip_vision.model, 2, input_dtype=torch.float32))
+    transform = ImageTransform("crop", clip_vision.image_size, tuple(clip_vision.image_mean),
+                               tuple(clip_vision.image_std))
+    return encoder, transform

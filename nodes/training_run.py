@@ -22,17 +22,17 @@ import comfy.sd
 import comfy.utils
 import node_helpers
 
-from ..reward_models.aesthetic import OutputSelectingEncoder
-from ..reward_models.preprocess import ImageTransform
 from ..training import distributed
 from ..training.heldout import HeldoutCheck
 from ..training.lora import LoRASet
 from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan, trainer_memory_kwargs
 from ..training.plot import moving_average
 from ..training.run_options import VideoOptions
+from ..training.video_frames import FrameChoice
 from ..training.sampler import DifferentiableSampler, SamplerSettings
 from ..training.trainer import DraftTrainer, StepReport, TrainSettings
 from . import architectures, comfy_glue, lora_files, progress_events
+from .reward_types import DeviceReward, clip_vision_encoder
 
 log = logging.getLogger("ComfyUI-DRaFT")
 
@@ -187,11 +187,18 @@ class TrainingRun:
             time = (self.cfg.video.latent_frames(family.video_frames, family.time_compression),)
         return (channels, *time, *spatial)
 
-    def _decoded_latent_frames(self, latent_shape) -> Optional[int]:
-        """Latent frames the decoder hands the reward (video families), or None (images)."""
-        if not architectures.family_of(self.model).video_frames:
+    def _frame_choice(self, latent_shape) -> Optional[FrameChoice]:
+        """The frames of each video the reward scores (video families), or None (images)."""
+        family = architectures.family_of(self.model)
+        if not family.video_frames:
             return None
-        return self.cfg.video.decoded(latent_shape[1])
+        return self.cfg.video.frame_choice(latent_shape[1], family.time_compression)
+
+    def _decoded_latent_frames(self, latent_shape) -> Optional[int]:
+        """The most latent frames the decoder decodes for the reward (video families: those the
+        scored frames need at most), or None (images)."""
+        choice = self._frame_choice(latent_shape)
+        return None if choice is None else choice.most_latent_frames
 
     def _guidance_cfg(self) -> tuple:
         """``(cfg scale, embedded guidance or None)`` for this model's family: cfg 0 means the
@@ -311,12 +318,7 @@ class TrainingRun:
             initial_latent_fn=lambda n: ms.noise_scaling(sigmas[0].to(n), n, torch.zeros_like(n),
                                                          max_denoise))
         reward_model = self.reward.model
-        reward_device = self.reward.device
-
-        def reward_fn(images, prompts):
-            if reward_device is not None:
-                images = images.to(reward_device)
-            return reward_model(images, prompts).to(sigmas.device)
+        reward_fn = DeviceReward(reward_model, self.reward.device, sigmas.device)
 
         settings = TrainSettings(**{**cfg.train.__dict__, "mixed_precision": _resolve_precision(
             cfg.mixed_precision, st["patcher"])})
@@ -336,7 +338,8 @@ class TrainingRun:
                                # NCHW on a GPU unless ComfyUI was started with --force-channels-last
                                channels_last_decode=comfy.model_management.force_channels_last() or None,
                                reward_statistics=getattr(reward_model, "deferred_statistics", None),
-                               parallel=distributed.current(check=self.reward.model))
+                               parallel=distributed.current(check=self.reward.model),
+                               frame_choice=self._frame_choice(st["latent_shape"]))
         notes = []
         if cfg.heldout is not None:
             self.check = self._heldout_check(trainer, notes)
@@ -365,22 +368,12 @@ class TrainingRun:
         """The held-out check of this run: judges as no-grad callables on their devices, the
         similarity's image encoder (CLIP_VISION, else a judge's or the training reward's own)."""
         cfg, request = self.cfg, self.cfg.heldout
-
-        def on_device(handle):
-            model, device = handle.model, handle.device
-
-            def score(images, prompts):
-                return model(images.to(device) if device is not None else images, prompts).float()
-            return score
-
-        judges = [(j.label or f"judge {i + 1}", on_device(j)) for i, j in enumerate(request.judges)]
+        judges = [(j.label or f"judge {i + 1}", DeviceReward(j.model, j.device))
+                  for i, j in enumerate(request.judges)]
         embed = None
         if request.clip_vision is not None:
-            # CLIP_VISION's projected embeddings, as the aesthetic reward node uses them; not
-            # through encode_image, whose load_model_gpu could evict the models being trained
             cv = request.clip_vision
-            encoder = OutputSelectingEncoder(cv.model, 2, input_dtype=torch.float32)
-            transform = ImageTransform("crop", cv.image_size, tuple(cv.image_mean), tuple(cv.image_std))
+            encoder, transform = clip_vision_encoder(cv)
             embed = ("CLIP vision", lambda images: encoder(
                 transform(images.to(cv.load_device, torch.float32))).float())
         else:

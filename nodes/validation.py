@@ -319,15 +319,27 @@ def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prom
         family = architectures.family_of(model)
     except architectures.UnsupportedModelError:
         family = None  # reported below, by the target layers' check
+    reward_model = getattr(values.get("reward"), "model", None)
+    video_reward = bool(getattr(reward_model, "scores_videos", False))
     if family is not None and family.video_frames:
         video = options["video"]
         try:
-            video.latent_frames(family.video_frames, family.time_compression)
+            latent_frames = video.latent_frames(family.video_frames, family.time_compression)
         except ValueError as e:
             add(setting_label("video", "length", sources["video"]), f"{e} ({family.name})")
-        if values.get("evaluation") is not None:
-            add("evaluation", f"the DRaFT Held-out Check does not judge videos yet ({family.name} is "
-                "a video model): disconnect it")
+        else:
+            try:
+                choice = video.frame_choice(latent_frames, family.time_compression)
+            except ValueError as e:
+                add(setting_label("video", "reward_frames", sources["video"]), f"{e} ({family.name})")
+            else:
+                if video_reward and choice.frames_per_video < 2:
+                    add("reward", f"{values['reward'].label} compares consecutive frames, but "
+                        f"{setting_label('video', 'reward_frames', sources['video'])} scores 1 "
+                        "frame per video: raise it to 2 or more (0 = every decoded frame)")
+    elif family is not None and video_reward:
+        add("reward", f"{values['reward'].label} compares the frames of videos; {family.name} is an "
+            "image model: use an image reward (or a Combine without the Temporal Consistency reward)")
 
     diffusion_model = model.model.diffusion_model
     names = []

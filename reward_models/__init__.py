@@ -13,6 +13,8 @@ pickscore      ``load_pickscore``              logit_scale * cosine, about 20..2
 clip_score     ``load_clip_score``             cosine in [-1, 1]
 brightness...  ``ImageStatReward(statistic)``  image statistics, see ``image_stats``
 combined       ``CombinedReward``              weighted sum, optional running standardisation
+temporal       ``TemporalConsistencyReward``   videos only: consecutive frames' similarity,
+                                               CLIP cosine in [-1, 1] or pixels in [0, 1]
 =============  ==============================  ==============================================
 """
 from .aesthetic import AestheticHead, AestheticReward, OutputSelectingEncoder, load_aesthetic, load_aesthetic_head
@@ -27,6 +29,7 @@ from .image_stats import STATISTICS, ImageStatReward
 from .pickscore import OpenClipPickScoreReward, PickScoreReward, load_pickscore
 from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform, longest_side_pad,
                          shortest_side_crop)
+from .temporal import TemporalConsistencyReward
 
 __all__ = [
     "RewardModel", "module_device_dtype",
@@ -35,7 +38,7 @@ __all__ = [
     "PickScoreReward", "OpenClipPickScoreReward", "load_pickscore",
     "ClipSimilarityReward", "ClipScoreReward", "load_clip_score",
     "ImageStatReward", "STATISTICS",
-    "CombinedReward",
+    "CombinedReward", "TemporalConsistencyReward",
     "ImageTransform", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "shortest_side_crop", "longest_side_pad",
     "RewardModelFileError", "MissingWeightsFileError", "UnsafeWeightsFileError", "WrongArchitectureError",
     "PublishedWeights", "AESTHETIC_HEAD", "CLIP_VIT_L14_OPENAI", "CLIP_VIT_H14_LAION", "HPSV2", "PICKSCORE",

@@ -5,7 +5,16 @@ dtype; prompts a list of B strings (ignored by prompt-independent rewards, which
 scores (B,) float32 on the images' device, higher is better, differentiable w.r.t. the images.
 
 Subclasses implement ``score(images, prompts)`` on one chunk; ``forward`` validates, splits the
-batch into chunks of at most ``chunk_size`` images (None = all at once) and concatenates. A reward
+batch into chunks of at most ``chunk_size`` images (None = all at once) and concatenates.
+
+Videos: ``reward(frames, prompts, frames_per_video=F) -> (B,)`` scores ``B`` videos whose ``F``
+frames each are consecutive images of ``frames`` (B*F, 3, H, W), video ``b``'s at
+``b*F ... b*F+F-1``, with one prompt per video. An image reward scores every frame with its
+video's prompt and returns each video's mean. A reward that scores whole videos (temporal
+consistency) says so with ``scores_videos = True`` and implements ``score_videos(frames, prompts,
+F)`` on whole videos (chunks of whole videos, at most ``chunk_size`` frames but at least one
+video); it cannot score single images: called without ``frames_per_video`` it refuses. Callers
+that hold any reward callable (the trainer) use ``scores_videos`` to know which call to make. A reward
 is frozen: its parameters never require grad and it always stays in eval mode (``train()`` does not
 switch dropout on), so it is a deterministic function of the images.
 """
@@ -23,6 +32,7 @@ class RewardModel(torch.nn.Module):
 
     name: str = "reward"
     needs_prompts: bool = False
+    scores_videos: bool = False  # True: scores whole videos only (see the module docstring)
 
     def __init__(self, chunk_size: int | None = None):
         super().__init__()
@@ -34,20 +44,45 @@ class RewardModel(torch.nn.Module):
         """(b, 3, H, W) images of one chunk (caller's device/dtype) -> (b,) scores."""
         raise NotImplementedError
 
-    def forward(self, images: Tensor, prompts: Sequence[str] | str | None = None) -> Tensor:
+    def score_videos(self, frames: Tensor, prompts: Sequence[str], frames_per_video: int) -> Tensor:
+        """(b*F, 3, H, W) frames of ``b`` whole videos of one chunk -> (b,) scores (rewards with
+        ``scores_videos`` only)."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | str | None = None,
+                frames_per_video: int | None = None) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name}: images must be (B, 3, H, W), got {tuple(images.shape)}")
         batch = images.shape[0]
-        prompts = self._prompts_for(batch, prompts)
         step = self.chunk_size or batch
         if step < 1:
             raise ValueError(f"{self.name}: chunk_size must be a positive int or None, got {self.chunk_size}")
-        parts = [self.score(images[i:i + step], prompts[i:i + step]) for i in range(0, batch, step)]
+        if frames_per_video is None and self.scores_videos:
+            raise ValueError(f"{self.name}: this reward scores whole videos (it compares a video's "
+                             "frames) and cannot score single images: call it with frames_per_video")
+        if frames_per_video is None:
+            return self._scores(self.score, images, self._prompts_for(batch, prompts), 1, step)
+        frames = int(frames_per_video)
+        if frames < 1 or batch % frames:
+            raise ValueError(f"{self.name}: {batch} frames are not whole videos of {frames_per_video}")
+        videos = batch // frames
+        prompts = self._prompts_for(videos, prompts)
+        if not self.scores_videos:  # an image reward: each frame, averaged per video
+            per_frame = [p for p in prompts for _ in range(frames)]
+            return self._scores(self.score, images, per_frame, 1, step).view(videos, frames).mean(1)
+        return self._scores(lambda x, p: self.score_videos(x, p, frames), images, prompts, frames,
+                            max(1, step // frames))
+
+    def _scores(self, fn, images: Tensor, prompts: list, frames: int, step: int) -> Tensor:
+        """``fn`` on chunks of ``step`` samples of ``frames`` images each, concatenated (float32)."""
+        samples = len(prompts)
+        parts = [fn(images[i * frames:(i + step) * frames], prompts[i:i + step])
+                 for i in range(0, samples, step)]
         if not parts:
             return images.new_zeros(0, dtype=torch.float32)
         out = torch.cat([p.reshape(-1).to(device=images.device, dtype=torch.float32) for p in parts])
-        if out.shape[0] != batch:  # pragma: no cover - guards subclasses
-            raise RuntimeError(f"{self.name}: score returned {out.shape[0]} values for {batch} images")
+        if out.shape[0] != samples:  # pragma: no cover - guards subclasses
+            raise RuntimeError(f"{self.name}: returned {out.shape[0]} values for {samples} samples")
         return out
 
     def image_embeddings(self, images: Tensor) -> Tensor | None:

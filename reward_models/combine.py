@@ -8,6 +8,11 @@ without gradient *before* standardising the batch; they are constants for autogr
 importance in units of each reward's recent spread. Batch standardisation is deliberately not
 offered: centring by the batch's own mean makes the batch-mean reward constant and kills the
 training gradient. Set ``track_stats = False`` to freeze the statistics (e.g. for evaluation).
+
+Videos: when a component scores whole videos (``scores_videos``: temporal consistency) the
+combination does too: every component is called with ``frames_per_video`` (image rewards give
+each video's mean over its frames), so each component's score, its running statistics and the
+weighted sum are per video. A negative weight on such a component makes it a penalty.
 """
 from __future__ import annotations
 
@@ -61,6 +66,10 @@ class CombinedReward(RewardModel):
         return any(r.needs_prompts for r in self.rewards)
 
     @property
+    def scores_videos(self) -> bool:  # type: ignore[override]
+        return any(r.scores_videos for r in self.rewards)
+
+    @property
     def dtype(self) -> torch.dtype:
         return torch.float32
 
@@ -91,7 +100,14 @@ class CombinedReward(RewardModel):
         self.num_batches += 1
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        parts = torch.stack([r(images, prompts) for r in self.rewards], dim=1)  # (b, n) float32
+        return self._combine(torch.stack([r(images, prompts) for r in self.rewards], dim=1))
+
+    def score_videos(self, frames: Tensor, prompts: Sequence[str], frames_per_video: int) -> Tensor:
+        return self._combine(torch.stack([r(frames, prompts, frames_per_video=frames_per_video)
+                                          for r in self.rewards], dim=1))
+
+    def _combine(self, parts: Tensor) -> Tensor:
+        """(b, n) float32 component scores -> (b,) weighted (standardised) sum."""
         self.last_scores = {n: parts[:, i].detach() for i, n in enumerate(self.component_names)}
         if self.standardize:
             if self.track_stats and self._deferred is not None:

@@ -129,3 +129,24 @@ def install_reward_files(models_dir: str) -> dict:
         "DRaFTClipScoreReward": {"weights": "tiny_clip/open_clip_model.safetensors",
                                  "architecture": "draft_tiny_clip.json", "dtype": "fp32"},
     }
+
+
+def tiny_clip_vision(folder, seed: int = 0):
+    """ComfyUI's own CLIP_VISION class (``comfy.clip_vision.ClipVisionModel``) at a tiny width
+    (32 px, one layer, 16-d projected embeddings) from a config file written into ``folder``, with
+    random weights (ComfyUI must be importable)."""
+    import json
+
+    import comfy.clip_vision
+    config = dict(attention_dropout=0.0, dropout=0.0, hidden_act="quick_gelu", hidden_size=32,
+                  image_size=32, initializer_factor=1.0, initializer_range=0.02,
+                  intermediate_size=64, layer_norm_eps=1e-5, model_type="clip_vision_model",
+                  num_attention_heads=2, num_channels=3, num_hidden_layers=1, patch_size=16,
+                  projection_dim=16, torch_dtype="float32")
+    path = os.path.join(str(folder), "tiny_clip_vision.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    cv = comfy.clip_vision.ClipVisionModel(path)
+    g = torch.Generator().manual_seed(seed)
+    cv.load_sd({k: torch.randn(v.shape, generator=g) * 0.2 for k, v in cv.get_sd().items()})
+    return cv

@@ -398,24 +398,134 @@ def test_wan_lean_way_trains_the_lora_of_the_fast_way(comfy, pack, loras_dir):
         assert torch.allclose(loras[1][name].up, d.up, atol=3e-5), name
 
 
-def test_wan_length_and_held_out_check_are_checked_when_queued(comfy, pack):
-    from training.run_options import VideoOptions
+def _trainer_problems(model, vae, **inputs) -> str:
+    """The problems DRaFT Trainer's execute reports for these inputs (before loading anything)."""
     trainer_node = F.import_pack_module("nodes.trainer_node")
     sampler_node = F.import_pack_module("nodes.sampler_node")
     sampler = sampler_node.DraftSamplerNode.PREPARE_CLASS_CLONE({}).execute(
         **{i.id: i.default for i in sampler_node.DraftSamplerNode.define_schema().inputs}).args[0]
     values = dict(prompt_set="custom", prompts="a cat", negative_prompt="", steps=4,
                   scheduler="simple", cfg=0.0, width=64, height=64, iterations=1, batch_size=1,
-                  learning_rate=1e-3, seed=0, lora_name="draft/wan", resume_lora="none")
+                  learning_rate=1e-3, seed=0, lora_name="draft/wan", resume_lora="none",
+                  clip=None, reward=None, sampler=sampler)
     node = trainer_node.DraftTrainerNode.PREPARE_CLASS_CLONE({})
     with pytest.raises(ValueError) as e:
-        node.execute(model=D.tiny_model("wan21_t2v"), vae=D.tiny_vae("wan21_t2v"), clip=None,
-                     reward=None, sampler=sampler, video=VideoOptions(length=10),
-                     evaluation=object(), **values)
-    text = str(e.value)
-    print(text)
+        node.execute(model=model, vae=vae, **{**values, **inputs})
+    return str(e.value)
+
+
+def test_wan_video_settings_and_video_rewards_are_checked_before_a_run(comfy, pack):
+    """A bad length, more reward frames than are decoded, the temporal reward with one frame per
+    video or on an image model: each refused at the start of execute, naming the setting; the
+    held-out check is accepted on videos."""
+    from training.run_options import VideoOptions
+    rn = F.import_pack_module("nodes.reward_nodes")
+    temporal = rn.DraftTemporalConsistencyReward.PREPARE_CLASS_CLONE({}).execute(16).args[0]
+    wan, wan_vae = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v")
+    text = _trainer_problems(wan, wan_vae, video=VideoOptions(length=10), evaluation=object())
     assert "- length of DRaFT Video Settings: length 10 is not 4k + 1 frames" in text, text
-    assert "(Wan 2.1 T2V)" in text and "evaluation: the DRaFT Held-out Check does not judge videos" in text, text
+    assert "(Wan 2.1 T2V)" in text and "evaluation" not in text, text
+    # width 60 (not a multiple of 8) always stops the run before anything loads
+    text = _trainer_problems(wan, wan_vae, width=60, video=VideoOptions(9, 2, reward_frames=6))
+    assert ("- reward_frames of DRaFT Video Settings: reward_frames 6 is more than the 5 frames "
+            "decoded from 2 latent frame(s)") in text, text
+    text = _trainer_problems(wan, wan_vae, width=60, reward=temporal,
+                             video=VideoOptions(9, 2, reward_frames=1))
+    assert ("- reward: temporal(pixels) compares consecutive frames, but reward_frames of DRaFT "
+            "Video Settings scores 1 frame per video") in text, text
+    text = _trainer_problems(D.tiny_model("flux_dev"), D.tiny_vae("flux_dev"), width=60, reward=temporal)
+    assert "- reward: temporal(pixels) compares the frames of videos; FLUX.1 dev is an image model" in text, text
+
+
+def test_wan_trains_with_the_temporal_penalty_combined_and_the_held_out_check(comfy, pack, loras_dir,
+                                                                             tmp_path, monkeypatch):
+    """Brightness plus 0.5 x temporal consistency (CLIP vision embeddings of ComfyUI's own class,
+    made under inference mode as ComfyUI makes them) through the real nodes, on the first 3 frames
+    of each video (2 of its 3 latent frames decoded, in training and in the held-out check), with a
+    held-out check judging the videos: the LoRA trains, every evaluation has its figures, the
+    similarity uses the temporal reward's CLIP, the combination scores per video."""
+    from reward_fixtures import tiny_clip_vision
+    from reward_models import ImageStatReward
+    from training.heldout import HeldoutSettings
+    from training.run_options import VideoOptions
+    rn = F.import_pack_module("nodes.reward_nodes")
+    hc = F.import_pack_module("nodes.heldout_check_node")
+    rc = pack["training_run"]
+
+    def out(node_cls, *args, **kw):
+        return node_cls.PREPARE_CLASS_CLONE({}).execute(*args, **kw).args[0]
+    with torch.inference_mode():
+        cv = tiny_clip_vision(tmp_path)
+        bright = out(rn.DraftImageStatReward, "brightness", "maximise", 0.5)
+        temporal = out(rn.DraftTemporalConsistencyReward, 16, clip_vision=cv)
+        reward = out(rn.DraftCombineRewards, bright, 1.0, weight_2=0.5, reward_2=temporal)
+    assert reward.patchers == [cv.patcher] and reward.model.scores_videos
+    judge = pack["reward_types"].RewardHandle(ImageStatReward("saturation"), [], "saturation")
+    request = hc.HeldoutRequest(HeldoutSettings(every=1, seeds=2, prompts=("a red apple",)), (judge,))
+    model, vae, encode = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v"), D.conditioning("wan21_t2v")
+    handed, decode = [], vae.first_stage_model.decode
+
+    def recording(z, *args, **kw):
+        handed.append(z.shape[2])
+        return decode(z, *args, **kw)
+    monkeypatch.setattr(vae.first_stage_model, "decode", recording)
+    config = _run_config(rc, "wan21_t2v", 2, heldout=request, reward_label=reward.label,
+                         video=VideoOptions(9, 3, reward_frames=3, frame_pick="first"))
+    with torch.inference_mode(False), torch.enable_grad():
+        run = rc.TrainingRun(model, vae, encode, reward, config)
+        result = run.run()
+    # the fast way: ComfyUI's CLIP layers (residuals added in place) differentiated all the same
+    assert not run._state["plan"].block_checkpointing
+    # 2 updates + 3 evaluations (2 videos each, 2 rows at a time): always 2 of the 3 latent frames
+    assert handed == [2] * 5, handed
+    assert len(result.history) == 2 and all(r == r for r in result.history)
+    assert all(float(d.up.detach().abs().max()) > 0 for _, d in result.lora.items())
+    h = result.heldout
+    assert [e["iteration"] for e in h["evaluations"]] == [0, 1, 2]
+    for e in h["evaluations"]:
+        assert set(e["figures"]) == {"judge1", "reward", "similarity"}
+        assert all(v == v for v in e["figures"].values())
+        assert -1.0 <= e["figures"]["similarity"] <= 1.0
+    labels = {s["key"]: s["label"] for s in h["series"]}
+    assert labels["similarity"].endswith("'s image encoder)"), labels  # the temporal reward's CLIP
+    temporal_scores = reward.model.last_scores["temporal"]  # the last evaluation's 2 videos
+    assert temporal_scores.shape == (2,) and float(temporal_scores.abs().max()) <= 1.0
+
+
+def test_wan_evaluate_scores_each_video_of_a_decoded_batch(comfy, pack):
+    """DRaFT Evaluate on the frames VAE Decode gives for 2 Wan videos: with frames_per_video, each
+    video's score is the mean of an image reward over its frames, or the temporal reward over the
+    video (scored a whole video at a time), shown per video; refused when the batch is not whole
+    videos, or a video reward is given images."""
+    from reward_models import ImageStatReward, TemporalConsistencyReward
+    ev = F.import_pack_module("nodes.evaluate_node").DraftEvaluate.PREPARE_CLASS_CLONE({})
+    rn = F.import_pack_module("nodes.reward_nodes")
+    vae = D.tiny_vae("wan21_t2v")
+    latent = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        frames = vae.decode(latent)
+        images = frames.reshape(-1, *frames.shape[-3:])  # what VAE Decode outputs: 18 frames
+        bright = rn.DraftImageStatReward.PREPARE_CLASS_CLONE({}).execute("brightness", "maximise", 0.5).args[0]
+        temporal = rn.DraftTemporalConsistencyReward.PREPARE_CLASS_CLONE({}).execute(16).args[0]
+        by_image = ev.execute(images, bright, "", 8, 0)
+        by_video = ev.execute(images, bright, "a cat", 4, 9)
+        steadiness = ev.execute(images, temporal, "", 4, 9)
+    x = images.movedim(-1, 1).float()
+    assert images.shape == (18, 32, 32, 3)
+    assert by_image.ui["draft_scores"] == pytest.approx(ImageStatReward("brightness")(x).tolist(), rel=1e-5)
+    per_video = ImageStatReward("brightness")(x).view(2, 9).mean(1)
+    assert by_video.ui["draft_scores"] == pytest.approx(per_video.tolist(), rel=1e-5)
+    assert by_video.args[0] == pytest.approx(float(per_video.mean()), rel=1e-5)
+    text = by_video.ui["text"][0]
+    assert "over 2 videos of 9 frames" in text and "video 1:" in text and "image" not in text, text
+    expected = TemporalConsistencyReward()(x, None, frames_per_video=9)
+    assert steadiness.ui["draft_scores"] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert 0.0 < min(steadiness.ui["draft_scores"]) and max(steadiness.ui["draft_scores"]) < 1.0
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="18 images are not whole videos of frames_per_video = 4"):
+            ev.execute(images, bright, "", 8, 4)
+        with pytest.raises(ValueError, match="scores whole videos: set frames_per_video"):
+            ev.execute(images, temporal, "", 8, 0)
 
 
 @pytest.mark.parametrize("kind", ["flux_dev", "qwen_image", "wan21_t2v", "lumina2", "hunyuan_image_2_1"])

@@ -255,22 +255,12 @@ def test_the_trainer_node_with_the_check_node_outputs_the_best_and_its_figures(c
 def test_a_clip_vision_input_gives_the_similarity_its_embeddings(comfy_env, loras_dir, tmp_path):
     """A CLIP_VISION (ComfyUI's own class, a tiny random one from a config file) measures the
     similarity across seeds: the figure is the mean pairwise cosine of its projected embeddings."""
-    import comfy.clip_vision
-
     from comfyui_draft_pack.nodes.heldout_check_node import HeldoutRequest
     from comfyui_draft_pack.training.heldout import HeldoutSettings, pairwise_similarity
+    from reward_fixtures import tiny_clip_vision
 
-    config = dict(attention_dropout=0.0, dropout=0.0, hidden_act="quick_gelu", hidden_size=32,
-                  image_size=32, initializer_factor=1.0, initializer_range=0.02,
-                  intermediate_size=64, layer_norm_eps=1e-5, model_type="clip_vision_model",
-                  num_attention_heads=2, num_channels=3, num_hidden_layers=1, patch_size=16,
-                  projection_dim=16, torch_dtype="float32")
-    path = tmp_path / "tiny_clip_vision.json"
-    path.write_text(json.dumps(config))
     with torch.inference_mode():
-        cv = comfy.clip_vision.ClipVisionModel(str(path))
-        g = torch.Generator().manual_seed(0)
-        cv.load_sd({k: torch.randn(v.shape, generator=g) * 0.2 for k, v in cv.get_sd().items()})
+        cv = tiny_clip_vision(tmp_path)
     request = HeldoutRequest(HeldoutSettings(every=2, seeds=3, prompts=HELDOUT_PROMPTS), (), cv)
     run, result = _run(comfy_env, _config(request, iterations=2))
     series = {s["key"]: s["label"] for s in result.heldout["series"]}

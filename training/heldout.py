@@ -16,6 +16,10 @@ One evaluation (:meth:`HeldoutCheck.evaluate`):
   (the training reward), ``similarity`` (mean pairwise cosine similarity of image embeddings
   across the seeds of each prompt, averaged over prompts, in [-1, 1]; rising similarity is mode
   collapse: the same face for every seed). ``similarity`` needs ``seeds >= 2``;
+* videos (a video decoder's frames, :meth:`DraftTrainer.evaluation_frames`): each video is scored
+  as the trainer scores it (:func:`training.trainer.score_samples`: an image reward's mean over
+  its frames, a video reward on the frames in order), and ``similarity`` compares the embeddings
+  of each video's middle frame;
 * ranking figure: ``judge1`` when a judge is connected, else ``reward``; higher is better.
 
 The rule for ``stop = "on"``: after an evaluation whose ranking figure is more than ``tolerance``
@@ -38,7 +42,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .prompt_sets import HELDOUT_PROMPTS
-from .trainer import derived_generator
+from .trainer import DraftTrainer, derived_generator, score_samples
 
 Score = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]  # images (B,3,H,W) in [0,1] -> (B,)
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images (B,3,H,W) in [0,1] -> (B, D)
@@ -205,7 +209,8 @@ class HeldoutCheck:
     @torch.no_grad()
     def images(self, trainer) -> tuple:
         """``(images (P*S, 3, H, W) float32 on the CPU, prompts)`` of the current LoRA: prompt-major
-        (the seeds of prompt 0, then of prompt 1, ...)."""
+        (the seeds of prompt 0, then of prompt 1, ...); a video's frames (those the trainer
+        evaluates) are consecutive images, ``(P*S*F, 3, H, W)``."""
         prompts = list(self.settings.prompts)
         seeds = self.settings.seeds
         noise = self.noises(trainer.latent_shape)
@@ -221,7 +226,8 @@ class HeldoutCheck:
             with trainer._autocast():
                 latent = trainer.sampler.sample(x, index, g)
                 for d in range(0, len(part), self.decode_rows):
-                    out.append(trainer.decode_images(latent[d:d + self.decode_rows]).float().cpu())
+                    out.append(trainer.decode_frames(latent[d:d + self.decode_rows],
+                                                     trainer.evaluation_frames()).float().cpu())
         return torch.cat(out), [prompts[p] for p, _ in pairs]
 
     @torch.no_grad()
@@ -236,8 +242,9 @@ class HeldoutCheck:
             if self.settings.seeds >= 2:
                 embed = self.embed[1] if self.embed is not None else pixel_embedding
                 seeds = self.settings.seeds
-                sims = [pairwise_similarity(embed(images[i:i + seeds]).float().cpu())
-                        for i in range(0, len(images), seeds)]
+                middle = DraftTrainer.middle_frames(images, len(prompts))  # videos: middle frames
+                sims = [pairwise_similarity(embed(middle[i:i + seeds]).float().cpu())
+                        for i in range(0, len(middle), seeds)]
                 figures["similarity"] = float(sum(sims) / len(sims))
         if self.share is not None:
             keys = list(figures)
@@ -245,9 +252,13 @@ class HeldoutCheck:
         return {"iteration": int(trainer.iteration), "figures": figures}
 
     def _mean(self, fn, images: torch.Tensor, prompts: list) -> float:
+        """The mean of ``fn``'s per-sample scores (videos: per video), ``decode_rows`` samples at
+        a time."""
         scores, step = [], self.decode_rows
-        for c in range(0, len(images), step):
-            scores.append(fn(images[c:c + step], prompts[c:c + step]).float().cpu())
+        frames = len(images) // len(prompts)
+        for c in range(0, len(prompts), step):
+            scores.append(score_samples(fn, images[c * frames:(c + step) * frames],
+                                        prompts[c:c + step]).float().cpu())
         return float(torch.cat(scores).mean())
 
     # -- decisions ------------------------------------------------------------------------------

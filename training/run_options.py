@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .trainer import MIXED_PRECISION, TrainSettings
+from .video_frames import FRAME_PICKS, FrameChoice
 
 PRECISION_CHOICES = ("auto", *MIXED_PRECISION)
 
@@ -65,15 +66,23 @@ class VideoOptions:
     ``(length - 1) / time_compression + 1``.
     ``decoded_latent_frames``: the reward sees only the first this many latent frames, decoded
     (Wan's causal VAE gives ``1 + 4 (k - 1)`` frames from the first ``k``; VideoX-Fun's reward
-    training decodes 3, ``num_decoded_latents``); each frame is scored and a video's reward is the
-    mean over its frames. 0 decodes every latent frame."""
+    training decodes 3, ``num_decoded_latents``). 0 decodes every latent frame.
+    ``reward_frames``: how many of the decoded frames the reward scores (0: every one), chosen by
+    ``frame_pick`` (``first``, ``evenly spaced``, ``random``: :mod:`training.video_frames`); only
+    the latent frames the picked frames need are decoded. An image reward scores each picked frame
+    and a video's reward is the mean over them; a video reward (temporal consistency) scores them
+    in order."""
 
     length: int = 0
     decoded_latent_frames: int = 3
+    reward_frames: int = 0
+    frame_pick: str = "first"
 
     def __post_init__(self):
-        if self.length < 0 or self.decoded_latent_frames < 0:
-            raise ValueError("length and decoded_latent_frames must be >= 0")
+        if self.length < 0 or self.decoded_latent_frames < 0 or self.reward_frames < 0:
+            raise ValueError("length, decoded_latent_frames and reward_frames must be >= 0")
+        if self.frame_pick not in FRAME_PICKS:
+            raise ValueError(f"frame_pick must be one of {FRAME_PICKS}, got {self.frame_pick!r}")
 
     def frames(self, family_frames: int) -> int:
         """The training length in frames for a family whose usual length is ``family_frames``."""
@@ -90,3 +99,9 @@ class VideoOptions:
     def decoded(self, latent_frames: int) -> int:
         """How many of ``latent_frames`` are decoded for the reward."""
         return min(self.decoded_latent_frames or latent_frames, latent_frames)
+
+    def frame_choice(self, latent_frames: int, time_compression: int) -> FrameChoice:
+        """The scored frames of a video of ``latent_frames`` latent frames (ValueError naming
+        ``reward_frames`` when it asks for more frames than are decoded)."""
+        return FrameChoice(self.decoded(latent_frames), time_compression, self.reward_frames,
+                           self.frame_pick)

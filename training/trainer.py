@@ -33,6 +33,7 @@ import torch
 from .checkpointing import KEEP_CONVOLUTIONS, checkpoint_blocks
 from .lora import LoRASet
 from .sampler import DifferentiableSampler, Rollout
+from .video_frames import FRAME_PICK_STREAM, FrameChoice
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 Reward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
@@ -126,6 +127,21 @@ def _frames_per_sample(images: torch.Tensor, samples: int) -> int:
     return images.shape[0] // samples
 
 
+def score_samples(reward: Reward, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """Per-sample rewards ``(B,)`` (float32) of decoded ``images``: ``(B,3,H,W)``, or for videos
+    ``(B*F,3,H,W)``, sample ``b``'s ``F`` frames at ``b*F ... b*F+F-1`` (what a video decoder
+    returns). A reward that scores whole videos (``reward.scores_videos``, e.g. temporal
+    consistency) is called ``reward(images, prompts, frames_per_video=F)``; an image reward scores
+    each frame with its video's prompt and a video's reward is the mean over its frames."""
+    frames = _frames_per_sample(images, len(prompts))
+    if getattr(reward, "scores_videos", False):
+        return reward(images, prompts, frames_per_video=frames).float()
+    if frames == 1:
+        return reward(images, prompts).float()
+    per_frame = [p for p in prompts for _ in range(frames)]
+    return reward(images, per_frame).float().view(len(prompts), frames).mean(1)
+
+
 ROW_STREAM = 0x524F57  # tags per-row generators: SeedSequence([a, b, c]) == SeedSequence([a, b, c, 0])
 
 
@@ -147,7 +163,8 @@ class DraftTrainer:
         decode: ``latent (B,C,h,w) -> images (B,3,H,W)`` in [0, 1], differentiable; a video
             decoder returns ``F`` frames per latent, ``(B*F,3,H,W)``, and each sample's reward is
             the mean over its frames (:meth:`score`).
-        reward: ``(images, prompts) -> (B,)``, differentiable, higher is better.
+        reward: ``(images, prompts) -> (B,)``, differentiable, higher is better; a reward with
+            ``scores_videos`` true scores whole videos (:func:`score_samples`).
         prompts: the prompt list; batches draw indices into it uniformly with replacement.
         lora: the trained deltas (or a plain list of parameters).
         latent_shape: ``(C, h, w)`` of one latent.
@@ -180,6 +197,10 @@ class DraftTrainer:
         state_parts: ``name -> object`` with ``state_dict()`` / ``load_state_dict(state)`` whose
             state travels with the trainer's (the resume side file), e.g. the held-out check's
             history (:class:`training.heldout.HeldoutCheck`).
+        frame_choice: video families: which decoded frames the reward scores
+            (:class:`training.video_frames.FrameChoice`; ``decode`` then decodes at most its
+            ``latent_frames`` latent frames, and is handed only those the picked frames need).
+            None: every frame the decoder returns (images: the image).
     """
 
     sampler: DifferentiableSampler
@@ -199,6 +220,7 @@ class DraftTrainer:
     reward_statistics: Optional[Callable] = None
     parallel: Optional[object] = None
     state_parts: dict = field(default_factory=dict)
+    frame_choice: Optional[FrameChoice] = None
 
     def __post_init__(self):
         if not self.prompts:
@@ -263,6 +285,7 @@ class DraftTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         rewards, total_loss, k, reason = [], 0.0, 0, ""
         step_ckpt = None  # the sampler's own setting, unless blocks are checkpointed (below)
+        frames = self.frames_for_update(iteration)  # video: the frames the reward scores
         with checkpoint_blocks(self.block_units, params=self.params, state=self._block_state), \
                 checkpoint_blocks(self.selective_units, keep=KEEP_CONVOLUTIONS), self._statistics():
             for micro in range(s.grad_accum):
@@ -284,7 +307,7 @@ class DraftTrainer:
                     with self._autocast():
                         rollout = self.sampler.tail(tail, rows, step_checkpoint=step_ckpt,
                                                     params=self.params)
-                        images = self.decode_images(rollout.latents)
+                        images = self.decode_frames(rollout.latents, frames)
                         scores = self.score(images, self._prompts(rollout.prompt_index))
                         share = n_rows / tail.rows  # this group's part of the micro-batch mean
                         # -mean over the micro-batch's rows, split into per-group parts
@@ -363,15 +386,42 @@ class DraftTrainer:
         return contextlib.nullcontext()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Per-sample rewards ``(B,)`` (float32) of decoded ``images``: ``(B,3,H,W)``, or for a
-        video ``(B*F,3,H,W)``, sample ``b``'s ``F`` frames at ``b*F ... b*F+F-1`` (what a video
-        decoder returns). Each frame is scored with its video's prompt and a video's reward is
-        the mean over its frames, so the loss stays ``-mean`` over samples (videos)."""
-        frames = _frames_per_sample(images, len(prompts))
-        if frames == 1:
-            return self.reward(images, prompts).float()
-        per_frame = [p for p in prompts for _ in range(frames)]
-        return self.reward(images, per_frame).float().view(len(prompts), frames).mean(1)
+        """Per-sample rewards ``(B,)`` (float32) of decoded ``images`` (:func:`score_samples`
+        with this trainer's reward): for videos, a video's reward is the mean over its frames (or
+        a video reward's score of them), so the loss stays ``-mean`` over samples (videos)."""
+        return score_samples(self.reward, images, prompts)
+
+    def frames_for_update(self, iteration: int) -> Optional[tuple]:
+        """The frames the reward scores in update ``iteration`` (video: indices among the decoded
+        frames, a fresh draw per update for a random pick, from ``(seed, iteration)``); None for
+        images or when every decoded frame is scored."""
+        choice = self.frame_choice
+        if choice is None or choice.every_frame:
+            return None
+        g = (derived_generator(self.settings.seed, iteration, FRAME_PICK_STREAM)
+             if choice.pick == "random" else None)
+        return choice.frames(g)
+
+    def evaluation_frames(self) -> Optional[tuple]:
+        """The frames held-out evaluations and previews score (a random pick: every decoded
+        frame); None as in :meth:`frames_for_update`."""
+        choice = self.frame_choice
+        if choice is None or choice.every_frame:
+            return None
+        frames = choice.evaluation_frames()
+        return None if len(frames) == choice.decoded_frames else frames
+
+    def decode_frames(self, latents: torch.Tensor, frames: Optional[Sequence[int]] = None
+                      ) -> torch.Tensor:
+        """:meth:`decode_images`, and for a video with ``frames`` picked: only the latent frames
+        those need are decoded (the time axis of ``(B,C,T,h,w)`` cut), and only the picked frames
+        come back, ``(B*len(frames),3,H,W)`` (the others get no gradient)."""
+        if frames is None:
+            return self.decode_images(latents)
+        needed = self.frame_choice.latent_frames_for(frames)
+        images = self.decode_images(latents[:, :, :needed])
+        per = _frames_per_sample(images, latents.shape[0])
+        return images.unflatten(0, (latents.shape[0], per))[:, list(frames)].flatten(0, 1)
 
     @staticmethod
     def middle_frames(images: torch.Tensor, samples: int) -> torch.Tensor:
@@ -392,7 +442,7 @@ class DraftTrainer:
     def generate(self, seeds: Sequence[int], prompt_index: Optional[Sequence[int]] = None
                  ) -> torch.Tensor:
         """Decoded images (N,3,H,W) in [0,1] for held-out ``seeds`` (one sample each; a video
-        decoder's ``F`` frames each: (N*F,3,H,W)), no grad.
+        decoder's ``F`` frames each, those :meth:`evaluation_frames` picks: (N*F,3,H,W)), no grad.
 
         ``prompt_index`` defaults to cycling through the prompts."""
         if prompt_index is None:
@@ -403,7 +453,7 @@ class DraftTrainer:
             noise = self._noise(1, g)
             with self._autocast():
                 latent = self.sampler.sample(noise, torch.tensor([p], device=self.device), g)
-                images.append(self.decode_images(latent).float())
+                images.append(self.decode_frames(latent, self.evaluation_frames()).float())
         return torch.cat(images)
 
     @torch.no_grad()
