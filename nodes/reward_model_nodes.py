@@ -24,7 +24,7 @@ from ..reward_models import (AESTHETIC_HEAD, CLIP_VIT_L14_OPENAI, HPSV2, PICKSCO
 from . import validation
 from .checked_node import CheckedNode
 from .comfy_glue import reward_patcher
-from .reward_types import DraftReward, RewardHandle
+from .reward_types import DraftReward, InPlaceSafeEncoder, RewardHandle
 
 FOLDER = "reward_models"
 WEIGHT_EXTENSIONS = {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
@@ -170,9 +170,11 @@ class DraftAestheticReward(CheckedNode):
     def execute(cls, head, clip_weights, architecture, dtype, chunk_size, clip_vision=None) -> io.NodeOutput:
         head_path = resolve_file(head, AESTHETIC_HEAD)
         if clip_vision is not None:
-            encoder = OutputSelectingEncoder(clip_vision.model, 2, input_dtype=torch.float32)
-            model = load_aesthetic(head_path, image_encoder=encoder, chunk_size=chunk_size,
-                                   dtype=resolve_dtype(dtype))
+            # projected embeddings; ComfyUI's CLIP layers add residuals in place, which plain
+            # autograd cannot differentiate: InPlaceSafeEncoder recomputes them under gradient
+            encoder = InPlaceSafeEncoder(OutputSelectingEncoder(clip_vision.model, 2, input_dtype=torch.float32))
+            model = load_aesthetic(head_path, image_encoder=encoder, image_size=clip_vision.image_size,
+                                   chunk_size=chunk_size, dtype=resolve_dtype(dtype))
             head_patcher = reward_patcher(model.head)
             return io.NodeOutput(RewardHandle(model=model, patchers=[clip_vision.patcher, head_patcher],
                                               label="aesthetic"))

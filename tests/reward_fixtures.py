@@ -131,10 +131,10 @@ def install_reward_files(models_dir: str) -> dict:
     }
 
 
-def tiny_clip_vision(folder, seed: int = 0):
+def tiny_clip_vision(folder, seed: int = 0, projection_dim: int = 16):
     """ComfyUI's own CLIP_VISION class (``comfy.clip_vision.ClipVisionModel``) at a tiny width
-    (32 px, one layer, 16-d projected embeddings) from a config file written into ``folder``, with
-    random weights (ComfyUI must be importable)."""
+    (32 px, one layer, ``projection_dim``-d projected embeddings: 768 for the aesthetic head) from a
+    config file written into ``folder``, with random weights (ComfyUI must be importable)."""
     import json
 
     import comfy.clip_vision
@@ -142,7 +142,7 @@ def tiny_clip_vision(folder, seed: int = 0):
                   image_size=32, initializer_factor=1.0, initializer_range=0.02,
                   intermediate_size=64, layer_norm_eps=1e-5, model_type="clip_vision_model",
                   num_attention_heads=2, num_channels=3, num_hidden_layers=1, patch_size=16,
-                  projection_dim=16, torch_dtype="float32")
+                  projection_dim=projection_dim, torch_dtype="float32")
     path = os.path.join(str(folder), "tiny_clip_vision.json")
     with open(path, "w") as f:
         json.dump(config, f)

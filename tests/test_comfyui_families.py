@@ -573,3 +573,32 @@ def test_flux_guidance_reaches_the_model_and_cfg_above_1_warns(comfy, pack, lora
     assert run.guidance == 3.5 and run.cfg_scale == 3.0  # the table's default guidance
     assert "guidance-distilled" in caplog.text
     assert all(set(branches) == {0, 1} for branches, _ in seen)  # now cond and uncond
+
+
+def test_aesthetic_reward_on_a_clip_vision_input_is_differentiable(comfy, pack, tmp_path, monkeypatch):
+    """DRaFT Aesthetic Reward with ComfyUI's CLIP_VISION (its layers add residuals in place, which
+    plain autograd refuses to differentiate) at the CLIP_VISION's own image size: backward runs and
+    the gradient reaches the images; the scores are those of the encoder without gradient."""
+    import folder_paths
+    from reward_fixtures import tiny_clip_vision, write_aesthetic_head
+    rm = F.import_pack_module("nodes.reward_model_nodes")
+    folder = tmp_path / "reward_models"
+    folder.mkdir()
+    write_aesthetic_head(str(folder / "sac+logos+ava1-l14-linearMSE.pth"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "reward_models",
+                        ([str(folder)], folder_paths.supported_pt_extensions | {".pth"}))
+    with torch.inference_mode():
+        cv = tiny_clip_vision(tmp_path, projection_dim=768)
+        handle = rm.DraftAestheticReward.PREPARE_CLASS_CLONE({}).execute(
+            "sac+logos+ava1-l14-linearMSE.pth", "(use clip_vision input)", "ViT-L-14-quickgelu",
+            "fp32", 4, clip_vision=cv).args[0]
+    pack["comfy_glue"].de_inference_(handle.model)  # as the trainer does with its reward
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(False), torch.enable_grad():
+        x = images.clone().requires_grad_(True)
+        scores = handle.model(x, ["a", "b"])
+        scores.sum().backward()
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and float(x.grad.abs().max()) > 0
+    with torch.no_grad():
+        assert torch.allclose(handle.model(images, ["a", "b"]), scores.detach(), atol=1e-5)
