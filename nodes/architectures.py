@@ -188,13 +188,17 @@ _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 # kept: make vram traced one lean update of 1.3B at 480x832 (3 latent frames decoded) at 14.6 GiB,
 # 0.93 x ComfyUI's per-latent-frame decode estimate times 3, so blocks: 1.0; whole: the decoder
 # alone, unchecked, 2.5 x (KL's 2.9 kept); selective: not traced (KL's 1.7 kept).
-_WAN_MEMORY = _FLUX_MEMORY
+# fast: make vram traced the 14B (one Wan 2.2 A14B expert, wan22_14b_480p, fast way) at 53 x
+# ComfyUI's estimate of a row (FLUX's 47 fell short), so 56.
+_WAN_MEMORY = (56.0, _FLUX_MEMORY[1])
 _WAN_DECODE = (2.9, 1.7, 1.0)
 # Wan 2.2 TI2V-5B: the Wan 2.1 blocks (3072 wide) and its own 16x VAE (48 channels, decoder width
-# 256, residual up blocks), traced by make vram (wan22_5b_720p); it takes Wan 2.1's factors until
-# the trace says otherwise (tests/test_comfyui_memory_estimate.py checks the estimate covers it).
+# 256, residual up blocks), traced by make vram at 704x1280 (wan22_5b_720p, 3 latent frames
+# decoded): lean, 29.9 GiB, 0.74 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256
+# per frame: 40.3 GiB for 3 frames), the decoder's backward dominating (the denoiser alone: 6.1
+# GiB); fast, 71.9 GiB (1.8 x). Blocks: 0.8; whole: 2.0; selective: not traced (between).
 _WAN22_MEMORY = _WAN_MEMORY
-_WAN22_DECODE = _WAN_DECODE
+_WAN22_DECODE = (2.0, 1.5, 0.8)
 # Lumina 2 and HunyuanImage 2.1, traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1):
 # one Lumina 2 row under gradient holds 51 x ComfyUI's estimate of its forward (39.4 GiB at
 # 1024 px), 7 x with its blocks checkpointed; HunyuanImage 2.1's 78 x (48 GiB a row at 2048 px).
