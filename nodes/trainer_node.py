@@ -44,7 +44,7 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                          "early. Optional nodes set the rest: DRaFT LoRA Settings, Optimizer, Save "
                          "& Preview, Memory Options, Guidance (FLUX), Held-out Check, Video Settings."),
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image, Lumina 2, HunyuanImage 2.1, Wan 2.1 T2V: video, see DRaFT Video Settings). It is not modified: the LoRA is trained on a clone."),
+                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image, Lumina 2, HunyuanImage 2.1, Wan 2.1 T2V and Wan 2.2 TI2V-5B: video, see DRaFT Video Settings; Wan 2.2 A14B: the expert to train, see DRaFT Wan 2.2 Experts). It is not modified: the LoRA is trained on a clone."),
                 io.Vae.Input("vae", tooltip="Decodes samples for the reward; gradients flow through it."),
                 io.Clip.Input("clip", tooltip="Text encoder for the prompts."),
                 DraftReward.Input("reward", tooltip="What to maximise (a DRaFT reward node, or Combine)."),
