@@ -6,7 +6,7 @@
 #   make demo    the quick-start workflow headless through real ComfyUI on a tiny generated checkpoint
 #                (no COMFYUI_PATH: clones ComfyUI v0.3.64 into .cache/ComfyUI; COMFYUI_GIT_URL, COMFYUI_REF)
 #   make bench   memory/time of DRaFT-K / DRaFT-LV vs plain sampling (not run in CI)
-#   make vram    peak memory of one update on the full-size SD1.5/SD2.1/SDXL/FLUX.1-dev/SD3.5-medium/Wan 2.1/Lumina 2/HunyuanImage 2.1 architectures (fake tensors)
+#   make vram    peak memory of one update on the full-size SD1.5/SD2.1/SDXL/FLUX.1-dev/SD3.5-medium/Wan 2.1/Wan 2.2/Lumina 2/HunyuanImage 2.1 architectures (fake tensors)
 #   make gpu-check  one prepared check for a lent GPU (full-size SD1.5/SDXL through the real trainer:
 #                memory per way vs make vram and the estimate, emulated 8-24 GiB cards, speed vs KSampler);
 #                on the device: make gpu-check PY=python3 ARGS="--comfyui PATH --out DIR" (tools/measure/gpu_check.py)

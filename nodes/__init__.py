@@ -6,7 +6,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (evaluate_node, guidance_node, heldout_check_node, lora_settings_node,
+from . import (evaluate_node, experts_node, guidance_node, heldout_check_node, lora_settings_node,
                memory_options_node, optimizer_node, reward_model_nodes, reward_nodes, routes,
                sampler_node, save_lora_node, save_preview_node, trainer_node, video_settings_node)
 
@@ -26,6 +26,7 @@ class DraftExtension(ComfyExtension):
             guidance_node.DraftGuidanceNode,
             heldout_check_node.DraftHeldoutCheck,
             video_settings_node.DraftVideoSettings,
+            experts_node.DraftWan22Experts,
             *reward_nodes.NODES,
             *reward_model_nodes.NODES,
         ]

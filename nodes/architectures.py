@@ -131,9 +131,9 @@ class Family:
             VAE is not the SD/FLUX KL VAE (``training.memory_plan.KL_DECODE_FACTORS``, None);
             video: over ComfyUI's estimate of one latent frame times the decoded latent frames.
         variants: whether subclasses of ``config_classes`` train as this family. False for Wan
-            2.1 T2V: ComfyUI's Wan variants (I2V, VACE, Camera, HuMo, Wan 2.2 ...) subclass
+            2.1 T2V: ComfyUI's Wan variants (I2V, VACE, Camera, HuMo, S2V, Animate ...) subclass
             ``WAN21_T2V`` but need other inputs or another VAE, so they are refused until a row of
-            their own exists.
+            their own exists (Wan 2.2 TI2V-5B's ``WAN22_T2V`` has one).
     """
 
     name: str
@@ -188,8 +188,17 @@ _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 # kept: make vram traced one lean update of 1.3B at 480x832 (3 latent frames decoded) at 14.6 GiB,
 # 0.93 x ComfyUI's per-latent-frame decode estimate times 3, so blocks: 1.0; whole: the decoder
 # alone, unchecked, 2.5 x (KL's 2.9 kept); selective: not traced (KL's 1.7 kept).
-_WAN_MEMORY = _FLUX_MEMORY
+# fast: make vram traced the 14B (one Wan 2.2 A14B expert, wan22_14b_480p, fast way) at 53 x
+# ComfyUI's estimate of a row (FLUX's 47 fell short), so 56.
+_WAN_MEMORY = (56.0, _FLUX_MEMORY[1])
 _WAN_DECODE = (2.9, 1.7, 1.0)
+# Wan 2.2 TI2V-5B: the Wan 2.1 blocks (3072 wide) and its own 16x VAE (48 channels, decoder width
+# 256, residual up blocks), traced by make vram at 704x1280 (wan22_5b_720p, 3 latent frames
+# decoded): lean, 29.9 GiB, 0.74 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256
+# per frame: 40.3 GiB for 3 frames), the decoder's backward dominating (the denoiser alone: 6.1
+# GiB); fast, 71.9 GiB (1.8 x). Blocks: 0.8; whole: 2.0; selective: not traced (between).
+_WAN22_MEMORY = _WAN_MEMORY
+_WAN22_DECODE = (2.0, 1.5, 0.8)
 # Lumina 2 and HunyuanImage 2.1, traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1):
 # one Lumina 2 row under gradient holds 51 x ComfyUI's estimate of its forward (39.4 GiB at
 # 1024 px), 7 x with its blocks checkpointed; HunyuanImage 2.1's 78 x (48 GiB a row at 2048 px).
@@ -234,6 +243,15 @@ FAMILIES = (
            video_frames=33, time_compression=4, default_cfg=5.0, block_lists=("blocks",),
            module_classes=("WanModel",), memory_factors=_WAN_MEMORY, variants=False,
            decode_factors=_WAN_DECODE),
+    # Wan 2.2 TI2V-5B (WAN22_T2V: 48-channel latents of the Wan 2.2 VAE, 16x spatial, 4x time):
+    # cfg 5 (Wan 2.2's ti2v_5B sample_guide_scale); 33 frames = 9 latent frames, the length make
+    # vram measures at 704x1280 (the 5B generates 121 at 24 fps). Wan 2.2 A14B's experts load as
+    # WAN21_T2V (14B) and train as Wan 2.1 T2V; the other expert is wired in with DRaFT Wan 2.2
+    # Experts (nodes/experts_node.py).
+    Family("Wan 2.2 TI2V-5B", ("WAN22_T2V",), WAN_TARGETS, "native", "wan22_ti2v_5b",
+           latent_dimensions=3, video_frames=33, time_compression=4, default_cfg=5.0,
+           block_lists=("blocks",), module_classes=("WanModel",), memory_factors=_WAN22_MEMORY,
+           variants=False, decode_factors=_WAN22_DECODE),
     # Lumina 2: 16-channel FLUX latents (8x VAE), CFG 4.0 (ComfyUI's Lumina 2 example workflow);
     # blocks in execution order: the text refiner, the image refiner, the main layers.
     Family("Lumina 2", ("Lumina2",), LUMINA_TARGETS, "native", "lumina2", default_cfg=4.0,

@@ -11,6 +11,7 @@ from ..training.prompt_sets import PROMPT_SETS
 from ..training.memory_plan import MemoryOptions
 from . import lora_files, progress_events, validation
 from .checked_node import CheckedNode
+from .experts_node import DraftExpertsType
 from .guidance_node import DraftGuidance
 from .heldout_check_node import DraftHeldoutType
 from .lora_settings_node import DraftLoRASettingsType
@@ -43,7 +44,7 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                          "early. Optional nodes set the rest: DRaFT LoRA Settings, Optimizer, Save "
                          "& Preview, Memory Options, Guidance (FLUX), Held-out Check, Video Settings."),
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image, Lumina 2, HunyuanImage 2.1, Wan 2.1 T2V: video, see DRaFT Video Settings). It is not modified: the LoRA is trained on a clone."),
+                io.Model.Input("model", tooltip="The checkpoint's diffusion model (SD1.x, SD2.x, SDXL, SD3/SD3.5, FLUX.1 dev/schnell, Chroma, Qwen-Image, Lumina 2, HunyuanImage 2.1, Wan 2.1 T2V and Wan 2.2 TI2V-5B: video, see DRaFT Video Settings; Wan 2.2 A14B: the expert to train, see DRaFT Wan 2.2 Experts). It is not modified: the LoRA is trained on a clone."),
                 io.Vae.Input("vae", tooltip="Decodes samples for the reward; gradients flow through it."),
                 io.Clip.Input("clip", tooltip="Text encoder for the prompts."),
                 DraftReward.Input("reward", tooltip="What to maximise (a DRaFT reward node, or Combine)."),
@@ -90,6 +91,8 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                                              tooltip="Optional DRaFT Video Settings, for video models (Wan 2.1 T2V): frames per training video, decoded latent frames, and which decoded frames the reward scores (default: the family's usual length, 33 for Wan 2.1, 3 decoded latent frames, every decoded frame scored). Image models ignore it."),
                 DraftHeldoutType.Input("evaluation", optional=True,
                                        tooltip="Optional DRaFT Held-out Check: judges the LoRA every N updates on held-out prompts and seeds with rewards it never trains on, charts them, keeps the best LoRA (<lora_name>_best.safetensors) and can stop early. Without it: no held-out check, the last LoRA."),
+                DraftExpertsType.Input("experts", optional=True,
+                                       tooltip="Optional DRaFT Wan 2.2 Experts, for Wan 2.2 A14B: the other expert (not trained) and the boundary; the model above is the expert trained."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1): the best evaluated one when a DRaFT Held-out Check with keep = best is connected, else the last."),
@@ -110,7 +113,7 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                 steps, scheduler, cfg, width, height, iterations, batch_size, learning_rate, seed,
                 lora_name, resume_lora, sigmas=None, memory=None, guidance=None,
                 lora_settings=None, optimizer=None, saving=None, evaluation=None,
-                video=None) -> io.NodeOutput:
+                video=None, experts=None) -> io.NodeOutput:
         values = dict(locals())
         checked = validation.check_trainer(cls, values, model, vae, sampler, sigmas,
                                            prompt=cls.hidden.prompt, node_id=cls.hidden.unique_id)
@@ -127,7 +130,7 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
             resume_lora=None if resume_lora in (None, "none") else resume_lora,
             sigmas=sigmas, node_id=cls.hidden.unique_id, reward_label=reward.label,
             memory=memory if memory is not None else MemoryOptions(), guidance=guidance,
-            heldout=evaluation, video=video_options)
+            heldout=evaluation, video=video_options, experts=experts)
         with torch.inference_mode(False), torch.enable_grad():
             run = TrainingRun(model, vae, clip_encoder(clip), reward, config)
             result = run.run()

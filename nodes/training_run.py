@@ -29,7 +29,7 @@ from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan, train
 from ..training.plot import moving_average
 from ..training.run_options import VideoOptions
 from ..training.video_frames import FrameChoice
-from ..training.sampler import DifferentiableSampler, SamplerSettings
+from ..training.sampler import DifferentiableSampler, OtherExpert, SamplerSettings, expert_steps
 from ..training.trainer import DraftTrainer, StepReport, TrainSettings
 from . import architectures, comfy_glue, lora_files, progress_events
 from .reward_types import DeviceReward, clip_vision_encoder
@@ -65,6 +65,7 @@ class RunConfig:
     guidance: Optional[float] = None  # embedded guidance (FluxGuidance's); None: the family's default
     heldout: Optional[object] = None  # DRaFT Held-out Check's HeldoutRequest; None: no check
     video: VideoOptions = field(default_factory=VideoOptions)  # DRaFT Video Settings (video families)
+    experts: Optional[object] = None  # DRaFT Wan 2.2 Experts' WanExperts (Wan 2.2 A14B); None: one model
 
 
 @dataclass
@@ -124,6 +125,18 @@ def _resolve_precision(choice: str, patcher) -> str:
     return "fp16"
 
 
+def _step_ranges(steps: list) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"`` (1-based step numbers)."""
+    out, start = [], None
+    for i, n in enumerate(steps):
+        if start is None:
+            start = n
+        if i + 1 == len(steps) or steps[i + 1] != n + 1:
+            out.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(out)
+
+
 def clip_encoder(clip):
     """``prompt -> CONDITIONING`` with the checkpoint's CLIP (what CLIPTextEncode does)."""
     return lambda text: _encode(clip, text)
@@ -153,6 +166,8 @@ class TrainingRun:
                 extra += judge.patchers
             if self.cfg.heldout.clip_vision is not None:
                 extra.append(self.cfg.heldout.clip_vision.patcher)
+        if self.cfg.experts is not None:  # Wan 2.2 A14B: the other expert denoises its steps
+            extra.append(self.cfg.experts.model)
         seen, out = set(), []
         for m in [self.model, self.vae.patcher, *self.reward.patchers, *extra]:
             if id(m) not in seen:  # a judge sharing the training reward's weights
@@ -284,13 +299,62 @@ class TrainingRun:
         self._state = dict(patcher=patcher, lora=lora, resume_state=resume_state,
                            latent_shape=latent_shape, names=names, plan=plan)
         zeros = torch.zeros((rows,) + latent_shape)
+        body = self._body
+        if cfg.experts is not None:
+            body = self._with_other_expert(positive, negative, cfg_scale, zeros)
         try:
-            guider.sample(zeros, zeros, _OptimisationLoop(self._body), sigmas, seed=cfg.train.seed)
+            guider.sample(zeros, zeros, _OptimisationLoop(body), sigmas, seed=cfg.train.seed)
         finally:
             comfy_glue.detach_lora(patcher.model)
         return self.result
 
-    def _body(self, loop, model_wrap, sigmas, extra_args):
+    def _with_other_expert(self, positive, negative, cfg_scale, zeros):
+        """The loop's body with Wan 2.2 A14B's other expert: a second CFGGuider on it, with the same
+        prompts and cfg, whose ``sample`` runs inside the trained model's (ComfyUI processes its
+        conditioning and patches as for any sampling), handing the body its model wrapper."""
+        other = comfy.samplers.CFGGuider(self.cfg.experts.model)
+        other.set_conds(positive, negative)
+        other.set_cfg(cfg_scale)
+
+        def body(loop, model_wrap, sigmas, extra_args):
+            inner = _OptimisationLoop(lambda _loop, other_wrap, _sigmas, other_args: self._body(
+                loop, model_wrap, sigmas, extra_args, other=(other_wrap, other_args)))
+            other.sample(zeros, zeros, inner, sigmas.cpu(), seed=self.cfg.train.seed)
+        return body
+
+    def _other_expert(self, other, sigmas, notes: list) -> OtherExpert:
+        """Wan 2.2 A14B's other expert as the sampler's :class:`OtherExpert` (its steps from the
+        boundary), and a note saying which expert is trained on which steps."""
+        wrap, args = other
+        experts = self.cfg.experts
+        comfy_glue.de_inference_(wrap.inner_model)  # its steps after a trained one carry x's gradient
+        batcher = comfy_glue.PromptBatcher(list(wrap.conds["positive"]))
+
+        def denoise(x, sigma, index):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            wrap.conds["positive"] = [batcher(index.tolist())]
+            return wrap(x, sigma, **args)
+        steps = expert_steps(sigmas.float().cpu(), experts.boundary, experts.trained)
+        total = sigmas.numel() - 1
+        mine = [i + 1 for i in range(total) if i not in steps]
+        s = self.cfg.sampler
+        if s.method == "random_k":
+            tail = (f"the last K (K from {s.k_min} to {s.k_max}), from the first of them that is "
+                    "the trained expert's")
+        else:
+            first = total - {"draft": total, "draft_lv": 1}.get(s.method, s.k)
+            while first < total and first in steps:
+                first += 1
+            tail = f"{_step_ranges(list(range(first + 1, total + 1)))}"
+        notes.append(
+            f"Wan 2.2 experts: training the {experts.trained} expert (the trainer's model), which "
+            f"denoises steps {_step_ranges(mine) or 'none'} of {total}; the {experts.other} expert "
+            f"(DRaFT Wan 2.2 Experts) denoises steps "
+            f"{_step_ranges(sorted(i + 1 for i in steps)) or 'none'} and is not trained (boundary: "
+            f"sigma {experts.boundary:g}); differentiated steps: {tail}")
+        return OtherExpert(denoise, steps)
+
+    def _body(self, loop, model_wrap, sigmas, extra_args, other=None):
         cfg, st = self.cfg, self._state
         inner = model_wrap.inner_model
         for module in (inner, self.vae.first_stage_model, self.reward.model):
@@ -310,13 +374,16 @@ class TrainingRun:
             with lora.disabled():
                 return denoise(x, sigma, index)
 
+        notes = []
+        other_expert = self._other_expert(other, sigmas, notes) if other is not None else None
         max_denoise = loop.max_denoise(model_wrap, sigmas)
         sampler = DifferentiableSampler(
             denoise, sigmas.float().cpu(), cfg.sampler,
             renoise=lambda s, n, x0: ms.noise_scaling(s, n, x0),
             reference_denoise=reference if cfg.train.kl_coeff else None,
             initial_latent_fn=lambda n: ms.noise_scaling(sigmas[0].to(n), n, torch.zeros_like(n),
-                                                         max_denoise))
+                                                         max_denoise),
+            other_expert=other_expert)
         reward_model = self.reward.model
         reward_fn = DeviceReward(reward_model, self.reward.device, sigmas.device)
 
@@ -325,8 +392,11 @@ class TrainingRun:
         plan: MemoryPlan = st["plan"]
         memory = {}
         if plan.block_checkpointing:  # which modules each way checkpoints: trainer_memory_kwargs
+            units = comfy_glue.denoiser_checkpoint_units(inner.diffusion_model)
+            if other is not None:  # its tail steps after a trained one run under gradient too
+                units += comfy_glue.denoiser_checkpoint_units(other[0].inner_model.diffusion_model)
             memory = dict(
-                denoiser_units=comfy_glue.denoiser_checkpoint_units(inner.diffusion_model),
+                denoiser_units=units,
                 decoder_units=comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model),
                 reward_units=(reward_model.checkpoint_units()
                               if hasattr(reward_model, "checkpoint_units") else ()))
@@ -340,7 +410,6 @@ class TrainingRun:
                                reward_statistics=getattr(reward_model, "deferred_statistics", None),
                                parallel=distributed.current(check=self.reward.model),
                                frame_choice=self._frame_choice(st["latent_shape"]))
-        notes = []
         if cfg.heldout is not None:
             self.check = self._heldout_check(trainer, notes)
             trainer.state_parts["heldout"] = self.check
@@ -419,6 +488,8 @@ class TrainingRun:
             "partial": partial, "skipped_steps": trainer.skipped_steps,
             "base_model_fingerprint": self._base_fingerprint,
             **distributed.metadata(trainer.parallel, cfg.train.batch_size),
+            **({"wan22_expert": cfg.experts.trained, "wan22_boundary": cfg.experts.boundary}
+               if cfg.experts is not None else {}),
         }
 
     def _save(self, trainer: DraftTrainer, result: RunResult, partial: bool, tag: str,

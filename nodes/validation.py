@@ -269,6 +269,39 @@ def other_node_problems(prompt, own_id) -> list:
     return out
 
 
+def _experts_problems(experts, model, family, settings, values, sigmas, steps) -> list:
+    """DRaFT Wan 2.2 Experts against the trainer's model and schedule: both experts Wan 2.2 A14B's
+    (each a Wan 2.1 14B to ComfyUI, the same configuration), and an update's differentiated steps
+    (the last K) not all the other expert's (:func:`training.sampler.tail_problem`)."""
+    from ..training.sampler import expert_steps, tail_problem
+    import comfy.samplers
+    if family is None or family.name != "Wan 2.1 T2V":
+        return [("experts", "DRaFT Wan 2.2 Experts is for Wan 2.2 A14B's two experts (ComfyUI loads "
+                 f"each as a Wan 2.1 T2V 14B); the trainer's model is "
+                 f"{family.name if family else 'not a supported family'}: disconnect it")]
+    other = experts.model
+
+    def config(m):
+        return dict(getattr(getattr(m.model, "model_config", None), "unet_config", {}) or {})
+    if type(getattr(other.model, "model_config", None)) is not type(model.model.model_config) \
+            or config(other) != config(model):
+        return [("experts", "the other expert of DRaFT Wan 2.2 Experts is not a model of the same "
+                 "kind as the trainer's (Wan 2.2 A14B's two experts have one configuration)")]
+    if settings is None or not steps:
+        return []
+    if sigmas is not None:
+        schedule = sigmas.detach().float().flatten().cpu()
+    else:
+        schedule = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
+                                                   values["scheduler"], int(values["steps"])).cpu()
+    bad = tail_problem(settings, schedule.numel() - 1,
+                       expert_steps(schedule, experts.boundary, experts.trained))
+    if bad:
+        return [("sampler", f"{bad} (DRaFT Wan 2.2 Experts: the trainer's model is the "
+                 f"{experts.trained} expert, boundary sigma {experts.boundary:g})")]
+    return []
+
+
 def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prompt=None,
                   node_id=None) -> dict:
     """DRaFT Trainer's checks at the start of execute; raises :class:`InputError` listing every
@@ -340,6 +373,11 @@ def check_trainer(node_cls, values: dict, model, vae, sampler, sigmas=None, prom
     elif family is not None and video_reward:
         add("reward", f"{values['reward'].label} compares the frames of videos; {family.name} is an "
             "image model: use an image reward (or a Combine without the Temporal Consistency reward)")
+
+    if values.get("experts") is not None:
+        for name, text in _experts_problems(values["experts"], model, family, settings, values,
+                                            sigmas, steps):
+            add(name, text)
 
     diffusion_model = model.model.diffusion_model
     names = []

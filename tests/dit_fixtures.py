@@ -8,7 +8,9 @@
 * VAEs: ComfyUI's ``comfy.sd.VAE`` built from a state dict: a 16-channel TAESD (taesd3 / taef1
   layout, with the family's scale/shift) for SD3 / FLUX / Chroma; the real Wan 2.1 VAE (fixed
   full width in ComfyUI, about 127 M parameters) for Qwen-Image, which decodes its 5-D latents;
-  the same class at width 16 for Wan 2.1 (its video: 4k + 1 frames from k + 1 latent frames).
+  the same class at width 16 for Wan 2.1 (its video: 4k + 1 frames from k + 1 latent frames);
+  the Wan 2.2 VAE (``comfy/ldm/wan/vae2_2.py``: 48 channels, 16x, encoder width 160 and decoder
+  width 256 in ComfyUI) at width 16 for Wan 2.2 TI2V-5B, built the same way.
   HunyuanImage 2.1's 64-channel 32x VAE: ComfyUI fixes its width too (``comfy/sd.py``: block
   widths 128 ... 1024, picked when ``decoder.conv_in.weight`` has 64 input channels), so it is
   built at full width (about 406 M parameters, 1.6 GB in float32) from a state dict of the same
@@ -62,10 +64,12 @@ FAMILIES = {
     "chroma": ("Chroma", _CHROMA, "no pooled"),  # T5 only: pooled_output is None
     "qwen_image": ("QwenImage", _QWEN, "context"),
     "wan21_t2v": ("WAN21_T2V", _WAN21, "context"),  # video: latents (B, 16, T, h, w)
+    # Wan 2.2 TI2V-5B: ComfyUI's WAN22_T2V (model_base.WAN22), latents (B, 48, T, h, w)
+    "wan22_ti2v_5b": ("WAN22_T2V", dict(_WAN21, in_dim=48, out_dim=48), "context"),
     "lumina2": ("Lumina2", _LUMINA, "masked"),  # Gemma 2 tokens + attention mask
     "hunyuan_image_2_1": ("HunyuanImage21", _HUNYUAN_IMAGE, "context"),
 }
-VIDEO = {"wan21_t2v"}
+VIDEO = {"wan21_t2v", "wan22_ti2v_5b"}
 TEXT_WIDTH, TEXT_TOKENS = 32, 6
 
 
@@ -114,6 +118,19 @@ def tiny_vae(kind: str, seed: int = 0):
     import comfy.sd
     if kind == "hunyuan_image_2_1":
         return _hunyuan_image_vae(comfy, seed)
+    if kind == "wan22_ti2v_5b":
+        import comfy.ldm.wan.vae2_2
+        real = comfy.ldm.wan.vae2_2.WanVAE
+        narrow = dict(dim=WAN_VAE_DIM, dec_dim=WAN_VAE_DIM)
+        module = real(**narrow, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
+        fill_(module, seed)
+        # ComfyUI builds the Wan 2.2 VAE at widths 160 / 256 whatever the state dict says
+        comfy.ldm.wan.vae2_2.WanVAE = lambda **config: real(**{**config, **narrow})
+        try:
+            return comfy.sd.VAE(sd=module.state_dict())
+        finally:
+            comfy.ldm.wan.vae2_2.WanVAE = real
     if kind in ("qwen_image", "wan21_t2v"):
         import comfy.ldm.wan.vae
         dim = 96 if kind == "qwen_image" else WAN_VAE_DIM

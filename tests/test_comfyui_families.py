@@ -76,6 +76,7 @@ EXPECTED = {  # kind -> (attention, kohya default, family name, base model)
     "chroma": (_FLUX_ATTN, _FLUX_ALL, "Chroma", "chroma"),
     "qwen_image": (_QWEN_ATTN, sorted(_QWEN_ATTN + _QWEN_MLP), "Qwen-Image", "qwen_image"),
     "wan21_t2v": (_WAN_ATTN, sorted(_WAN_ATTN + _WAN_FFN), "Wan 2.1 T2V", "wan21_t2v"),
+    "wan22_ti2v_5b": (_WAN_ATTN, sorted(_WAN_ATTN + _WAN_FFN), "Wan 2.2 TI2V-5B", "wan22_ti2v_5b"),
     "lumina2": (_LUMINA_ATTN, sorted(_LUMINA_ATTN + _LUMINA_MLP), "Lumina 2", "lumina2"),
     # HunyuanImage 2.1: ComfyUI builds it from FLUX's double / single stream blocks
     "hunyuan_image_2_1": (_FLUX_ATTN, _FLUX_ALL, "HunyuanImage 2.1", "hunyuan_image_2_1"),
@@ -100,9 +101,10 @@ def test_table_selects_the_listed_layers_of_each_dit_family(kind, pack):
     assert not any(n.split(".")[0] not in arch.family_of(patcher).block_lists for n in broad)
     assert {"proj_out", "final_layer", "head"} & top_level  # present, and not selected
     latent = patcher.model.latent_format
-    assert latent.latent_channels == (64 if kind == "hunyuan_image_2_1" else 16)  # its 32x VAE's
+    # HunyuanImage 2.1's 32x VAE, Wan 2.2's 16x VAE
+    assert latent.latent_channels == {"hunyuan_image_2_1": 64, "wan22_ti2v_5b": 48}.get(kind, 16)
     assert arch.family_of(patcher).latent_dimensions == latent.latent_dimensions == (
-        3 if kind in ("qwen_image", "wan21_t2v") else 2)
+        3 if kind in ("qwen_image", *D.VIDEO) else 2)
 
 
 def test_table_unet_families_and_block_lists(comfy, pack):
@@ -137,18 +139,20 @@ def test_unknown_family_is_refused_listing_the_supported_ones(comfy, pack):
         pack["comfy_glue"].target_module_names(model, "attention")
     for name in ("AuraFlow", "SD1.x", "SDXL", "SD3", "FLUX.1 dev", "Chroma", "Qwen-Image", "Wan 2.1 T2V"):
         assert name in str(e.value)
-    # ComfyUI's Wan variants subclass WAN21_T2V but need other inputs (I2V) or another VAE (2.2)
-    for variant in ("WAN21_I2V", "WAN22_T2V", "WAN21_Vace"):
+    # ComfyUI's Wan variants subclass WAN21_T2V but need other inputs (I2V, VACE, S2V)
+    for variant in ("WAN21_I2V", "WAN21_Vace", "WAN22_S2V"):
         config = getattr(comfy.supported_models, variant)({"image_model": "wan2.1"})
         with pytest.raises(pack["architectures"].UnsupportedModelError, match=variant):
             pack["architectures"].family_of(config)
 
 
-def test_wan_table_row(comfy, pack):
-    family = pack["architectures"].family_of(D.tiny_model("wan21_t2v"))
+@pytest.mark.parametrize("kind", sorted(D.VIDEO))
+def test_wan_table_row(kind, comfy, pack):
+    family = pack["architectures"].family_of(D.tiny_model(kind))
     assert (family.latent_dimensions, family.video_frames, family.time_compression) == (3, 33, 4)
     assert family.default_cfg == 5.0 and not family.guidance_distilled and family.guidance is None
     assert family.block_lists == ("blocks",)
+    # Wan 2.2 TI2V-5B is ComfyUI's WAN22_T2V (a WAN21_T2V subclass): its own row, not a variant
 
 
 # -- flow sampling --------------------------------------------------------------------------------
@@ -211,7 +215,7 @@ VIDEO_FRAMES, DECODED_LATENT_FRAMES = 9, 2
 def _run_config(rc, kind, iterations, **kw):
     from training import SamplerSettings, TrainSettings
     from training.run_options import VideoOptions
-    steps = 4 if kind in ("flux_schnell", "wan21_t2v") else 6
+    steps = 4 if kind in ("flux_schnell", *D.VIDEO) else 6
     if kind in D.VIDEO:
         kw.setdefault("video", VideoOptions(VIDEO_FRAMES, DECODED_LATENT_FRAMES))
     base = dict(prompts=["a cat", "a dog"], negative_prompt="", sampler=SamplerSettings("draft_lv", lv_samples=2),
@@ -227,7 +231,7 @@ def _held_out_reward(comfy, model, vae, encode, reward, kind, seeds, guidance, c
     import comfy.sample
     import node_helpers
     side = 64 // vae.spacial_compression_encode()  # 64 px: 8 x 8 latents, 2 x 2 for HunyuanImage
-    time = (3,) if kind == "wan21_t2v" else (1,) * (model.model.latent_format.latent_dimensions - 2)
+    time = (3,) if kind in D.VIDEO else (1,) * (model.model.latent_format.latent_dimensions - 2)
     shape = (1, model.model.latent_format.latent_channels, *time, side, side)
     scores, images = [], []
     for seed in seeds:
@@ -317,20 +321,26 @@ def test_family_trains_saves_and_loads_in_stock_loaders(kind, comfy, pack, loras
         assert torch.allclose(other, from_training, atol=2e-4), float((other - from_training).abs().max())
 
 
-def test_wan_decoder_decodes_the_first_latent_frames_and_rewards_average_per_video(comfy, pack):
-    """The video decoder decodes only the first k latent frames (Wan's causal VAE: the same frames
-    as a decode of all of them, 1 + 4 (k - 1) of them), returns them as consecutive images per
-    video; the trainer scores every frame with its video's prompt and averages per video; previews
-    show the middle frame."""
+@pytest.mark.parametrize("kind", sorted(D.VIDEO))
+def test_wan_decoder_decodes_the_first_latent_frames_and_rewards_average_per_video(kind, comfy, pack):
+    """The video decoder decodes only the first k latent frames (Wan's causal VAEs, 2.1 and 2.2:
+    the same frames as a decode of all of them, 1 + 4 (k - 1) of them), returns them as
+    consecutive images per video; the trainer scores every frame with its video's prompt and
+    averages per video; previews show the middle frame."""
     from training.trainer import DraftTrainer
     glue = pack["comfy_glue"]
-    model, vae = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v")
-    latent = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    model, vae = D.tiny_model(kind), D.tiny_vae(kind)
+    channels, side = model.model.latent_format.latent_channels, 4 * vae.spacial_compression_encode()
+    latent = torch.randn(2, channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         two = glue.make_decoder(vae, model.model, 2)(latent)
         full = glue.make_decoder(vae, model.model, 3)(latent)
-    assert two.shape == (2 * 5, 3, 32, 32) and full.shape == (2 * 9, 3, 32, 32)
-    assert torch.allclose(two.view(2, 5, 3, 32, 32), full.view(2, 9, 3, 32, 32)[:, :5], atol=1e-5)
+        # ComfyUI's own decode of all three latent frames (VAE space, as KSampler returns them):
+        # (B, F, H, W, 3)
+        stock = vae.decode(model.model.process_latent_out(latent.clone())).movedim(-1, 2).flatten(0, 1)
+    assert two.shape == (2 * 5, 3, side, side) and full.shape == (2 * 9, 3, side, side)
+    assert torch.allclose(two.view(2, 5, 3, side, side), full.view(2, 9, 3, side, side)[:, :5], atol=1e-5)
+    assert torch.allclose(full, stock.float(), atol=1e-4), float((full - stock).abs().max())
     seen = []
 
     def reward(images, prompts):
@@ -343,24 +353,31 @@ def test_wan_decoder_decodes_the_first_latent_frames_and_rewards_average_per_vid
     assert torch.allclose(scores, two.mean(dim=(1, 2, 3)).view(2, 5).mean(1))
     assert torch.equal(DraftTrainer.middle_frames(two, 2), two[[2, 7]])
     # ComfyUI's per-frame inference estimate of a Wan decode, times the decoded latent frames
-    decode, _ = glue.update_memory_inputs(model, vae, (16, 9, 60, 104), 3)
-    assert decode == 3 * vae.memory_used_decode([1, 16, 1, 60, 104], vae.vae_dtype)
+    decode, _ = glue.update_memory_inputs(model, vae, (channels, 9, 60, 104), 3)
+    assert decode == 3 * vae.memory_used_decode([1, channels, 1, 60, 104], vae.vae_dtype)
 
 
-@pytest.mark.parametrize("keep", [None, "convolutions"])
-def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, keep):
-    """Wan's decoder blocks carry the previous latent frame's cache from call to call: checkpointed
-    (whole, or selectively as the middle memory way does) they give the decode's values and
-    gradients unchanged, and the cache-carrying calls leave no wrapper behind."""
+@pytest.mark.parametrize("kind,keep", [("wan21_t2v", None), ("wan21_t2v", "convolutions"),
+                                       ("wan22_ti2v_5b", None), ("wan22_ti2v_5b", "convolutions")])
+def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, kind, keep):
+    """Wan's decoder blocks carry the previous latent frame's cache from call to call (Wan 2.2's
+    up blocks also the first-chunk flag, and "Rep" markers in the cache): checkpointed (whole, or
+    selectively as the middle memory way does) they give the decode's values and gradients
+    unchanged, and the cache-carrying calls leave no wrapper behind."""
     from training.checkpointing import KEEP_CONVOLUTIONS, checkpoint_blocks, is_wrapped
     glue = pack["comfy_glue"]
-    model, vae = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v")
+    model, vae = D.tiny_model(kind), D.tiny_vae(kind)
     units = glue.decoder_checkpoint_units(vae.first_stage_model)
-    # the decoder (once per latent frame); middle; 3 residual blocks in each of 4 levels; 3 upsamplers
-    assert len(units) == 1 + 3 + 4 * 3 + 3 and units[0] is vae.first_stage_model.decoder
+    if kind == "wan21_t2v":
+        # the decoder (once per latent frame); middle; 3 residual blocks in each of 4 levels; 3 upsamplers
+        assert len(units) == 1 + 3 + 4 * 3 + 3
+    else:  # the decoder; middle (residual, attention, residual); 4 residual up blocks
+        assert len(units) == 1 + 3 + 4
+    assert units[0] is vae.first_stage_model.decoder
     decode = glue.make_decoder(vae, model.model, 2)
-    latent = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    weights = torch.rand(5 * 3 * 32 * 32, generator=torch.Generator().manual_seed(2)).view(5, 3, 32, 32)
+    channels, side = model.model.latent_format.latent_channels, 4 * vae.spacial_compression_encode()
+    latent = torch.randn(1, channels, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(5 * 3 * side * side, generator=torch.Generator().manual_seed(2)).view(5, 3, side, side)
 
     def value_and_grad():
         x = latent.clone().requires_grad_(True)
@@ -528,7 +545,8 @@ def test_wan_evaluate_scores_each_video_of_a_decoded_batch(comfy, pack):
             ev.execute(images, temporal, "", 8, 0)
 
 
-@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image", "wan21_t2v", "lumina2", "hunyuan_image_2_1"])
+@pytest.mark.parametrize("kind", ["flux_dev", "qwen_image", "wan21_t2v", "wan22_ti2v_5b", "lumina2",
+                                  "hunyuan_image_2_1"])
 def test_family_resumes_from_a_periodic_save(kind, comfy, pack, loras_dir):
     from reward_models import ImageStatReward
     rc = pack["training_run"]

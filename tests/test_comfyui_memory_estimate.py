@@ -43,13 +43,22 @@ ROWS = {
     # Wan 2.1 T2V 1.3B (ComfyUI's memory figure reads the width: dim 1536) at 480x832, 33 frames
     "wan21_1_3b_480p": ("WAN21_T2V", dict(dit_fixtures.FAMILIES["wan21_t2v"][1], dim=1536),
                         torch.bfloat16, None, (16, 9, 60, 104), 16, 2),
+    # Wan 2.2 TI2V-5B (dim 3072) at 704x1280, 33 frames: 48-channel latents of its 16x VAE
+    "wan22_5b_720p": ("WAN22_T2V", dict(dit_fixtures.FAMILIES["wan22_ti2v_5b"][1], dim=3072),
+                      torch.bfloat16, None, (48, 9, 44, 80), 48, 2),
+    # Wan 2.2 A14B's low-noise expert (a Wan 2.1 14B to ComfyUI: dim 5120), fp8 weights, 480x832
+    "wan22_14b_480p": ("WAN21_T2V", dict(dit_fixtures.FAMILIES["wan21_t2v"][1], dim=5120),
+                       torch.float8_e4m3fn, torch.bfloat16, (16, 9, 60, 104), 16, 2),
     "lumina2_1024": ("Lumina2", dit_fixtures.FAMILIES["lumina2"][1], torch.bfloat16, None,
                      (16, 128, 128), 16, 2),
     # HunyuanImage 2.1 at 2048 px: 64-channel latents of its 32x VAE, fp8 weights, cfg 3.5
     "hunyuanimage21_2048": ("HunyuanImage21", dit_fixtures.FAMILIES["hunyuan_image_2_1"][1],
                             torch.float8_e4m3fn, torch.bfloat16, (64, 64, 64), 64, 2),
 }
-DECODED_LATENT_FRAMES = {"wan21_1_3b_480p": 3}  # video rows: latent frames the reward sees
+# video rows: latent frames the reward sees, and the fixture whose VAE class decodes them
+DECODED_LATENT_FRAMES = {"wan21_1_3b_480p": 3, "wan22_5b_720p": 3, "wan22_14b_480p": 3}
+VIDEO_VAE = {"wan21_1_3b_480p": "wan21_t2v", "wan22_5b_720p": "wan22_ti2v_5b",
+             "wan22_14b_480p": "wan21_t2v"}
 METHOD_ROWS = {"k1": 1, "lv2": 2, "full": 1}  # differentiated rows per batch row
 # make vram's modes that are ways of the trainer -> (blocks, rows one at a time); ``before`` (the
 # fast way with the whole decode checkpointed, as it was) is not one any more
@@ -88,7 +97,7 @@ def comfy_figures():
             logging.disable(logging.WARNING)
             try:
                 width = 1024 if vae_channels == 64 else 512  # HunyuanImage 2.1's 32x decoder: 1024
-                vae = (dit_fixtures.tiny_vae("wan21_t2v") if video else  # the Wan 2.1 VAE
+                vae = (dit_fixtures.tiny_vae(VIDEO_VAE[name]) if video else  # Wan 2.1 / 2.2 VAE
                        comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(width, vae_channels, 3, 3)}))
             finally:
                 logging.disable(logging.NOTSET)

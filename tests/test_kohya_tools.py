@@ -412,10 +412,14 @@ def musubi_wan(musubi):
     return dict(musubi, model=model)
 
 
-def _musubi_wan(musubi):
-    cfg = D.FAMILIES["wan21_t2v"][1]
+def _musubi_wan(musubi, kind="wan21_t2v"):
+    """musubi's WanModel in the tiny fixture's configuration: Wan 2.1 T2V, or Wan 2.2 TI2V-5B
+    (model_version 2.2, 48 latent channels in and out; musubi has no 5B task, its WanModel
+    takes the configuration)."""
+    cfg = D.FAMILIES[kind][1]
     return musubi["model"].WanModel(
-        model_type="t2v", model_version="2.1", in_dim=cfg["in_dim"], dim=cfg["dim"],
+        model_type="t2v", model_version="2.1" if kind == "wan21_t2v" else "2.2",
+        in_dim=cfg["in_dim"], dim=cfg["dim"],
         ffn_dim=cfg["ffn_dim"], freq_dim=cfg["freq_dim"], text_dim=cfg["text_dim"],
         out_dim=cfg["out_dim"], num_heads=cfg["num_heads"], num_layers=cfg["num_layers"],
         eps=cfg["eps"])
@@ -439,6 +443,29 @@ def test_musubi_tuner_reads_our_wan_lora(musubi_wan, pack, loras_dir, tmp_path, 
     assert meta["ss_base_model_version"] == arch.ARCHITECTURE_WAN_FULL  # wan_train_network.py
     assert meta["ss_network_module"] == musubi["lora_wan"].__name__.removeprefix("musubi_tuner.")
     assert meta["modelspec.architecture"] == spec["modelspec.architecture"] == "wan2.1/lora"
+    assert meta["modelspec.implementation"] == spec["modelspec.implementation"]
+
+
+@pytest.mark.comfyui
+@pytest.mark.musubi
+def test_musubi_tuner_reads_our_wan22_ti2v_5b_lora(musubi_wan, pack, loras_dir, tmp_path, caplog):
+    """The same for Wan 2.2 TI2V-5B (ComfyUI's WAN22_T2V) against musubi's WanModel at the 5B's
+    48 channels and model version 2.2: every module and key of our file used by its network and
+    its loader's merge; metadata: musubi's Wan trainer's, with its custom architecture
+    (--metadata_arch wan2.2-ti2v-5b), built by musubi's own build_metadata."""
+    musubi = musubi_wan
+    patcher = D.tiny_model("wan22_ti2v_5b")
+    path, lora, tensors, meta = _save_ours("wan22_ti2v_5b", patcher, pack, loras_dir)
+    assert any(".ffn." in n for n in lora.names())
+    _musubi_reads(musubi, "lora_wan", lambda m: _musubi_wan(m, "wan22_ti2v_5b"), patcher, path,
+                  lora, tensors, tmp_path, caplog)
+
+    arch = musubi["architectures"]
+    spec = musubi["sai_model_spec"].build_metadata(None, arch.ARCHITECTURE_WAN, time.time(),
+                                                   custom_arch="wan2.2-ti2v-5b")
+    assert meta["ss_base_model_version"] == arch.ARCHITECTURE_WAN_FULL
+    assert meta["ss_network_module"] == musubi["lora_wan"].__name__.removeprefix("musubi_tuner.")
+    assert meta["modelspec.architecture"] == spec["modelspec.architecture"] == "wan2.2-ti2v-5b/lora"
     assert meta["modelspec.implementation"] == spec["modelspec.implementation"]
 
 
@@ -574,6 +601,7 @@ _MODULATION = {  # what kohya's default trains beyond ours: the blocks' modulati
     # the dotted module name ("transformer_blocks.0.img_mod.1"), so img_mod / txt_mod are trained
     "qwen_image": [f"transformer_blocks.{i}.{m}_mod.1" for i in (0, 1) for m in ("img", "txt")],
     "wan21_t2v": [],  # Wan's modulation is a bare parameter, no layer: musubi's default is ours
+    "wan22_ti2v_5b": [],
     # lora_lumina: every Linear of every JointTransformerBlock (the text refiner has no
     # modulation) and of the FinalLayer, a top-level layer
     "lumina2": [f"{b}.adaLN_modulation.1" for b in ("noise_refiner.0", "layers.0", "layers.1")]
@@ -590,6 +618,7 @@ _MODULATION = {  # what kohya's default trains beyond ours: the blocks' modulati
     pytest.param("sd3_5_medium", marks=pytest.mark.kohya),
     pytest.param("qwen_image", marks=pytest.mark.musubi),
     pytest.param("wan21_t2v", marks=pytest.mark.musubi),
+    pytest.param("wan22_ti2v_5b", marks=pytest.mark.musubi),
     pytest.param("lumina2", marks=pytest.mark.kohya),
     pytest.param("hunyuan_image_2_1", marks=pytest.mark.kohya)])
 def test_kohya_default_set_is_the_kohya_trainers_default_less_modulation(kind, pack, request):
@@ -622,9 +651,9 @@ def test_kohya_default_set_is_the_kohya_trainers_default_less_modulation(kind, p
         musubi = request.getfixturevalue("musubi")
         model = _load_strict(_musubi_qwen(musubi), base_sd)
         network = musubi["lora_qwen_image"].create_arch_network(1.0, 4, 1.0, None, [], model)
-    elif kind == "wan21_t2v":
+    elif kind in ("wan21_t2v", "wan22_ti2v_5b"):
         musubi = request.getfixturevalue("musubi_wan")
-        model = _load_strict(_musubi_wan(musubi), base_sd)
+        model = _load_strict(_musubi_wan(musubi, kind), base_sd)
         network = musubi["lora_wan"].create_arch_network(1.0, 4, 1.0, None, [], model)
     else:
         kohya = request.getfixturevalue("kohya")

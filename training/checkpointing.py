@@ -624,6 +624,9 @@ def diffusers_decoder_units(decoder: nn.Module) -> list:
     ``up_blocks`` of ``AutoencoderKLHunyuanImage``'s decoder) is a unit itself."""
     units = []
     for block in [decoder.mid_block] + list(decoder.up_blocks):
+        if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2's residual up block:
+            units.append(block)  # one unit, as ComfyUI's Up_ResidualBlock (comfy_glue)
+            continue
         parts = [m for attr in ("resnets", "attentions", "upsamplers")
                  for m in (getattr(block, attr, None) or []) if m is not None]
         units += parts or ([block] if block is not decoder.mid_block else [])

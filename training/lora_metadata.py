@@ -52,6 +52,12 @@ BASE_MODELS = {
     "chroma": ("chroma", "chroma/lora", "https://huggingface.co/lodestones/Chroma"),
     "qwen_image": ("qwen_image", "Qwen-Image/lora", "https://github.com/QwenLM/Qwen-Image"),
     "wan21_t2v": ("wan", "wan2.1/lora", "https://github.com/Wan-Video/Wan2.1"),
+    # Wan 2.2: musubi's wan_train_network.py writes the same for its Wan 2.2 tasks (t2v-A14B,
+    # i2v-A14B: architecture "wan", ARCH_WAN "wan2.1"), so an A14B expert's LoRA (ComfyUI loads each
+    # expert as WAN21_T2V) carries exactly that. musubi has no TI2V-5B task; its LoRAs fit no Wan
+    # 2.1 model (3072 wide, 48 channels), so they take musubi's metadata with its own custom
+    # architecture (--metadata_arch wan2.2-ti2v-5b: build_metadata's custom_arch + "/lora").
+    "wan22_ti2v_5b": ("wan", "wan2.2-ti2v-5b/lora", "https://github.com/Wan-Video/Wan2.1"),
     # sd-scripts' lumina_train_network.py / hunyuan_image_train_network.py: model version
     # lumina_util.MODEL_VERSION_LUMINA_V2 "lumina2" / hunyuan_image_utils.MODEL_VERSION_2_1
     # "hunyuan-image-2.1"; sai_model_spec ARCH_LUMINA_2 / ARCH_HUNYUAN_IMAGE_2_1 + "/lora";
@@ -74,6 +80,7 @@ NETWORK_MODULES = {
     "sd3_5_large": "networks.lora_sd3",
     "flux1_dev": "networks.lora_flux", "flux1_schnell": "networks.lora_flux", "chroma": "networks.lora_flux",
     "qwen_image": "networks.lora_qwen_image", "wan21_t2v": "networks.lora_wan",
+    "wan22_ti2v_5b": "networks.lora_wan",
     "lumina2": "networks.lora_lumina", "hunyuan_image_2_1": "networks.lora_hunyuan_image",
 }
 DEFAULT_NETWORK_MODULE = "networks.lora"

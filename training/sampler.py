@@ -30,6 +30,13 @@ Gradient truncation (DRAFT_METHOD.md):
   gives ``x0_hat_i``; the caller averages the reward over the ``n`` samples. Optionally the chain's
   own last step is differentiated too (``n + 1`` terms).
 
+Two experts (Wan 2.2 A14B): an :class:`OtherExpert` denoises the steps on its side of a boundary
+(:func:`expert_steps`), never with gradient into its weights; the trained denoiser the rest. A
+tail step of the other expert *before* the first trained step carries no gradient (nothing trained
+precedes it) and joins the no-grad prefix; one *after* a trained step (training the high-noise
+expert with a K reaching back past the boundary) is differentiated through its input only. A tail
+with no trained step is refused (:func:`tail_problem`).
+
 Each differentiated step runs under activation checkpointing when ``checkpointing`` is on: only
 the latent entering the step is stored, the denoiser's activations are recomputed in the backward
 pass, so activation memory does not grow with ``K``. Given the trained parameters (the trainer
@@ -158,6 +165,69 @@ class SamplerSettings:
         return self.lv_samples + (1 if self.lv_include_original else 0)
 
 
+@dataclass(frozen=True)
+class OtherExpert:
+    """A second denoiser for some steps of the schedule (Wan 2.2 A14B's expert that is not trained).
+
+    Attributes:
+        denoise: ``(x, sigma (B,), prompt_index (B,)) -> x0``, like the sampler's; its weights are
+            frozen (only the sampler's own denoiser is trained).
+        steps: the 0-based steps it denoises (:func:`expert_steps`).
+    """
+
+    denoise: Denoiser
+    steps: frozenset
+
+
+EXPERT_SIDES = ("low noise", "high noise")
+
+
+def expert_steps(sigmas, boundary: float, trained: str) -> frozenset:
+    """The 0-based steps of ``sigmas`` (T + 1 values) that the *other* expert denoises when the
+    ``trained`` one (``"low noise"`` or ``"high noise"``) is the sampler's denoiser. Wan 2.2 picks
+    the expert by the step's timestep: the high-noise one while ``t >= boundary * 1000``, i.e.
+    ``sigma >= boundary`` for its flow schedule (``t = 1000 sigma``); 0.875 for T2V A14B, 0.9 for
+    I2V A14B."""
+    if trained not in EXPERT_SIDES:
+        raise ValueError(f"trained expert must be one of {EXPERT_SIDES}, got {trained!r}")
+    values = torch.as_tensor(sigmas, dtype=torch.float32).flatten()[:-1]  # ComfyUI's schedules' dtype
+    high = {i for i, is_high in enumerate((values >= torch.tensor(boundary, dtype=torch.float32))
+                                          .tolist()) if is_high}
+    other = high if trained == "low noise" else set(range(values.numel())) - high
+    return frozenset(other)
+
+
+def smallest_tail(settings: "SamplerSettings", num_steps: int) -> int:
+    """The fewest trailing steps one update of ``settings`` differentiates (random K: ``k_min``)."""
+    if settings.method == "draft":
+        return num_steps
+    if settings.method == "draft_lv":
+        return 1
+    return min(settings.k if settings.method == "draft_k" else settings.k_min, num_steps)
+
+
+def tail_problem(settings: "SamplerSettings", num_steps: int, other_steps) -> Optional[str]:
+    """Why an update of ``settings`` could differentiate only steps of the other expert (its
+    tail, the last K steps, all in ``other_steps``), or None. Says which K would reach the
+    trained expert's steps."""
+    other = frozenset(other_steps or ())
+    k = smallest_tail(settings, num_steps)
+    if not other or any(i not in other for i in range(num_steps - k, num_steps)):
+        return None
+    trained = [i for i in range(num_steps) if i not in other]
+    what = {"draft_lv": "DRaFT-LV differentiates only the last step",
+            "draft_k": f"DRaFT-K with K = {k} differentiates steps {num_steps - k + 1}-{num_steps}",
+            "random_k": f"random K from k_min = {k} differentiates steps {num_steps - k + 1}-{num_steps}"
+            }.get(settings.method, "")
+    if not trained:
+        return (f"{what}, and every one of the {num_steps} steps belongs to the other expert: "
+                "the trained expert denoises none (check the boundary)")
+    need = num_steps - max(trained)
+    return (f"{what}, which the other expert denoises: the trained expert's last step is step "
+            f"{max(trained) + 1} of {num_steps}, so no gradient would reach it; train the other "
+            f"expert, or use DRaFT-K with K >= {need} (random K: k_min >= {need})")
+
+
 @dataclass
 class Rollout:
     """What one differentiable rollout returns.
@@ -190,11 +260,14 @@ class DifferentiableSampler:
         reference_denoise: optional frozen-model denoiser for DRaFT+'s KL term.
         initial_latent_fn: optional ``noise -> x_T``; default ``renoise(sigma_max, noise, 0)``
             (ComfyUI's samplers scale EPS noise by ``sqrt(1 + sigma_max^2)`` at full denoise).
+        other_expert: optional :class:`OtherExpert` denoising some steps instead of ``denoise``
+            (Wan 2.2 A14B; see the module docstring).
     """
 
     def __init__(self, denoise: Denoiser, sigmas: torch.Tensor, settings: SamplerSettings,
                  renoise: Renoise = ve_renoise, reference_denoise: Optional[Denoiser] = None,
-                 initial_latent_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 initial_latent_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 other_expert: Optional[OtherExpert] = None):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
         if sigmas.numel() < 2:
             raise ValueError("need at least one sampling step (two sigmas)")
@@ -207,11 +280,16 @@ class DifferentiableSampler:
         self.renoise = renoise
         self.reference_denoise = reference_denoise
         self.initial_latent_fn = initial_latent_fn
+        self.other_expert = other_expert
         self.step_checkpoint_state: dict = {}  # training.step_checkpoint's, shared by every step
 
     @property
     def num_steps(self) -> int:
         return self.sigmas.numel() - 1
+
+    def trained_step(self, i: int) -> bool:
+        """Whether step ``i`` (0-based) is the trained denoiser's (not the other expert's)."""
+        return self.other_expert is None or i not in self.other_expert.steps
 
     # -- pieces ---------------------------------------------------------------------------------
     def initial_latent(self, noise: torch.Tensor) -> torch.Tensor:
@@ -243,7 +321,8 @@ class DifferentiableSampler:
         """Step ``i`` (0-based) from ``sigmas[i]`` to ``sigmas[i+1]``; returns ``(x_next, x0)``."""
         sigma = self.sigmas[i].to(x.device, x.dtype)
         sigma_next = self.sigmas[i + 1].to(x.device, x.dtype)
-        x0 = self.denoise(x, sigma.expand(x.shape[0]), prompt_index)
+        denoise = self.denoise if self.trained_step(i) else self.other_expert.denoise
+        x0 = denoise(x, sigma.expand(x.shape[0]), prompt_index)
         a = signal_scale(self.renoise, sigma, x)
         a_next = signal_scale(self.renoise, sigma_next, x)
         return ddim_step(x, x0, sigma, sigma_next, a, a_next, self.settings.eta, noise,
@@ -315,6 +394,13 @@ class DifferentiableSampler:
             raise ValueError(f"K = {k} must lie in [1, {T}]")
         zs = self.step_noises(noise.shape, generator, noise.device, noise.dtype, row_generators)
         first_grad = T - k
+        while first_grad < T and not self.trained_step(first_grad):
+            first_grad += 1  # the other expert's steps before any trained one: nothing to carry
+        if first_grad == T:
+            other = self.other_expert.steps
+            raise ValueError(tail_problem(s, T, other) or
+                             f"K = {k}: the last {k} steps are all the other expert's")
+        k = T - first_grad
         with torch.no_grad():
             x = self.initial_latent(noise)
             for i in range(first_grad):
@@ -359,7 +445,7 @@ class DifferentiableSampler:
         for j, i in enumerate(range(start.first_step, start.first_step + start.k)):
             x_in = x
             x, x0 = self._grad_step(i, x_in, prompt_index, noises[j], use_ckpt, params)
-            if self.reference_denoise is not None:
+            if self.reference_denoise is not None and self.trained_step(i):
                 kl = kl + self._kl_term(i, x_in, x0, prompt_index) / start.k
         return Rollout(latents=x, prompt_index=prompt_index, k=start.k, kl=kl)
 
@@ -413,7 +499,8 @@ def vp_sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps) -> to
 
 __all__ = [
     "Denoiser", "Renoise", "METHODS", "SamplerSettings", "Rollout", "TailStart",
-    "DifferentiableSampler",
+    "DifferentiableSampler", "OtherExpert", "EXPERT_SIDES", "expert_steps", "tail_problem",
+    "smallest_tail",
     "ddim_step", "signal_scale", "ve_renoise", "karras_sigmas",
     "vp_sigmas_from_alphas_cumprod",
 ]

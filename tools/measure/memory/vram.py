@@ -58,12 +58,15 @@ MODELS = {  # name: resolution (px)
     "sd15_512": 512, "sd21v_768": 768, "sdxl_1024": 1024,
 }
 DIT_ROWS = [("flux_dev_1024", "k1"), ("sd35m_1024", "lv2"), ("wan21_1_3b_480p", "k1"),
-            ("wan21_1_3b_480p", "lv2"), ("lumina2_1024", "lv2"), ("hunyuanimage21_2048", "k1")]
+            ("wan21_1_3b_480p", "lv2"), ("lumina2_1024", "lv2"), ("hunyuanimage21_2048", "k1"),
+            ("wan22_5b_720p", "k1"), ("wan22_14b_480p", "k1")]
 TARGETS = {  # key: (limit GiB or ratio, what)
     "flux_dev_1024_k1_gib": (22.0, "FLUX.1-dev 1024 px fp8 base weights DRaFT-1, batch 1"),
     "sd35m_1024_lv2_gib": (12.0, "SD3.5-medium 1024 px DRaFT-LV n=2, batch 1"),
     "wan21_1_3b_480p_k1_gib": (12.0, "Wan 2.1 T2V 1.3B 480x832 33 frames (3 latent frames decoded) DRaFT-1, batch 1"),
     "wan21_1_3b_480p_lv2_gib": (14.0, "Wan 2.1 T2V 1.3B 480x832 33 frames (3 latent frames decoded) DRaFT-LV n=2, batch 1"),
+    "wan22_5b_720p_k1_gib": (24.0, "Wan 2.2 TI2V-5B 704x1280 33 frames (3 latent frames decoded) DRaFT-1, batch 1"),
+    "wan22_14b_480p_k1_gib": (32.0, "Wan 2.2 A14B low-noise expert 480x832 33 frames (3 latent frames decoded) fp8 base weights DRaFT-1, batch 1"),
     "lumina2_1024_lv2_gib": (12.0, "Lumina 2 1024 px DRaFT-LV n=2, batch 1"),
     "hunyuanimage21_2048_k1_gib": (40.0, "HunyuanImage 2.1 2048 px fp8 base weights DRaFT-1, batch 1"),
     "sd15_512_lv2_gib": (4.0, "SD1.5 512 px DRaFT-LV n=2, batch 1"),

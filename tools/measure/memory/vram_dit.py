@@ -30,6 +30,19 @@ without them; see :mod:`.vram` for every mode), counted by
   T5 tokens), bf16, cfg 5 (both branches in one batch); only the first 3 latent frames (9 frames)
   are decoded, by the Wan 2.1 VAE decoder (``AutoencoderKLWan``'s, causal, frame by frame), and
   every frame is scored (the reward of a video is their mean). DRaFT-1 and DRaFT-LV n = 2.
+* ``wan22_5b_720p``: Wan 2.2 TI2V-5B (``WanTransformer3DModel`` in Wan-AI/Wan2.2-TI2V-5B's
+  configuration: 30 blocks, 3072 wide, 24 heads, FFN 14336, 48 latent channels) at 704x1280, 33
+  frames (9 latent frames of its 16x VAE, 44 x 80 latents, 22 x 40 patches: 7,920 tokens), bf16,
+  cfg 5; the first 3 latent frames decoded by the Wan 2.2 VAE decoder (``AutoencoderKLWan`` in
+  its Wan 2.2 configuration: decoder width 256, 48 channels, residual up blocks, patch 2,
+  ``scale_factor_spatial`` 16); DRaFT-1.
+* ``wan22_14b_480p``: one Wan 2.2 A14B expert (the low-noise one; each expert is a Wan 2.1 14B
+  transformer: 40 blocks, 5120 wide, 40 heads, FFN 13824), base weights in float8 e4m3 cast to
+  bf16 per use (ComfyUI's fp8 expert files), at 480x832, 33 frames (14,040 tokens), cfg 5 (Wan
+  2.2's T2V guide scale on its low-noise steps is 3; 5 keeps both branches, the same memory),
+  the Wan 2.1 VAE decoding 3 latent frames; DRaFT-1. The other expert denoises the high-noise
+  steps without gradient (the no-grad prefix): its weights sit beside these if both are resident
+  (14 GiB more in fp8); ComfyUI may offload either between the two.
 
 FLUX, SD3.5 and Lumina 2 decode with the 16-channel FLUX/SD3 VAE decoder (``AutoencoderKL``, no
 quant convs, bf16); all score with the LAION aesthetic reward (CLIP ViT-L/14, bf16); LoRA rank 8 on the
@@ -48,9 +61,19 @@ from tools.measure.setup import (build_aesthetic_reward, trace_update, update_sa
                                  update_trainer, vae_decoder)
 
 DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024, "wan21_1_3b_480p": 480, "lumina2_1024": 1024,
-              "hunyuanimage21_2048": 2048}
+              "hunyuanimage21_2048": 2048, "wan22_5b_720p": 704, "wan22_14b_480p": 480}
 # Wan: (height, width, frames, decoded latent frames); frames = 4 (latent frames - 1) + 1
-WAN_VIDEO = {"wan21_1_3b_480p": (480, 832, 33, 3)}
+WAN_VIDEO = {"wan21_1_3b_480p": (480, 832, 33, 3), "wan22_5b_720p": (704, 1280, 33, 3),
+             "wan22_14b_480p": (480, 832, 33, 3)}
+# Wan: (transformer configuration, Wan 2.2 VAE, fp8 base weights, ComfyUI's sampling shift)
+WAN_SPECS = {
+    "wan21_1_3b_480p": (dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,  # Wan2.1-T2V-1.3B
+                             num_layers=30), False, False, 8.0),
+    "wan22_5b_720p": (dict(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336,  # Wan2.2-TI2V-5B
+                           num_layers=30, in_channels=48, out_channels=48), True, False, 8.0),
+    "wan22_14b_480p": (dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,  # Wan2.2-T2V-A14B
+                            num_layers=40), False, True, 8.0),                               # (one expert)
+}
 # model -> (latent channels, VAE downscale, VAE scale, VAE shift or None, cfg, text tokens, text
 # width, pooled width or None, fp8 base weights, schedule shift)
 SPECS = {
@@ -112,7 +135,8 @@ def attention_targets(transformer) -> list:
 
 
 def store_fp8(transformer) -> None:
-    """Every Linear weight in the blocks kept in float8 e4m3, cast to bf16 on use (ComfyUI's fp8)."""
+    """Every Linear weight in the blocks (Wan's ``blocks.``) kept in float8 e4m3, cast to bf16 on
+    use (ComfyUI's fp8)."""
     import torch
     from torch.nn.utils import parametrize
 
@@ -120,7 +144,8 @@ def store_fp8(transformer) -> None:
         def forward(self, w):
             return w.to(torch.bfloat16)
     for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and "transformer_blocks." in name:
+        if isinstance(module, torch.nn.Linear) and ("transformer_blocks." in name
+                                                     or name.startswith("blocks.")):
             module.weight = torch.nn.Parameter(module.weight.detach().to(torch.float8_e4m3fn),
                                                requires_grad=False)
             parametrize.register_parametrization(module, "weight", CastOnUse(), unsafe=True)
@@ -142,8 +167,20 @@ def wan_attention_targets(transformer) -> list:
                             ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0"))]
 
 
+def wan22_vae():
+    """The Wan 2.2 VAE (``AutoencoderKLWan`` in Wan-AI/Wan2.2-TI2V-5B-Diffusers' configuration)
+    without its encoder; latent mean / std are placeholders (fake tensors: values are never read)."""
+    from diffusers import AutoencoderKLWan
+    vae = AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True,
+                           in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    del vae.encoder, vae.quant_conv
+    return vae
+
+
 def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "lean") -> dict:
-    """Peak bytes of one Wan 2.1 video update (see the module docstring; modes as measure_dit)."""
+    """Peak bytes of one Wan 2.1 / 2.2 video update (see the module docstring; modes as measure_dit)."""
     import torch
     from torch import nn
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -152,8 +189,9 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
 
     torch.set_default_dtype(torch.bfloat16)
     height, width, frames, decoded = WAN_VIDEO[model]
-    latent_t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
-    shift = 8.0  # ComfyUI's WAN21_T2V sampling shift
+    config, wan22_vae_used, fp8, shift = WAN_SPECS[model]  # shift: ComfyUI's WAN21_T2V / WAN22_T2V
+    down, channels = (16, 48) if wan22_vae_used else (8, 16)
+    latent_t, h, w = (frames - 1) // 4 + 1, height // down, width // down
     t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     sigmas = (shift * t / (1 + (shift - 1) * t)).float()
 
@@ -163,18 +201,22 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
     sampler = update_sampler(method, sigmas, renoise=renoise)
     started = time.perf_counter()
     with fake_mode():
-        transformer = WanTransformer3DModel(  # Wan-AI/Wan2.1-T2V-1.3B
-            num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
-        autoencoder = AutoencoderKLWan()
-        del autoencoder.encoder, autoencoder.quant_conv
+        transformer = WanTransformer3DModel(**config)
+        if wan22_vae_used:
+            autoencoder = wan22_vae()
+        else:
+            autoencoder = AutoencoderKLWan()
+            del autoencoder.encoder, autoencoder.quant_conv
         reward = build_aesthetic_reward()
         for m in (transformer, autoencoder, reward):
             m.eval().requires_grad_(False)
+        if fp8:
+            store_fp8(transformer)
         lora = wrap_module(transformer, wan_attention_targets(transformer), rank=8, alpha=8.0, seed=0)
         tokens, cfg = 512, 5.0
         context, uncond = torch.randn(4, tokens, 4096), torch.randn(1, tokens, 4096)
-        mean = torch.tensor(autoencoder.config.latents_mean).view(1, 16, 1, 1, 1)
-        std = torch.tensor(autoencoder.config.latents_std).view(1, 16, 1, 1, 1)
+        mean = torch.tensor(autoencoder.config.latents_mean).view(1, channels, 1, 1, 1)
+        std = torch.tensor(autoencoder.config.latents_std).view(1, channels, 1, 1, 1)
 
         class Denoiser(nn.Module):
             """Flow model: x0 = x - sigma * v; CFG with both branches in one batch."""
@@ -193,7 +235,7 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
             return (video.float() * 0.5 + 0.5).clamp(0, 1).movedim(2, 1).flatten(0, 1)
 
         trainer = update_trainer(sampler, Denoiser(), autoencoder, 1.0, None, reward, lora,
-                                 (16, latent_t, h, w), batch, mode, block_units(transformer),
+                                 (channels, latent_t, h, w), batch, mode, block_units(transformer),
                                  decode=decode)
     row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=False, steps=steps,
                resolution=height)
