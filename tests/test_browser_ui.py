@@ -40,7 +40,7 @@ MAX_TRAINER_WIDGETS = 16  # issue 23: a trainer a newcomer reads at a glance
 # The trainer's optional settings nodes: its input -> the node feeding it.
 TRAINER_OPTIONS = {"lora_settings": "DRaFTLoRASettings", "optimizer": "DRaFTOptimizer",
                    "saving": "DRaFTSavePreview", "memory": "DRaFTMemoryOptions", "guidance": "DRaFTGuidance",
-                   "video": "DRaFTVideoSettings"}
+                   "video": "DRaFTVideoSettings", "experts": "DRaFTWan22Experts"}
 SETTINGS_WIDGETS = """(n) => n.widgets.filter(w => !w.name.startsWith('draft_')).map(w => w.name)"""
 
 

@@ -620,3 +620,78 @@ def test_aesthetic_reward_on_a_clip_vision_input_is_differentiable(comfy, pack, 
     assert x.grad is not None and torch.isfinite(x.grad).all() and float(x.grad.abs().max()) > 0
     with torch.no_grad():
         assert torch.allclose(handle.model(images, ["a", "b"]), scores.detach(), atol=1e-5)
+
+
+def test_wan_video_template_runs_on_the_tiny_wan(comfy, pack, loras_dir, tmp_path, monkeypatch):
+    """example_workflows/draft_wan_video.json, its DRaFT nodes run as the file sets them (DRaFT-K on
+    HPSv2.1 plus the temporal penalty on HPSv2.1's own embeddings, Combine standardised, Video
+    Settings' 3 decoded latent frames, the trainer's cfg, steps and scheduler) through the nodes'
+    own execute, on the tiny Wan 2.1 and its VAE in place of the loaders' files, at a tiny size.
+    The text encoder is the fixtures' fake conditioning: ComfyUI builds UMT5-XXL only at full size.
+    HPSv2.1 is the tiny open_clip HPS file the reward tests install, read by the real node."""
+    import json
+
+    import folder_paths
+    from reward_fixtures import install_reward_files
+    from workflow_api import to_api
+    widgets = install_reward_files(str(tmp_path / "models"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "reward_models",
+                        ([str(tmp_path / "models" / "reward_models")],
+                         folder_paths.supported_pt_extensions | {".pth", ".json"}))
+    modules = [F.import_pack_module(f"nodes.{m}") for m in (
+        "trainer_node", "sampler_node", "video_settings_node", "save_preview_node", "save_lora_node",
+        "reward_nodes", "reward_model_nodes")]
+    classes = {}
+    for module in modules:
+        for value in vars(module).values():
+            if isinstance(value, type) and hasattr(value, "define_schema") and value.__module__ == module.__name__:
+                try:
+                    classes[value.define_schema().node_id] = value
+                except (NotImplementedError, TypeError, AttributeError):
+                    pass
+    with open(os.path.join(os.path.dirname(D.__file__), "..", "example_workflows", "draft_wan_video.json")) as f:
+        workflow = json.load(f)
+    stand_ins = {"UNETLoader": D.tiny_model("wan21_t2v"), "ModelSamplingSD3": None,
+                 "VAELoader": D.tiny_vae("wan21_t2v"), "CLIPLoader": None}
+    stand_ins["ModelSamplingSD3"] = stand_ins["UNETLoader"]  # the tiny model's own shift
+    kept = [n for n in workflow["nodes"] if n["type"] in classes]
+    assert {n["type"] for n in workflow["nodes"]} - set(classes) - {"PreviewImage"} == set(stand_ins)
+    info = {t: c.GET_NODE_INFO_V1() for t, c in classes.items()}
+    api = to_api(dict(workflow, nodes=kept), info)
+    by_id = {n["id"]: n["type"] for n in workflow["nodes"]}
+    trainer_node = modules[0]
+    monkeypatch.setattr(trainer_node, "clip_encoder", lambda clip: D.conditioning("wan21_t2v"))
+    outputs = {}
+
+    def value(v):
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str):
+            src = v[0]
+            return stand_ins[by_id[int(src)]] if int(src) not in {n["id"] for n in kept} else outputs[src][v[1]]
+        return v
+    pending = dict(api)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        while pending:
+            for node_id, node in list(pending.items()):
+                sources = [v[0] for v in node["inputs"].values() if isinstance(v, list) and len(v) == 2]
+                if any(s in pending for s in sources):
+                    continue
+                inputs = {k: value(v) for k, v in node["inputs"].items()}
+                inputs.update(widgets.get(node["class_type"], {}))
+                if node["class_type"] == "DRaFTTrainer":
+                    assert (inputs["cfg"], inputs["width"], inputs["height"]) == (5.0, 832, 480)
+                    inputs.update(width=64, height=64, steps=4, iterations=2, lora_name="draft/wan_template")
+                if node["class_type"] == "DRaFTVideoSettings":
+                    assert (inputs["length"], inputs["decoded_latent_frames"]) == (33, 3)
+                    inputs["length"] = 9  # 3 latent frames, all of them decoded
+                outputs[node_id] = classes[node["class_type"]].PREPARE_CLASS_CLONE({}).execute(**inputs).args
+                del pending[node_id]
+    trainer_id = next(k for k, v in api.items() if v["class_type"] == "DRaFTTrainer")
+    model_out, lora, history = outputs[trainer_id][:3]
+    assert history["iterations"] == 2 and all(r == r for r in history["reward"])
+    reward_id = api[trainer_id]["inputs"]["reward"][0]
+    combined = outputs[reward_id][0]
+    assert combined.model.scores_videos and "temporal" in combined.label, combined.label
+    save_id = next(k for k, v in api.items() if v["class_type"] == "DRaFTSaveLoRA")
+    assert save_id in outputs
+    assert any(f.startswith("wan21_hps") for f in os.listdir(os.path.join(loras_dir, "draft"))), \
+        os.listdir(os.path.join(loras_dir, "draft"))

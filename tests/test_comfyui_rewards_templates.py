@@ -73,6 +73,15 @@ def test_every_template_runs_through_prompt(server):
         for node in api.values():
             if node["class_type"] in reward_widgets:
                 node["inputs"].update(reward_widgets[node["class_type"]])
+        if any(node["class_type"] == "DRaFTVideoSettings" for node in api.values()):
+            # a video model's template: the tiny SD1.5 checkpoint cannot stand in for its model
+            # (test_comfyui_families.py::test_wan_video_template_runs_on_the_tiny_wan runs its
+            # DRaFT nodes on a tiny Wan); here the server takes every node's inputs, and the trainer
+            # refuses the image model for the temporal reward, clearly, before anything runs
+            with pytest.raises(RuntimeError, match="compares the frames of videos; SD1.x is an image model"):
+                server.run_prompt(api, timeout=900)
+            ran.append(name)
+            continue
         entry = server.run_prompt(api, timeout=900)
         ran.append(name)
         if name == "draft_quickstart.json":

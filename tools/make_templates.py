@@ -254,12 +254,51 @@ def guarded(info) -> dict:
     return g.workflow()
 
 
+def wan_video(info) -> dict:
+    """Wan 2.1 T2V 1.3B, DRaFT-K (K = 1) on HPSv2.1 scored on the frames of the first 3 latent
+    frames (9 frames), plus the temporal consistency of those frames (HPSv2.1's own CLIP image
+    embeddings) as a flicker penalty, both standardised in DRaFT Combine Rewards; 33-frame videos
+    at 480x832 from DRaFT Video Settings, Wan's sampling shift 8 (ModelSamplingSD3), a save every
+    100 updates. The diffusion model, UMT5-XXL and the Wan 2.1 VAE are ComfyUI's
+    Comfy-Org/Wan_2.1_ComfyUI_repackaged files."""
+    g = Graph(info)
+    unet = g.add("UNETLoader", (0, 0), unet_name="wan2.1_t2v_1.3B_bf16.safetensors", size=(320, 110))
+    clip = g.add("CLIPLoader", (0, 150), clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan",
+                 size=(320, 110))
+    vae = g.add("VAELoader", (0, 300), vae_name="wan_2.1_vae.safetensors", size=(320, 80))
+    shift = g.add("ModelSamplingSD3", (0, 420), shift=8.0, size=(320, 80))
+    g.link(unet, "MODEL", shift, "model")
+    hps = g.add("DRaFTHPSv2Reward", (0, 540), checkpoint="HPS_v2.1_compressed.pt", size=(360, 150))
+    temporal = g.add("DRaFTTemporalConsistencyReward", (0, 730), title="Temporal consistency (flicker penalty)",
+                     size=(360, 120))
+    g.link(hps, "reward", temporal, "embeddings_from")
+    combine = g.add("DRaFTCombineRewards", (400, 540), weight_1=1.0, weight_2=0.5, standardize=True,
+                    size=(320, 260))
+    g.link_into(combine, reward_1=(hps, "reward"), reward_2=(temporal, "reward"))
+    sampler = g.add("DRaFTSampler", (0, 900), method="DRaFT-K", k=1, size=(320, 260))
+    video = g.add("DRaFTVideoSettings", (400, 0), length=33, decoded_latent_frames=3, size=(320, 200))
+    saving = g.add("DRaFTSavePreview", (400, 260), save_every=100, size=(320, 110))
+    trainer = g.add("DRaFTTrainer", (800, 0), prompt_set="custom", prompts=QUICKSTART_PROMPTS,
+                    steps=30, scheduler="simple", cfg=5.0, width=832, height=480, iterations=500,
+                    learning_rate=1e-4, lora_name="draft/wan21_hps", size=TRAINER_SIZE)
+    g.link(shift, "MODEL", trainer, "model")
+    g.link(vae, "VAE", trainer, "vae")
+    g.link(clip, "CLIP", trainer, "clip")
+    g.link(combine, "reward", trainer, "reward")
+    g.link(sampler, "sampler", trainer, "sampler")
+    g.link(video, "video", trainer, "video")
+    g.link(saving, "saving", trainer, "saving")
+    _save_and_curve(g, trainer, 1200, "draft/wan21_hps")
+    return g.workflow()
+
+
 TEMPLATES = {
     "draft_quickstart": quickstart,
     "draft_lora_strength_sweep": strength_sweep,
     "draft_aesthetic_draft_k": aesthetic_draft_k,
     "draft_flux_lv": flux_lv,
     "draft_guarded": guarded,
+    "draft_wan_video": wan_video,
 }
 
 
@@ -274,7 +313,7 @@ def main():
         info = srv.get("/object_info")
     for name, build in TEMPLATES.items():
         needs = {"draft_aesthetic_draft_k": "DRaFTAestheticReward", "draft_flux_lv": "DRaFTHPSv2Reward",
-                 "draft_guarded": "DRaFTPickScoreReward"}
+                 "draft_guarded": "DRaFTPickScoreReward", "draft_wan_video": "DRaFTHPSv2Reward"}
         if name in needs and needs[name] not in info:
             print(f"skipped {name}: {needs[name]} is not installed")
             continue
