@@ -55,6 +55,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
@@ -511,6 +512,34 @@ def _causal_slots(module: nn.Module) -> int:
     return sum(1 for m in module.modules() if type(m).__name__.endswith("CausalConv3d"))
 
 
+class _CompactGradient(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient in a storage of its own size.
+
+    A causal convolution concatenates its cache slot (the previous latent frame's last input
+    frames) in front of its input along time and pads it; the gradient autograd gives the slot is
+    a slice (a view) of the gradient of that whole padded input, several times the slot's size at
+    full resolution. Such gradients wait until the previous latent frame's backward runs, so
+    every slot of a frame would keep its whole convolution input's gradient alive. Copied, only
+    the slot's own frames are kept (the same values)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if grad is not None and grad.untyped_storage().nbytes() > grad.numel() * grad.element_size():
+            grad = grad.clone(memory_format=torch.contiguous_format)
+        return grad
+
+
+def _compact_gradients(slots) -> tuple:
+    """``slots`` (cache entries: tensors, None or markers), those requiring grad passed through
+    :class:`_CompactGradient`."""
+    return tuple(_CompactGradient.apply(t) if isinstance(t, torch.Tensor) and t.requires_grad
+                 else t for t in slots)
+
+
 def _cached_checkpoint(forward, args: tuple, kwargs: dict, cache: list, index: list, extra: dict,
                        slots: list):
     """Checkpoint a causal-cache block as a pure function of its input and a snapshot of the cache
@@ -528,7 +557,7 @@ def _cached_checkpoint(forward, args: tuple, kwargs: dict, cache: list, index: l
 
     def pure(x, old, first):
         local = [None] * size
-        local[first:first + len(old)] = old
+        local[first:first + len(old)] = _compact_gradients(old)
         position = [first]
         out = forward(x, local, position, *rest, **kwargs)
         return out, position[0], tuple(local[first:position[0]])
@@ -621,8 +650,11 @@ def diffusers_unet_units(unet: nn.Module) -> list:
 def diffusers_decoder_units(decoder: nn.Module) -> list:
     """Checkpoint units of a diffusers VAE ``Decoder``: the mid block's resnets and attention, every
     up block's resnets and upsampler; an up block that is itself one resnet or upsampler (the flat
-    ``up_blocks`` of ``AutoencoderKLHunyuanImage``'s decoder) is a unit itself."""
-    units = []
+    ``up_blocks`` of ``AutoencoderKLHunyuanImage``'s decoder) is a unit itself. A causal video
+    decoder (``AutoencoderKLWan``'s ``WanDecoder3d``, called once per latent frame with the cache
+    of the previous one) is a unit itself too, its blocks nested in it, as the ComfyUI side makes
+    Wan's (``nodes/comfy_glue.py`` ``decoder_checkpoint_units``)."""
+    units = [decoder] if "feat_cache" in inspect.signature(decoder.forward).parameters else []
     for block in [decoder.mid_block] + list(decoder.up_blocks):
         parts = [m for attr in ("resnets", "attentions", "upsamplers")
                  for m in (getattr(block, attr, None) or []) if m is not None]
