@@ -194,7 +194,7 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
 
         trainer = update_trainer(sampler, Denoiser(), autoencoder, 1.0, None, reward, lora,
                                  (16, latent_t, h, w), batch, mode, block_units(transformer),
-                                 decode=decode)
+                                 decode=decode, video=True)
     row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=False, steps=steps,
                resolution=height)
     return trace_update(trainer, row, transformer, autoencoder, reward, lora, started)
