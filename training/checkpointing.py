@@ -17,7 +17,9 @@ mutable cache of the previous latent frame from call to call; they are checkpoin
 functions of their input and a snapshot of the cache slots they use (:func:`_cached_checkpoint`).
 The decoder itself, called once per latent frame the same way, is a unit too: its blocks'
 checkpoints nest inside it, so the backward pass recomputes one latent frame at a time and, inside
-it, one block at a time.
+it, one block at a time. Wan 2.1's blocks given several frames (every latent frame after the first
+becomes 4) are recomputed one frame at a time, last first (:class:`_FrameByFrame`), and a cache
+slot's gradient is copied out of its convolution input's (:class:`_CompactGradient`).
 
 **Blocks that write in place.** ComfyUI's FLUX and Chroma blocks add residuals in place
 (``txt += ...``, ``x += ...``, ``img.addcmul_(...)``): into the block's own argument, and into
