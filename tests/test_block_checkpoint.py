@@ -313,6 +313,7 @@ def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(monkeypa
     several frames (every latent frame after the first becomes 4) are recomputed one frame at a
     time in the backward pass. In float64 the decoded frames are the plain decode's to the bit and
     the gradient its own to rounding (3 latent frames: 1 + 4 + 4 frames)."""
+    import dit_fixtures
     import training.checkpointing as ckpt
     from diffusers import AutoencoderKLWan
     torch.manual_seed(0)
@@ -323,22 +324,8 @@ def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(monkeypa
     assert units[0] is vae.decoder  # the outer unit, as ComfyUI's Wan decoder is
     latent = torch.randn(1, 4, 3, 4, 6, dtype=torch.float64)
     weights = torch.rand(1, 3, 9, 32, 48, dtype=torch.float64)
-
-    def value_and_grad():
-        x = latent.clone().requires_grad_(True)
-        out = vae.decode(x, return_dict=False)[0]
-        (out * weights).sum().backward()
-        return out.detach(), x.grad
-
-    plain = value_and_grad()
-    chunked, original = [], ckpt._FrameByFrame.forward
-
-    def counted(ctx, run, layout, x, *old):
-        chunked.append(x.shape[2])
-        return original(ctx, run, layout, x, *old)
-    monkeypatch.setattr(ckpt._FrameByFrame, "forward", staticmethod(counted))
-    with checkpoint_blocks(units):
-        got = value_and_grad()
+    plain, got, chunked = dit_fixtures.decode_frame_by_frame(
+        lambda z: vae.decode(z, return_dict=False)[0], units, latent, weights, monkeypatch)
     assert chunked and set(chunked) == {2, 4}  # (blocks after 1 and after 2 temporal upsamplings)
     assert torch.equal(plain[0], got[0])
     assert float(plain[1].abs().max()) > 0

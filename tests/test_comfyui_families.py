@@ -362,15 +362,10 @@ def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, kee
     latent = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     weights = torch.rand(5 * 3 * 32 * 32, generator=torch.Generator().manual_seed(2)).view(5, 3, 32, 32)
 
-    def value_and_grad():
-        x = latent.clone().requires_grad_(True)
-        out = decode(x)
-        (out * weights).sum().backward()
-        return out.detach(), x.grad
-    plain = value_and_grad()
+    plain = D.decode_value_and_grad(decode, latent, weights)
     with checkpoint_blocks(units, keep=KEEP_CONVOLUTIONS if keep else None) as wrapped:
         assert wrapped == len(units)
-        checkpointed = value_and_grad()
+        checkpointed = D.decode_value_and_grad(decode, latent, weights)
     assert not any(is_wrapped(u) for u in units)
     assert torch.allclose(plain[0], checkpointed[0], atol=1e-6)
     scale = float(plain[1].abs().max())
@@ -386,7 +381,6 @@ def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(comfy, p
     get several frames are recomputed one frame at a time, last first, in the backward pass
     (training.checkpointing._FrameByFrame); in float64 the decode is the plain one to the bit and
     the gradient the plain one to rounding (3 latent frames: 1 + 4 + 4 frames)."""
-    import training.checkpointing as ckpt
     glue = pack["comfy_glue"]
     vae = D.tiny_vae("wan21_t2v")
     decoder = vae.first_stage_model.double()
@@ -396,20 +390,7 @@ def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(comfy, p
     weights = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2),
                          dtype=torch.float64)
 
-    def value_and_grad():
-        x = latent.clone().requires_grad_(True)
-        out = decoder.decode(x)
-        (out * weights).sum().backward()
-        return out.detach(), x.grad
-    plain = value_and_grad()
-    frames, original = [], ckpt._FrameByFrame.forward
-
-    def counted(ctx, run, layout, x, *old):
-        frames.append(x.shape[2])
-        return original(ctx, run, layout, x, *old)
-    monkeypatch.setattr(ckpt._FrameByFrame, "forward", staticmethod(counted))
-    with ckpt.checkpoint_blocks(units):
-        got = value_and_grad()
+    plain, got, frames = D.decode_frame_by_frame(decoder.decode, units, latent, weights, monkeypatch)
     assert set(frames) == {2, 4}
     assert torch.equal(plain[0], got[0])
     assert float(plain[1].abs().max()) > 0
