@@ -30,6 +30,10 @@ without them; see :mod:`.vram` for every mode), counted by
   T5 tokens), bf16, cfg 5 (both branches in one batch); only the first 3 latent frames (9 frames)
   are decoded, by the Wan 2.1 VAE decoder (``AutoencoderKLWan``'s, causal, frame by frame), and
   every frame is scored (the reward of a video is their mean). DRaFT-1 and DRaFT-LV n = 2.
+  Lean as the trainer node runs a video family: the decoder checkpointed once per latent frame
+  around its blocks, as ComfyUI's Wan decoder is (``training.checkpointing.diffusers_decoder_units``;
+  its blocks given several frames recomputed one frame at a time), and the single differentiated
+  step checkpointed whole on top of its blocks (``trainer_memory_kwargs(video=True)``).
 
 FLUX, SD3.5 and Lumina 2 decode with the 16-channel FLUX/SD3 VAE decoder (``AutoencoderKL``, no
 quant convs, bf16); all score with the LAION aesthetic reward (CLIP ViT-L/14, bf16); LoRA rank 8 on the
