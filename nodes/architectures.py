@@ -183,15 +183,20 @@ _SDXL_MEMORY = (25.0, 1.0)
 _MMDIT_MEMORY = (22.0, 6.9)
 _FLUX_MEMORY = (47.0, 6.4)
 _FLUX_BLOCKS = ("double_blocks", "single_blocks")
-# Wan 2.1: the denoiser takes FLUX's factors (its lean update is the decoder's: not told apart by
-# the trace). Its causal video VAE decodes under gradient with every decoded frame's activations
-# kept: make vram traced one lean update of 1.3B at 480x832 (3 latent frames decoded) at 14.6 GiB,
-# 0.93 x ComfyUI's per-latent-frame decode estimate times 3, so blocks: 1.0; whole: the decoder
-# alone, unchecked, 2.5 x (KL's 2.9 kept); selective: not traced (KL's 1.7 kept).
-# fast: make vram traced the 14B (one Wan 2.2 A14B expert, wan22_14b_480p, fast way) at 53 x
-# ComfyUI's estimate of a row (FLUX's 47 fell short), so 56.
-_WAN_MEMORY = (56.0, _FLUX_MEMORY[1])
-_WAN_DECODE = (2.9, 1.7, 1.0)
+# Wan 2.1 (make vram, 1.3B at 480x832, 33 frames, lean; ComfyUI's estimates: 0.76 GiB for one
+# denoiser row, 5.21 GiB for one latent frame's decode). In the lean way the decoder is checkpointed
+# once per latent frame with its blocks nested, those given 4 frames recomputed one frame at a time,
+# and the single differentiated step whole on top of its blocks, so the decoder's backward and the
+# step's come one after the other. Traced decoder alone with 1 / 2 / 3 decoded latent frames:
+# 1.82 / 6.27 / 8.12 GiB, and the update 5.58 / 6.28 / 8.14 GiB (DRaFT-LV n = 2 at 3: 8.20): with
+# one latent frame decoded the step's backward sets the peak, 3.7 x the row's estimate for both
+# CFG branches (lean: 3.9); blocks: 0.60 x ComfyUI's per-frame decode estimate times the frames at
+# 2, 0.53 at 3 (0.62, so that 2 frames are covered too: the estimate is 1.03 x the 2-frame trace,
+# 1.19 / 1.18 x the 3-frame rows); whole: the decoder alone, unchecked, 2.5 x (KL's 2.9 kept);
+# selective: not traced (KL's 1.7 kept). Fast: make vram traced the 14B (one Wan 2.2 A14B expert,
+# wan22_14b_480p, fast way) at 53 x ComfyUI's estimate of a row (FLUX's 47 fell short), so 56.
+_WAN_MEMORY = (56.0, 3.9)
+_WAN_DECODE = (2.9, 1.7, 0.62)
 # Wan 2.2 TI2V-5B: the Wan 2.1 blocks (3072 wide) and its own 16x VAE (48 channels, decoder width
 # 256, residual up blocks), traced by make vram at 704x1280 (wan22_5b_720p, 3 latent frames
 # decoded): lean, 29.9 GiB, 0.74 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256

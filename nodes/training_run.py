@@ -400,11 +400,12 @@ class TrainingRun:
                 decoder_units=comfy_glue.decoder_checkpoint_units(self.vae.first_stage_model),
                 reward_units=(reward_model.checkpoint_units()
                               if hasattr(reward_model, "checkpoint_units") else ()))
-        decoder = comfy_glue.make_decoder(self.vae, inner, self._decoded_latent_frames(st["latent_shape"]))
+        decoded = self._decoded_latent_frames(st["latent_shape"])
+        decoder = comfy_glue.make_decoder(self.vae, inner, decoded)
         trainer = DraftTrainer(sampler, decoder, reward_fn,
                                cfg.prompts, lora, st["latent_shape"], settings,
                                device=st["patcher"].load_device,
-                               **trainer_memory_kwargs(plan, **memory),
+                               **trainer_memory_kwargs(plan, **memory, video=decoded is not None),
                                # NCHW on a GPU unless ComfyUI was started with --force-channels-last
                                channels_last_decode=comfy.model_management.force_channels_last() or None,
                                reward_statistics=getattr(reward_model, "deferred_statistics", None),

@@ -179,3 +179,32 @@ def _hunyuan_image_vae(comfy, seed):
         _HUNYUAN_VAE_CACHE[seed] = sd
     import comfy.sd
     return comfy.sd.VAE(sd=dict(_HUNYUAN_VAE_CACHE[seed]))
+
+
+def decode_value_and_grad(decode, latent, weights) -> tuple:
+    """``(decode(latent), gradient of (decode(latent) * weights).sum() with respect to latent)``."""
+    x = latent.clone().requires_grad_(True)
+    out = decode(x)
+    (out * weights).sum().backward()
+    return out.detach(), x.grad
+
+
+def decode_frame_by_frame(decode, units, latent, weights, monkeypatch) -> tuple:
+    """A Wan 2.1 decode (``decode(latent) -> frames``) and its gradient
+    (:func:`decode_value_and_grad`), plain and with ``units`` checkpointed (the lean way):
+    ``(plain, checkpointed, frame counts)``, the counts those of the blocks recomputed one frame at
+    a time (``training.checkpointing._FrameByFrame``)."""
+    import training.checkpointing as ckpt
+
+    def value_and_grad():
+        return decode_value_and_grad(decode, latent, weights)
+    plain = value_and_grad()
+    frames, original = [], ckpt._FrameByFrame.forward
+
+    def counted(ctx, run, layout, x, *old):
+        frames.append(x.shape[2])
+        return original(ctx, run, layout, x, *old)
+    monkeypatch.setattr(ckpt._FrameByFrame, "forward", staticmethod(counted))
+    with ckpt.checkpoint_blocks(units):
+        checkpointed = value_and_grad()
+    return plain, checkpointed, frames

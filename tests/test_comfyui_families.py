@@ -379,19 +379,39 @@ def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, kin
     latent = torch.randn(1, channels, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     weights = torch.rand(5 * 3 * side * side, generator=torch.Generator().manual_seed(2)).view(5, 3, side, side)
 
-    def value_and_grad():
-        x = latent.clone().requires_grad_(True)
-        out = decode(x)
-        (out * weights).sum().backward()
-        return out.detach(), x.grad
-    plain = value_and_grad()
+    plain = D.decode_value_and_grad(decode, latent, weights)
     with checkpoint_blocks(units, keep=KEEP_CONVOLUTIONS if keep else None) as wrapped:
         assert wrapped == len(units)
-        checkpointed = value_and_grad()
+        checkpointed = D.decode_value_and_grad(decode, latent, weights)
     assert not any(is_wrapped(u) for u in units)
     assert torch.allclose(plain[0], checkpointed[0], atol=1e-6)
+    scale = float(plain[1].abs().max())
+    assert scale > 0
+    # whole: the blocks given 4 frames are recomputed one frame at a time, whose float32 sums
+    # round otherwise (exact in float64: the next test)
+    assert torch.allclose(plain[1], checkpointed[1], atol=1e-6 * (scale if keep is None else 1),
+                          rtol=1e-5)
+
+
+def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(comfy, pack, monkeypatch):
+    """ComfyUI's Wan 2.1 decoder with its blocks checkpointed whole (the lean way): the blocks that
+    get several frames are recomputed one frame at a time, last first, in the backward pass
+    (training.checkpointing._FrameByFrame); in float64 the decode is the plain one to the bit and
+    the gradient the plain one to rounding (3 latent frames: 1 + 4 + 4 frames)."""
+    glue = pack["comfy_glue"]
+    vae = D.tiny_vae("wan21_t2v")
+    decoder = vae.first_stage_model.double()
+    units = glue.decoder_checkpoint_units(decoder)
+    latent = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    weights = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2),
+                         dtype=torch.float64)
+
+    plain, got, frames = D.decode_frame_by_frame(decoder.decode, units, latent, weights, monkeypatch)
+    assert set(frames) == {2, 4}
+    assert torch.equal(plain[0], got[0])
     assert float(plain[1].abs().max()) > 0
-    assert torch.allclose(plain[1], checkpointed[1], atol=1e-6, rtol=1e-5)
+    assert torch.allclose(plain[1], got[1], rtol=1e-10, atol=1e-12)
 
 
 def test_wan_lean_way_trains_the_lora_of_the_fast_way(comfy, pack, loras_dir):

@@ -14,7 +14,7 @@ PROMPTS = ["a", "b", "c"]
 
 
 def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3, reward=None,
-                kl=0.0, channels_last=None):
+                kl=0.0, channels_last=None, whole_step=False):
     torch.manual_seed(0)
     denoiser, decoder = build_toy_model(seed=0)
     lora = toy_lora(denoiser)
@@ -38,7 +38,7 @@ def trainer_for(method, *, blocks=False, row_by_row=False, eta=0.0, batch=3, k=3
                            TrainSettings(batch_size=batch, seed=3, kl_coeff=kl), block_units=units,
                            row_by_row=row_by_row,
                            denoiser_blocks_checkpointed=blocks is True, selective_units=selective,
-                           channels_last_decode=channels_last)
+                           channels_last_decode=channels_last, whole_step_over_blocks=whole_step)
     captured = []
     trainer.optimizer.step = lambda *a, **kw: captured.append(
         [p.grad.detach().clone() for p in trainer.params])
@@ -71,6 +71,27 @@ def test_block_checkpointing_and_row_by_row_give_the_batched_gradient(method, et
     # the same per-sample rewards, in the same order
     for r in (r1, r2, r3, r4):
         assert r.rewards == pytest.approx(r0.rewards, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["draft_k", "draft_lv"])
+def test_a_single_step_checkpointed_whole_over_its_blocks_gives_the_plain_gradient(method):
+    """A video decoder's way (``whole_step_over_blocks``): the single differentiated step is
+    checkpointed whole on top of its checkpointed blocks (so their saved inputs do not sit beside
+    the decoder's backward): the same gradient and rewards, for one more denoiser forward."""
+    plain, r0 = one_update_grads(method, k=1)
+    calls = {}
+    for whole in (False, True):
+        trainer, captured, denoiser, _ = trainer_for(method, k=1, blocks=True, row_by_row=True,
+                                                     whole_step=whole)
+        count = [0]
+        hook = denoiser.eps_net.mid.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+        report = trainer.step()
+        hook.remove()
+        calls[whole] = count[0]
+        assert_same(plain, captured[0])
+        assert report.rewards == pytest.approx(r0.rewards, abs=1e-6)
+    rows = 3 * (2 if method == "draft_lv" else 1)  # (batch 3; DRaFT-LV: 2 copies a row)
+    assert calls[True] == calls[False] + rows
 
 
 def test_row_by_row_with_kl_penalty_gives_the_batched_gradient():

@@ -17,7 +17,9 @@ mutable cache of the previous latent frame from call to call; they are checkpoin
 functions of their input and a snapshot of the cache slots they use (:func:`_cached_checkpoint`).
 The decoder itself, called once per latent frame the same way, is a unit too: its blocks'
 checkpoints nest inside it, so the backward pass recomputes one latent frame at a time and, inside
-it, one block at a time.
+it, one block at a time. Wan 2.1's blocks given several frames (every latent frame after the first
+becomes 4) are recomputed one frame at a time, last first (:class:`_FrameByFrame`), and a cache
+slot's gradient is copied out of its convolution input's (:class:`_CompactGradient`).
 
 **Blocks that write in place.** ComfyUI's FLUX and Chroma blocks add residuals in place
 (``txt += ...``, ``x += ...``, ``img.addcmul_(...)``): into the block's own argument, and into
@@ -55,6 +57,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
@@ -511,15 +514,127 @@ def _causal_slots(module: nn.Module) -> int:
     return sum(1 for m in module.modules() if type(m).__name__.endswith("CausalConv3d"))
 
 
+class _CompactGradient(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient in a storage of its own size.
+
+    A causal convolution concatenates its cache slot (the previous latent frame's last input
+    frames) in front of its input along time and pads it; the gradient autograd gives the slot is
+    a slice (a view) of the gradient of that whole padded input, several times the slot's size at
+    full resolution. Such gradients wait until the previous latent frame's backward runs, so
+    every slot of a frame would keep its whole convolution input's gradient alive. Copied, only
+    the slot's own frames are kept (the same values)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if grad is not None and grad.untyped_storage().nbytes() > grad.numel() * grad.element_size():
+            grad = grad.clone(memory_format=torch.contiguous_format)
+        return grad
+
+
+def _compact_gradients(slots) -> tuple:
+    """``slots`` (cache entries: tensors, None or markers), those requiring grad passed through
+    :class:`_CompactGradient`."""
+    return tuple(_CompactGradient.apply(t) if isinstance(t, torch.Tensor) and t.requires_grad
+                 else t for t in slots)
+
+
+# Causal-cache blocks whose run on frames ``[a, b]`` equals their run on ``[a]`` then ``[b]`` with the
+# cache carried between (Wan 2.1's residual blocks and resamplers, ComfyUI's and diffusers': causal
+# convolutions, per-frame norms, 2-D resampling, the temporal upsampler's causal convolution; the
+# very property Wan's frame-by-frame decode rests on). Wan 2.2's blocks are not among them (their
+# shortcut drops frames on a first chunk).
+_TIME_CHUNKED = {("comfy.ldm.wan.vae", "ResidualBlock"), ("comfy.ldm.wan.vae", "Resample"),
+                 ("diffusers.models.autoencoders.autoencoder_kl_wan", "WanResidualBlock"),
+                 ("diffusers.models.autoencoders.autoencoder_kl_wan", "WanResample")}
+
+
+def _time_chunked(module: Optional[nn.Module]) -> bool:
+    """Whether ``module``'s backward may recompute it frame by frame (:data:`_TIME_CHUNKED`)."""
+    return module is not None and (type(module).__module__, type(module).__name__) in _TIME_CHUNKED
+
+
+_A_TENSOR = object()  # a tensor's place in the layout of a cache snapshot
+
+
+def _slots_with(layout: tuple, tensors) -> list:
+    """Cache entries: ``layout``'s, with ``tensors``, in order, in the places it marks
+    :data:`_A_TENSOR`."""
+    tensors = iter(tensors)
+    return [next(tensors) if t is _A_TENSOR else t for t in layout]
+
+
+class _FrameByFrame(torch.autograd.Function):
+    """A time-chunked causal-cache block (:data:`_TIME_CHUNKED`) on ``T > 1`` frames: the forward
+    runs it whole without a graph (the values of the block's own run); the backward recomputes it
+    one input frame at a time, last frame first, each from the cache the frames before it leave
+    (found by a run without a graph): only one frame's activations are alive at once instead of
+    ``T``'s. Inputs: ``run(x, slots) -> (out, new slots)``, the snapshot's layout (its non-tensor
+    entries), ``x`` and the snapshot's tensors; outputs: ``out`` and the new slots."""
+
+    @staticmethod
+    def forward(ctx, run, layout: tuple, x: torch.Tensor, *old: torch.Tensor):
+        ctx.run, ctx.layout = run, layout
+        ctx.save_for_backward(x, *old)
+        ctx.set_materialize_grads(False)
+        ctx.autocast = _autocast_states(x.device.type)
+        out, new = run(x, _slots_with(layout, old))
+        if out.shape[2] % x.shape[2] or not all(isinstance(t, torch.Tensor) for t in new) \
+                or any(t is o for t in new for o in (x, *old)):
+            raise RuntimeError("frame-by-frame recompute: the block's output frames or new cache "
+                               "slots are not those of a time-chunked block")
+        return (out, *new)
+
+    @staticmethod
+    def backward(ctx, grad_out, *grad_new):
+        x, *old = ctx.saved_tensors
+        frames, run = x.shape[2], ctx.run
+        with contextlib.ExitStack() as modes:
+            for device, on, dtype in ctx.autocast:  # the forward's autocast states
+                modes.enter_context(torch.autocast(device, dtype=dtype, enabled=on))
+            caches = [_slots_with(ctx.layout, old)]  # the cache each frame starts from
+            with torch.no_grad():
+                for j in range(frames - 1):
+                    caches.append(list(run(x[:, :, j:j + 1], caches[-1])[1]))
+            grad_x, carry = [None] * frames, list(grad_new)
+            for j in reversed(range(frames)):
+                xj = x[:, :, j:j + 1].detach().requires_grad_(ctx.needs_input_grad[2])
+                cj = [c.detach().requires_grad_() if isinstance(c, torch.Tensor) else c
+                      for c in caches[j]]
+                caches[j] = None
+                with torch.enable_grad():
+                    out, new = run(xj, cj)
+                per = out.shape[2]
+                pairs = [(o, g) for o, g in zip([out, *new], [
+                    None if grad_out is None else grad_out[:, :, j * per:(j + 1) * per], *carry])
+                    if g is not None and o.requires_grad]
+                slots = [c for c in cj if isinstance(c, torch.Tensor)]
+                leaves = ([xj] if xj.requires_grad else []) + slots
+                got = list(torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                               allow_unused=True) if pairs else [None] * len(leaves))
+                if xj.requires_grad:
+                    grad = got.pop(0)
+                    grad_x[j] = grad if grad is not None else torch.zeros_like(xj)
+                carry = got
+                out = new = pairs = None
+        grad_input = torch.cat(grad_x, dim=2) if ctx.needs_input_grad[2] else None
+        return (None, None, grad_input, *carry)
+
+
 def _cached_checkpoint(forward, args: tuple, kwargs: dict, cache: list, index: list, extra: dict,
-                       slots: list):
+                       slots: list, chunked: bool = False):
     """Checkpoint a causal-cache block as a pure function of its input and a snapshot of the cache
     slots it uses: the block reads and replaces the slots from ``index[0]`` on; the recompute in
     the backward pass runs on the snapshot (the shared list has moved on by then), and the new
     slots (tensors that carry the gradient into the next latent frame) come out of the checkpoint
     and are written back, as the block itself would have. ``slots``: ``[upper bound, exact or
     None]``, the exact count learnt from the first call (the snapshot holds only those slots, so
-    no earlier frame's cache outlives its use)."""
+    no earlier frame's cache outlives its use). ``chunked``: a time-chunked block
+    (:data:`_TIME_CHUNKED`) given more than one frame is recomputed frame by frame
+    (:class:`_FrameByFrame`) once its slot count is known."""
     start = index[0]
     width = slots[1] if slots[1] is not None else slots[0]
     snapshot = tuple(cache[start:start + width])
@@ -528,11 +643,24 @@ def _cached_checkpoint(forward, args: tuple, kwargs: dict, cache: list, index: l
 
     def pure(x, old, first):
         local = [None] * size
-        local[first:first + len(old)] = old
+        local[first:first + len(old)] = _compact_gradients(old)
         position = [first]
         out = forward(x, local, position, *rest, **kwargs)
         return out, position[0], tuple(local[first:position[0]])
-    out, end, new = checkpoint(pure, args[0], snapshot, start, use_reentrant=False, **extra)
+    x = args[0]
+    if chunked and not extra and slots[1] is not None and x.shape[2] > 1:
+        def run(frames, old):
+            out, stop, new = pure(frames, old, start)
+            if stop != start + len(old):
+                raise RuntimeError("frame-by-frame recompute: the block used another number of "
+                                   "cache slots")
+            return out, new
+        layout = tuple(_A_TENSOR if isinstance(t, torch.Tensor) else t for t in snapshot)
+        out, *new = _FrameByFrame.apply(run, layout, x,
+                                        *[t for t in snapshot if isinstance(t, torch.Tensor)])
+        end = start + len(new)
+    else:
+        out, end, new = checkpoint(pure, x, snapshot, start, use_reentrant=False, **extra)
     if end - start > width:
         raise RuntimeError(f"a causal-cache block used {end - start} cache slots, more than its "
                            f"{width} causal convolutions")
@@ -547,6 +675,7 @@ def _checkpointed_forward(forward, keep: Optional[tuple] = None, unit: Optional[
     context_fn = (functools.partial(create_selective_checkpoint_contexts, list(keep)) if keep
                   else None)
     slots = [_causal_slots(module) if module is not None else 0, None]
+    chunked = _time_chunked(module)
 
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
@@ -554,7 +683,7 @@ def _checkpointed_forward(forward, keep: Optional[tuple] = None, unit: Optional[
         causal = _causal_cache(args, kwargs)
         if causal is not None:  # a causal video VAE's block (Wan): a pure function of a snapshot
             extra = {"context_fn": context_fn} if context_fn is not None else {}
-            return _cached_checkpoint(forward, args, kwargs, *causal, extra, slots)
+            return _cached_checkpoint(forward, args, kwargs, *causal, extra, slots, chunked)
         if keep:  # selective (the decoder's convolutions kept): torch's checkpoint with a policy
             return _torch_checkpoint(forward, args, kwargs, context_fn)
         return _checkpointed_call(forward, unit, args, kwargs)
@@ -621,8 +750,11 @@ def diffusers_unet_units(unet: nn.Module) -> list:
 def diffusers_decoder_units(decoder: nn.Module) -> list:
     """Checkpoint units of a diffusers VAE ``Decoder``: the mid block's resnets and attention, every
     up block's resnets and upsampler; an up block that is itself one resnet or upsampler (the flat
-    ``up_blocks`` of ``AutoencoderKLHunyuanImage``'s decoder) is a unit itself."""
-    units = []
+    ``up_blocks`` of ``AutoencoderKLHunyuanImage``'s decoder) is a unit itself. A causal video
+    decoder (``AutoencoderKLWan``'s ``WanDecoder3d``, called once per latent frame with the cache
+    of the previous one) is a unit itself too, its blocks nested in it, as the ComfyUI side makes
+    Wan's (``nodes/comfy_glue.py`` ``decoder_checkpoint_units``)."""
+    units = [decoder] if "feat_cache" in inspect.signature(decoder.forward).parameters else []
     for block in [decoder.mid_block] + list(decoder.up_blocks):
         if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2's residual up block:
             units.append(block)  # one unit, as ComfyUI's Up_ResidualBlock (comfy_glue)

@@ -185,12 +185,15 @@ def choose_plan(options: MemoryOptions, *, rows: int, cfg_branches: int, decode_
 
 
 def trainer_memory_kwargs(plan: MemoryPlan, denoiser_units: Sequence = (),
-                          decoder_units: Sequence = (), reward_units: Sequence = ()) -> dict:
+                          decoder_units: Sequence = (), reward_units: Sequence = (),
+                          video: bool = False) -> dict:
     """``DraftTrainer``'s memory arguments for ``plan``, given the modules that can be checkpointed
     one by one (the denoiser's, the decoder's and the reward model's blocks): the fast way
     checkpoints none; the middle way the decoder's selectively (their convolution outputs kept)
-    and the reward's; the leanest every block whole. What the trainer node and ``make bench``
-    build, so the bench times the ways ``auto`` picks."""
+    and the reward's; the leanest every block whole, and for a ``video`` decoder (whose backward
+    is the update's peak) a single differentiated step whole on top of its blocks
+    (``DraftTrainer.whole_step_over_blocks``). What the trainer node and ``make bench`` build, so
+    the bench times the ways ``auto`` picks."""
     units, selective = [], []
     if plan.block_checkpointing:
         if plan.denoiser_blocks:
@@ -199,7 +202,9 @@ def trainer_memory_kwargs(plan: MemoryPlan, denoiser_units: Sequence = (),
             selective = list(decoder_units)
         units += list(reward_units)
     return dict(block_units=units, selective_units=selective, row_by_row=plan.row_by_row,
-                denoiser_blocks_checkpointed=plan.denoiser_blocks)
+                denoiser_blocks_checkpointed=plan.denoiser_blocks,
+                whole_step_over_blocks=bool(video and plan.block_checkpointing
+                                            and plan.denoiser_blocks))
 
 
 __all__ = ["MemoryOptions", "MemoryPlan", "DoesNotFit", "estimate_update_bytes", "choose_plan",

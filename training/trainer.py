@@ -182,6 +182,11 @@ class DraftTrainer:
         denoiser_blocks_checkpointed: whether ``block_units`` include the denoiser's blocks (then
             a single differentiated step is not checkpointed as a whole: its blocks already are).
             None: whenever there are ``block_units``.
+        whole_step_over_blocks: checkpoint a single differentiated step whole even when the
+            denoiser's blocks are checkpointed (:func:`training.step_checkpoint.recomputed_step`):
+            its blocks' saved inputs then do not sit beside the decoder's backward, which runs
+            first, for one more denoiser forward (a video decoder's backward is the update's peak:
+            Wan's, where the 30 blocks' inputs of both CFG branches are 2.4 GiB at 480x832).
         row_by_row: run the differentiated tail, decode and reward one row at a time.
         channels_last_decode: hand the decoder 4-D latents in channels-last memory format (NHWC
             strides, the same values; the images come back contiguous). None: on the CPU only,
@@ -215,6 +220,7 @@ class DraftTrainer:
     block_units: Sequence = ()
     denoiser_blocks_checkpointed: Optional[bool] = None
     selective_units: Sequence = ()
+    whole_step_over_blocks: bool = False
     row_by_row: bool = False
     channels_last_decode: Optional[bool] = None
     reward_statistics: Optional[Callable] = None
@@ -300,7 +306,8 @@ class DraftTrainer:
                 denoiser_blocks = (bool(self.block_units) if self.denoiser_blocks_checkpointed
                                    is None else self.denoiser_blocks_checkpointed)
                 if denoiser_blocks:  # a single checkpointed step would only add a forward
-                    step_ckpt = self.sampler.settings.checkpointing and tail.k > 1
+                    step_ckpt = self.sampler.settings.checkpointing and (
+                        tail.k > 1 or self.whole_step_over_blocks)
                 groups = self._row_groups(tail.rows)
                 for rows in groups:
                     n_rows = tail.rows if rows is None else len(rows)

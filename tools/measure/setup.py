@@ -258,11 +258,12 @@ def way_plan(way: str):
                        available_bytes=2 ** 50)
 
 
-def way_kwargs(way: str, denoiser_units=(), decoder_units=()) -> dict:
+def way_kwargs(way: str, denoiser_units=(), decoder_units=(), video: bool = False) -> dict:
     """``DraftTrainer``'s memory arguments for ``way`` (:func:`way_plan`), built as the trainer
-    node builds them (``training.memory_plan.trainer_memory_kwargs``)."""
+    node builds them (``training.memory_plan.trainer_memory_kwargs``; ``video``: a video
+    decoder's)."""
     from training.memory_plan import trainer_memory_kwargs
-    return trainer_memory_kwargs(way_plan(way), denoiser_units, decoder_units)
+    return trainer_memory_kwargs(way_plan(way), denoiser_units, decoder_units, video=video)
 
 
 # make vram's modes -> the way each traces (``before`` differs from ``fast`` only in the decode,
@@ -272,12 +273,14 @@ MODE_WAY = {**{mode: way for way, (_, _, mode) in WAYS.items() if mode},
             "before": "fast", "lean_cond": "all"}
 
 
-def memory_mode(mode: str, denoiser_units: list, decoder) -> dict:
+def memory_mode(mode: str, denoiser_units: list, decoder, video: bool = False) -> dict:
     """DraftTrainer's memory settings for a row's ``mode`` (:data:`MODE_WAY`; see memory/vram.py),
-    given the denoiser's checkpoint units and the diffusers VAE ``decoder``; the decode as on a
-    CUDA device (NCHW), not the CPU's layout."""
+    given the denoiser's checkpoint units and the diffusers VAE ``decoder`` (``video``: a video
+    decoder's, as the trainer node tells them apart); the decode as on a CUDA device (NCHW), not
+    the CPU's layout."""
     from training.checkpointing import diffusers_decoder_units
-    return dict(way_kwargs(MODE_WAY[mode], denoiser_units, diffusers_decoder_units(decoder)),
+    return dict(way_kwargs(MODE_WAY[mode], denoiser_units, diffusers_decoder_units(decoder),
+                           video=video),
                 channels_last_decode=False)
 
 
@@ -306,11 +309,11 @@ def update_sampler(method: str, sigmas, **kwargs):
 
 def update_trainer(sampler, denoiser, vae, latent_scale: float, latent_shift, reward, lora,
                    latent_shape: tuple, batch: int, mode: str, denoiser_units: list,
-                   decode=None):
+                   decode=None, video: bool = False):
     """The ``DraftTrainer`` of one traced update: ``denoiser`` in ``sampler``, the decode through
     ``vae`` (latent / ``latent_scale`` + ``latent_shift`` unless None, to [0, 1]; or ``decode``,
-    a video decoder returning each sample's frames), ``reward`` on 4 prompts, the memory settings
-    of ``mode`` and AdamW's state allocated without its step."""
+    a video decoder returning each sample's frames, ``video`` then True), ``reward`` on 4
+    prompts, the memory settings of ``mode`` and AdamW's state allocated without its step."""
     from training import DraftTrainer, TrainSettings
 
     if decode is None:
@@ -329,7 +332,7 @@ def update_trainer(sampler, denoiser, vae, latent_scale: float, latent_shift, re
     sampler.denoise = denoiser
     trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                            lora, latent_shape, TrainSettings(batch_size=batch, seed=0),
-                           **memory_mode(mode, denoiser_units, vae.decoder))
+                           **memory_mode(mode, denoiser_units, vae.decoder, video=video))
     allocate_adam_state_only(trainer)
     return trainer
 

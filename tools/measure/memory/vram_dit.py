@@ -30,6 +30,10 @@ without them; see :mod:`.vram` for every mode), counted by
   T5 tokens), bf16, cfg 5 (both branches in one batch); only the first 3 latent frames (9 frames)
   are decoded, by the Wan 2.1 VAE decoder (``AutoencoderKLWan``'s, causal, frame by frame), and
   every frame is scored (the reward of a video is their mean). DRaFT-1 and DRaFT-LV n = 2.
+  Lean as the trainer node runs a video family: the decoder checkpointed once per latent frame
+  around its blocks, as ComfyUI's Wan decoder is (``training.checkpointing.diffusers_decoder_units``;
+  its blocks given several frames recomputed one frame at a time), and the single differentiated
+  step checkpointed whole on top of its blocks (``trainer_memory_kwargs(video=True)``).
 * ``wan22_5b_720p``: Wan 2.2 TI2V-5B (``WanTransformer3DModel`` in Wan-AI/Wan2.2-TI2V-5B's
   configuration: 30 blocks, 3072 wide, 24 heads, FFN 14336, 48 latent channels) at 704x1280, 33
   frames (9 latent frames of its 16x VAE, 44 x 80 latents, 22 x 40 patches: 7,920 tokens), bf16,
@@ -236,7 +240,7 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
 
         trainer = update_trainer(sampler, Denoiser(), autoencoder, 1.0, None, reward, lora,
                                  (channels, latent_t, h, w), batch, mode, block_units(transformer),
-                                 decode=decode)
+                                 decode=decode, video=True)
     row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=False, steps=steps,
                resolution=height)
     return trace_update(trainer, row, transformer, autoencoder, reward, lora, started)
