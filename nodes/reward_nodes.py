@@ -89,7 +89,7 @@ class DraftTemporalConsistencyReward(CheckedNode):
             display_name="DRaFT Temporal Consistency Reward",
             category="DRaFT/rewards",
             description=(
-                "Video models only (Wan 2.1 T2V): how alike a video's consecutive scored frames are "
+                "Video models only (Wan 2.1, Wan 2.2): how alike a video's consecutive scored frames are "
                 "(the frames DRaFT Video Settings' reward_frames and frame_pick choose). With a "
                 "CLIP vision model, or the image encoder of a connected reward: the mean cosine "
                 "similarity of consecutive frames' embeddings, in [-1, 1]; without: pixels, "

@@ -88,7 +88,7 @@ class DraftTrainerNode(CheckedNode):  # inputs checked when queued; the rest at 
                 DraftSavePreviewType.Input("saving", optional=True,
                                            tooltip="Optional DRaFT Save & Preview: periodic saves and previews (default: no periodic saves, a preview every 10 iterations)."),
                 DraftVideoSettingsType.Input("video", optional=True,
-                                             tooltip="Optional DRaFT Video Settings, for video models (Wan 2.1 T2V): frames per training video, decoded latent frames, and which decoded frames the reward scores (default: the family's usual length, 33 for Wan 2.1, 3 decoded latent frames, every decoded frame scored). Image models ignore it."),
+                                             tooltip="Optional DRaFT Video Settings, for video models (Wan 2.1, Wan 2.2): frames per training video, decoded latent frames, and which decoded frames the reward scores (default: the family's usual length, 33 for Wan, 3 decoded latent frames, every decoded frame scored). Image models ignore it."),
                 DraftHeldoutType.Input("evaluation", optional=True,
                                        tooltip="Optional DRaFT Held-out Check: judges the LoRA every N updates on held-out prompts and seeds with rewards it never trains on, charts them, keeps the best LoRA (<lora_name>_best.safetensors) and can stop early. Without it: no held-out check, the last LoRA."),
                 DraftExpertsType.Input("experts", optional=True,

@@ -20,7 +20,7 @@ class DraftVideoSettings(OptionsNode):
     def define_schema(cls) -> io.Schema:
         return cls.options_schema(
             "DRaFTVideoSettings", cls.TITLE,
-            ("Optional, for video models (Wan 2.1 T2V): how long the training videos are and how "
+            ("Optional, for video models (Wan 2.1, Wan 2.2): how long the training videos are and how "
              "many of their frames the reward scores (without this node: the family's usual "
              "length, 33 frames for Wan 2.1, 3 decoded latent frames, every decoded frame "
              "scored). Any image reward scores a video frame by frame on the chosen frames; a "
