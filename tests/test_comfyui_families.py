@@ -393,16 +393,21 @@ def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, kin
                           rtol=1e-5)
 
 
-def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(comfy, pack, monkeypatch):
-    """ComfyUI's Wan 2.1 decoder with its blocks checkpointed whole (the lean way): the blocks that
+@pytest.mark.parametrize("kind", ["wan21_t2v", "wan22_ti2v_5b"])
+def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(comfy, pack, monkeypatch,
+                                                                        kind):
+    """ComfyUI's Wan decoder with its blocks checkpointed whole (the lean way): the blocks that
     get several frames are recomputed one frame at a time, last first, in the backward pass
-    (training.checkpointing._FrameByFrame); in float64 the decode is the plain one to the bit and
-    the gradient the plain one to rounding (3 latent frames: 1 + 4 + 4 frames)."""
+    (training.checkpointing._FrameByFrame; Wan 2.2: its residual up blocks, which take the
+    first-chunk flag and put "Rep" markers in the cache, split only after the first chunk); in
+    float64 the decode is the plain one to the bit and the gradient the plain one to rounding
+    (3 latent frames: 1 + 4 + 4 frames)."""
     glue = pack["comfy_glue"]
-    vae = D.tiny_vae("wan21_t2v")
+    vae = D.tiny_vae(kind)
     decoder = vae.first_stage_model.double()
     units = glue.decoder_checkpoint_units(decoder)
-    latent = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1),
+    channels, side = (16, 4) if kind == "wan21_t2v" else (48, 2)  # (8x / 16x: 32 px either way)
+    latent = torch.randn(1, channels, 3, side, side, generator=torch.Generator().manual_seed(1),
                          dtype=torch.float64)
     weights = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2),
                          dtype=torch.float64)
