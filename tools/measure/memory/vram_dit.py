@@ -33,7 +33,9 @@ without them; see :mod:`.vram` for every mode), counted by
   Lean as the trainer node runs a video family: the decoder checkpointed once per latent frame
   around its blocks, as ComfyUI's Wan decoder is (``training.checkpointing.diffusers_decoder_units``;
   its blocks given several frames recomputed one frame at a time), and the single differentiated
-  step checkpointed whole on top of its blocks (``trainer_memory_kwargs(video=True)``).
+  step checkpointed whole on top of its blocks (``trainer_memory_kwargs(video=True)``), CFG's two
+  branches recomputed one at a time inside it (``training.step_checkpoint.branches_apart``, as
+  the node's ``comfy_glue.branches_apart_cfg``).
 * ``wan22_5b_720p``: Wan 2.2 TI2V-5B (``WanTransformer3DModel`` in Wan-AI/Wan2.2-TI2V-5B's
   configuration: 30 blocks, 3072 wide, 24 heads, FFN 14336, 48 latent channels) at 704x1280, 33
   frames (9 latent frames of its 16x VAE, 44 x 80 latents, 22 x 40 patches: 7,920 tokens), bf16,
