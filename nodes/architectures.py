@@ -186,24 +186,29 @@ _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 # Wan 2.1 (make vram, 1.3B at 480x832, 33 frames, lean; ComfyUI's estimates: 0.76 GiB for one
 # denoiser row, 5.21 GiB for one latent frame's decode). In the lean way the decoder is checkpointed
 # once per latent frame with its blocks nested, those given 4 frames recomputed one frame at a time,
-# and the single differentiated step whole on top of its blocks, so the decoder's backward and the
-# step's come one after the other. Traced decoder alone with 1 / 2 / 3 decoded latent frames:
-# 1.82 / 6.27 / 8.12 GiB, and the update 5.58 / 6.28 / 8.14 GiB (DRaFT-LV n = 2 at 3: 8.20): with
-# one latent frame decoded the step's backward sets the peak, 3.7 x the row's estimate for both
-# CFG branches (lean: 3.9); blocks: 0.60 x ComfyUI's per-frame decode estimate times the frames at
-# 2, 0.53 at 3 (0.62, so that 2 frames are covered too: the estimate is 1.03 x the 2-frame trace,
-# 1.19 / 1.18 x the 3-frame rows); whole: the decoder alone, unchecked, 2.5 x (KL's 2.9 kept);
-# selective: not traced (KL's 1.7 kept). Fast: make vram traced the 14B (one Wan 2.2 A14B expert,
-# wan22_14b_480p, fast way) at 53 x ComfyUI's estimate of a row (FLUX's 47 fell short), so 56.
-_WAN_MEMORY = (56.0, 3.9)
+# and the single differentiated step whole on top of its blocks, CFG's two branches recomputed one
+# at a time inside it, so the decoder's backward and the step's come one after the other and the
+# step's holds one branch's saved block inputs. Traced decoder alone with 1 / 2 / 3 decoded latent
+# frames: 1.82 / 6.27 / 8.12 GiB, and the update 5.58 / 6.28 / 8.14 GiB (DRaFT-LV n = 2 at 3: 8.20),
+# before the branches were apart; blocks: 0.60 x ComfyUI's per-frame decode estimate times the
+# frames at 2, 0.53 at 3 (0.62, so that 2 frames are covered too: the estimate is 1.03 x the 2-frame
+# trace, 1.19 / 1.18 x the 3-frame rows); whole: the decoder alone, unchecked, 2.5 x (KL's 2.9
+# kept); selective: not traced (KL's 1.7 kept). Lean denoiser: the 14B (one Wan 2.2 A14B expert,
+# wan22_14b_480p, fp8, ComfyUI's estimate 2.53 GiB a row), whose step sets its peak: 10.49 GiB with
+# the branches apart, 2.08 x the estimate for both branches, so 2.4 (1.16 x that row; it was 3.9
+# from the 1.3B's step with one latent frame decoded, 3.7 x with both branches' inputs saved, not
+# re-traced since). Fast: make vram traced the 14B (fast way) at 53 x ComfyUI's estimate of a row
+# (FLUX's 47 fell short), so 56.
+_WAN_MEMORY = (56.0, 2.4)
 _WAN_DECODE = (2.9, 1.7, 0.62)
 # Wan 2.2 TI2V-5B: the Wan 2.1 blocks (3072 wide) and its own 16x VAE (48 channels, decoder width
 # 256, residual up blocks), traced by make vram at 704x1280 (wan22_5b_720p, 3 latent frames
-# decoded): lean, 29.9 GiB, 0.74 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256
-# per frame: 40.3 GiB for 3 frames), the decoder's backward dominating (the denoiser alone: 6.1
-# GiB); fast, 71.9 GiB (1.8 x). Blocks: 0.8; whole: 2.0; selective: not traced (between).
+# decoded): lean, 14.71 GiB, 0.37 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256
+# per frame: 40.3 GiB for 3 frames), the decoder's backward dominating (its residual up blocks
+# recomputed frame by frame after the first latent frame, as Wan 2.1's blocks); fast, 71.9 GiB
+# (1.8 x). Blocks: 0.42 (1.15 x the lean row); whole: 2.0; selective: not traced (between).
 _WAN22_MEMORY = _WAN_MEMORY
-_WAN22_DECODE = (2.0, 1.5, 0.8)
+_WAN22_DECODE = (2.0, 1.5, 0.42)
 # Lumina 2 and HunyuanImage 2.1, traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1):
 # one Lumina 2 row under gradient holds 51 x ComfyUI's estimate of its forward (39.4 GiB at
 # 1024 px), 7 x with its blocks checkpointed; HunyuanImage 2.1's 78 x (48 GiB a row at 2048 px).

@@ -13,7 +13,7 @@ Everything here works around or reuses ComfyUI internals (../shared/COMFYUI_NOTE
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -241,6 +241,30 @@ def conditional_only_cfg(args: dict) -> list:
     with torch.no_grad():
         out_uncond = comfy.samplers.calc_cond_batch(model, [uncond], x, sigma, options)[0]
     return [out_cond, out_uncond]
+
+
+def branches_apart_cfg(lora: torch.nn.Module) -> Callable:
+    """``sampler_calc_cond_batch_function`` for the leanest way with a video decoder (see
+    ``training.memory_plan.whole_step_over_blocks``): under gradient, CFG's conditional and
+    unconditional branches each run as a recomputed step of their own
+    (``training.step_checkpoint.branches_apart``; ``lora``: the trained LoRA), so the
+    differentiated step's backward recomputes and backpropagates one branch at a time: one
+    branch's saved block inputs and activations are alive instead of both's. The same values and
+    gradient (the rows of a batched call are computed alone). Without gradient, or with one
+    branch (cfg 1), the branches run batched, as ComfyUI runs them."""
+    import comfy.samplers
+    from ..training.step_checkpoint import branches_apart
+    state: dict = {}
+
+    def calc(args: dict) -> list:
+        conds = args["conds"]
+        model, x, sigma, options = args["model"], args["input"], args["sigma"], args["model_options"]
+        if not torch.is_grad_enabled() or any(c is None for c in conds):
+            return comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
+        return branches_apart(
+            [lambda x_in, c=c: comfy.samplers.calc_cond_batch(model, [c], x_in, sigma, options)[0]
+             for c in conds], x, [p for p in lora.parameters() if p.requires_grad], state)
+    return calc
 
 
 class _ManagedWeights(torch.nn.Module):

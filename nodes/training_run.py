@@ -25,7 +25,8 @@ import node_helpers
 from ..training import distributed
 from ..training.heldout import HeldoutCheck
 from ..training.lora import LoRASet
-from ..training.memory_plan import MemoryOptions, MemoryPlan, choose_plan, trainer_memory_kwargs
+from ..training.memory_plan import (MemoryOptions, MemoryPlan, choose_plan, trainer_memory_kwargs,
+                                    whole_step_over_blocks)
 from ..training.plot import moving_average
 from ..training.run_options import VideoOptions
 from ..training.video_frames import FrameChoice
@@ -289,6 +290,10 @@ class TrainingRun:
         plan = self._memory_plan(patcher, latent_shape)
         if plan.cond_only:
             patcher.set_model_sampler_calc_cond_batch_function(comfy_glue.conditional_only_cfg)
+        elif whole_step_over_blocks(plan, self._decoded_latent_frames(latent_shape) is not None):
+            # one CFG branch at a time in the differentiated step's backward
+            patcher.set_model_sampler_calc_cond_batch_function(
+                comfy_glue.branches_apart_cfg(lora))
         comfy.model_management.load_models_gpu(
             [patcher, *self._patchers()[1:]],
             memory_required=plan.estimate_bytes, minimum_memory_required=plan.lean_bytes)

@@ -307,22 +307,33 @@ def test_a_block_that_writes_into_an_argument_only_later_is_refused_not_miscompu
             block(x * 1.0)
 
 
-def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(monkeypatch):
-    """Wan 2.1's causal video decoder (diffusers' ``AutoencoderKLWan``, small): checkpointed as the
-    trainer does (the decoder once per latent frame, its blocks nested), the blocks that get
-    several frames (every latent frame after the first becomes 4) are recomputed one frame at a
-    time in the backward pass. In float64 the decoded frames are the plain decode's to the bit and
-    the gradient its own to rounding (3 latent frames: 1 + 4 + 4 frames)."""
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(version, monkeypatch):
+    """Wan's causal video decoder (diffusers' ``AutoencoderKLWan``, small; 2.2: the residual
+    decoder of Wan 2.2 TI2V-5B, 48 latent channels, 16x, its up blocks one unit each):
+    checkpointed as the trainer does (the decoder once per latent frame, its blocks nested), the
+    blocks that get several frames (every latent frame after the first becomes 4) are recomputed
+    one frame at a time in the backward pass (2.2: not on the first chunk, whose up blocks drop
+    frames). In float64 the decoded frames are the plain decode's to the bit and the gradient its
+    own to rounding (3 latent frames: 1 + 4 + 4 frames)."""
     import dit_fixtures
     import training.checkpointing as ckpt
     from diffusers import AutoencoderKLWan
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).double().eval()
+    if version == "2.1":
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        latent = torch.randn(1, 4, 3, 4, 6, dtype=torch.float64)
+    else:
+        vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2],
+                               num_res_blocks=1, is_residual=True, in_channels=12,
+                               out_channels=12, patch_size=2, scale_factor_spatial=16,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+        latent = torch.randn(1, 48, 3, 2, 3, dtype=torch.float64)
+    vae = vae.double().eval()
     vae.requires_grad_(False)
     units = ckpt.diffusers_decoder_units(vae.decoder)
     assert units[0] is vae.decoder  # the outer unit, as ComfyUI's Wan decoder is
-    latent = torch.randn(1, 4, 3, 4, 6, dtype=torch.float64)
     weights = torch.rand(1, 3, 9, 32, 48, dtype=torch.float64)
     plain, got, chunked = dit_fixtures.decode_frame_by_frame(
         lambda z: vae.decode(z, return_dict=False)[0], units, latent, weights, monkeypatch)

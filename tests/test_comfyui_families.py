@@ -393,16 +393,21 @@ def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, kin
                           rtol=1e-5)
 
 
-def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(comfy, pack, monkeypatch):
-    """ComfyUI's Wan 2.1 decoder with its blocks checkpointed whole (the lean way): the blocks that
+@pytest.mark.parametrize("kind", ["wan21_t2v", "wan22_ti2v_5b"])
+def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(comfy, pack, monkeypatch,
+                                                                        kind):
+    """ComfyUI's Wan decoder with its blocks checkpointed whole (the lean way): the blocks that
     get several frames are recomputed one frame at a time, last first, in the backward pass
-    (training.checkpointing._FrameByFrame); in float64 the decode is the plain one to the bit and
-    the gradient the plain one to rounding (3 latent frames: 1 + 4 + 4 frames)."""
+    (training.checkpointing._FrameByFrame; Wan 2.2: its residual up blocks, which take the
+    first-chunk flag and put "Rep" markers in the cache, split only after the first chunk); in
+    float64 the decode is the plain one to the bit and the gradient the plain one to rounding
+    (3 latent frames: 1 + 4 + 4 frames)."""
     glue = pack["comfy_glue"]
-    vae = D.tiny_vae("wan21_t2v")
+    vae = D.tiny_vae(kind)
     decoder = vae.first_stage_model.double()
     units = glue.decoder_checkpoint_units(decoder)
-    latent = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1),
+    channels, side = (16, 4) if kind == "wan21_t2v" else (48, 2)  # (8x / 16x: 32 px either way)
+    latent = torch.randn(1, channels, 3, side, side, generator=torch.Generator().manual_seed(1),
                          dtype=torch.float64)
     weights = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2),
                          dtype=torch.float64)
@@ -433,6 +438,51 @@ def test_wan_lean_way_trains_the_lora_of_the_fast_way(comfy, pack, loras_dir):
         assert float(d.up.detach().abs().max()) > 0
         # batched vs one row at a time: float32 sums in another order, through one AdamW step
         assert torch.allclose(loras[1][name].up, d.up, atol=3e-5), name
+
+
+def test_wan_lean_way_runs_cfg_branches_apart_and_trains_the_lora_of_the_fast_way(
+        comfy, pack, loras_dir, monkeypatch):
+    """With CFG (cfg 3) the lean way with a video decoder runs each branch as a recomputed step of
+    its own in the differentiated step (``comfy_glue.branches_apart_cfg``): every model call under
+    gradient gets one branch, where the fast way batches both; the update's gradient and the
+    trained LoRA are the fast way's (float32 sums in another order)."""
+    import comfy.samplers
+    from reward_models import ImageStatReward
+    from training.memory_plan import MemoryOptions
+    rc, glue = pack["training_run"], pack["comfy_glue"]
+    model, vae, encode = D.tiny_model("wan21_t2v"), D.tiny_vae("wan21_t2v"), D.conditioning("wan21_t2v")
+    reward = pack["reward_types"].RewardHandle(ImageStatReward("brightness"), [], "brightness")
+    calls, made = [], []
+    batch = comfy.samplers.calc_cond_batch
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", lambda model, conds, *a: (
+        calls.append((len(conds), torch.is_grad_enabled())), batch(model, conds, *a))[1])
+    apart = glue.branches_apart_cfg
+    monkeypatch.setattr(glue, "branches_apart_cfg", lambda lora: (made.append(lora), apart(lora))[1])
+    step, grads = torch.optim.AdamW.step, []  # the update's gradient, as AdamW gets it
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (grads.append(
+        [p.grad.clone() for g in self.param_groups for p in g["params"]]), step(self, *a, **k))[1])
+    loras, grad_calls = [], []
+    for memory in (MemoryOptions("off", "all at once"), MemoryOptions("on", "one at a time")):
+        calls.clear()
+        with torch.inference_mode(False), torch.enable_grad():
+            run = rc.TrainingRun(model, vae, encode, reward,
+                                 _run_config(rc, "wan21_t2v", 1, memory=memory, cfg=3.0))
+            loras.append(run.run().lora)
+        grad_calls.append([n for n, grad in calls if grad])
+    assert run._state["plan"].denoiser_blocks and len(made) == 1  # only the lean run
+    assert grad_calls[0] and set(grad_calls[0]) == {2}  # fast: both branches in one call
+    # lean: one branch a call, each recomputed alone (DRaFT-LV, 2 copies one at a time: 2 x 2)
+    assert grad_calls[1] and set(grad_calls[1]) == {1}
+    assert len(grad_calls[1]) == 2 * len(grad_calls[0]) * 2
+    # the gradient AdamW gets: the fast way's to float32 rounding (sums in another order)
+    assert len(grads) == 2 and max(float(g.abs().max()) for g in grads[0]) > 0
+    for fast, lean in zip(*grads):
+        assert float((lean - fast).abs().max()) <= 1e-5 * float(fast.abs().max())
+    for name, d in loras[0].items():
+        assert float(d.up.detach().abs().max()) > 0
+        # AdamW's first step is about lr times the gradient's sign, so an element whose gradient
+        # is near zero moves by a part of lr that rounding changes (here up to 5e-5 of 3e-2)
+        assert torch.allclose(loras[1][name].up, d.up, atol=1e-4), name
 
 
 def _trainer_problems(model, vae, **inputs) -> str:

@@ -157,3 +157,72 @@ def test_a_model_writing_saved_tensors_in_place_gets_the_exact_gradient():
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     assert any(float(g.abs().max()) > 0 for g in ours)
+
+
+class CFGDenoiser(torch.nn.Module):
+    """Classifier-free guidance over the toy denoiser (prompt 7 the unconditional branch): both
+    branches in one batched call, or (``apart``) each a recomputed step of its own under gradient
+    (``branches_apart``, as the trainer node's ``comfy_glue.branches_apart_cfg``). Notes each
+    call's batch size and whether gradients were on."""
+
+    def __init__(self, inner, params, apart: bool, cfg: float = 4.0):
+        super().__init__()
+        self.inner, self.params, self.apart, self.cfg, self.calls = inner, params, apart, cfg, []
+
+    def _call(self, x, sigma, index):
+        self.calls.append((x.shape[0], torch.is_grad_enabled()))
+        return self.inner(x, sigma, index)
+
+    def forward(self, x, sigma, index):
+        from training.step_checkpoint import branches_apart
+        uncond = torch.full_like(index, 7)
+        if self.apart:
+            out_u, out_c = branches_apart(
+                [lambda x_in, i=i: self._call(x_in, sigma, i) for i in (uncond, index)], x,
+                self.params)
+        else:
+            out_u, out_c = self._call(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                      torch.cat([uncond, index])).chunk(2)
+        return out_u + self.cfg * (out_c - out_u)
+
+
+def _cfg_run(apart: bool, method: str, k: int):
+    """x0 of the last step and the LoRA gradient: ``apart``, each differentiated step checkpointed
+    whole (recomputed) with the branches apart inside it, as the lean way with a video decoder;
+    else the plain un-checkpointed run with both branches batched."""
+    denoiser, decoder = build_toy_model(seed=0)
+    params = toy_lora(denoiser).trainable_parameters()
+    cfg = CFGDenoiser(denoiser, params, apart)
+    sampler = DifferentiableSampler(cfg, karras_sigmas(T), SamplerSettings(
+        method=method, k=k, lv_samples=2))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = sampler.rollout(noise, torch.tensor([0, 3]), generator=torch.Generator().manual_seed(7),
+                          step_checkpoint=apart, params=params if apart else None)
+    loss = -colour_reward(decoder(out.latents)).mean()
+    return out.latents.detach(), torch.autograd.grad(loss, params), cfg.calls
+
+
+@pytest.mark.parametrize("method,k", [("draft_k", 1), ("draft_k", 3), ("draft_lv", 1)])
+def test_cfg_branches_apart_give_the_plain_values_and_gradient(method, k):
+    """``branches_apart`` nested in a recomputed step (the lean way with a video decoder): the
+    step's backward recomputes each CFG branch alone, and the latents and LoRA gradient are the
+    plain run's with both branches batched (cfg 4, so a mix-up of the branches shows)."""
+    plain, plain_grads, plain_calls = _cfg_run(False, method, k)
+    got, grads, calls = _cfg_run(True, method, k)
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in plain_grads)
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    # the plain run: both branches in each call under gradient; apart: each branch alone (half
+    # the rows), under gradient only in its own recompute: the step's recompute runs each branch
+    # without a graph (a recomputed step's forward), then each is recomputed with one, so a
+    # differentiated step makes 2 + 2 calls without gradient (its forward, its recompute's) and 2
+    # with; nothing else has gradient
+    batched = {rows for rows, grad in plain_calls if grad}
+    with_grad = [rows for rows, grad in calls if grad]
+    assert len(batched) == 1 and with_grad and set(with_grad) == {batched.pop() // 2}
+    steps = sum(grad for _, grad in plain_calls)
+    assert len(with_grad) == 2 * steps
+    assert len(calls) - len(with_grad) == 2 * (len(plain_calls) - steps) + 4 * steps
+    half = with_grad[0]
+    assert calls[-4:] == [(half, False), (half, False), (half, True), (half, True)]

@@ -17,7 +17,7 @@ mutable cache of the previous latent frame from call to call; they are checkpoin
 functions of their input and a snapshot of the cache slots they use (:func:`_cached_checkpoint`).
 The decoder itself, called once per latent frame the same way, is a unit too: its blocks'
 checkpoints nest inside it, so the backward pass recomputes one latent frame at a time and, inside
-it, one block at a time. Wan 2.1's blocks given several frames (every latent frame after the first
+it, one block at a time. Wan's blocks given several frames (every latent frame after the first
 becomes 4) are recomputed one frame at a time, last first (:class:`_FrameByFrame`), and a cache
 slot's gradient is copied out of its convolution input's (:class:`_CompactGradient`).
 
@@ -545,16 +545,30 @@ def _compact_gradients(slots) -> tuple:
 # Causal-cache blocks whose run on frames ``[a, b]`` equals their run on ``[a]`` then ``[b]`` with the
 # cache carried between (Wan 2.1's residual blocks and resamplers, ComfyUI's and diffusers': causal
 # convolutions, per-frame norms, 2-D resampling, the temporal upsampler's causal convolution; the
-# very property Wan's frame-by-frame decode rests on). Wan 2.2's blocks are not among them (their
-# shortcut drops frames on a first chunk).
+# very property Wan's frame-by-frame decode rests on; a temporal upsampler's first use after a
+# first chunk, its cache the "Rep" marker, pads with zeros and leaves zeros before the frame in the
+# cache, the same in both ways). Wan 2.2's residual up blocks (ComfyUI's ``Up_ResidualBlock``,
+# diffusers' ``WanResidualUpBlock``: those blocks and resamplers, plus a shortcut that repeats each
+# input frame ``factor_t`` times) are, except on a first chunk, where the shortcut drops the first
+# ``factor_t - 1`` output frames: a call with ``first_chunk`` true is never split
+# (:func:`_first_chunk`; a first chunk is one latent frame anyway).
+_WAN = "diffusers.models.autoencoders.autoencoder_kl_wan"
 _TIME_CHUNKED = {("comfy.ldm.wan.vae", "ResidualBlock"), ("comfy.ldm.wan.vae", "Resample"),
-                 ("diffusers.models.autoencoders.autoencoder_kl_wan", "WanResidualBlock"),
-                 ("diffusers.models.autoencoders.autoencoder_kl_wan", "WanResample")}
+                 ("comfy.ldm.wan.vae2_2", "ResidualBlock"), ("comfy.ldm.wan.vae2_2", "Resample"),
+                 ("comfy.ldm.wan.vae2_2", "Up_ResidualBlock"),
+                 (_WAN, "WanResidualBlock"), (_WAN, "WanResample"), (_WAN, "WanResidualUpBlock")}
 
 
 def _time_chunked(module: Optional[nn.Module]) -> bool:
     """Whether ``module``'s backward may recompute it frame by frame (:data:`_TIME_CHUNKED`)."""
     return module is not None and (type(module).__module__, type(module).__name__) in _TIME_CHUNKED
+
+
+def _first_chunk(rest: tuple, kwargs: dict) -> bool:
+    """Whether a causal-cache call (``block(x, feat_cache, feat_idx, *rest, **kwargs)``) is on a
+    first chunk: Wan 2.2's up blocks take ``first_chunk`` after ``feat_idx`` (ComfyUI passes it by
+    position, diffusers by name); other blocks take nothing more (False)."""
+    return bool(kwargs.get("first_chunk", rest[0] if rest else False))
 
 
 _A_TENSOR = object()  # a tensor's place in the layout of a cache snapshot
@@ -572,7 +586,10 @@ class _FrameByFrame(torch.autograd.Function):
     runs it whole without a graph (the values of the block's own run); the backward recomputes it
     one input frame at a time, last frame first, each from the cache the frames before it leave
     (found by a run without a graph): only one frame's activations are alive at once instead of
-    ``T``'s. Inputs: ``run(x, slots) -> (out, new slots)``, the snapshot's layout (its non-tensor
+    ``T``'s. The cache a frame starts from is rebuilt for it from the block's first (``j`` frames
+    run without a graph for frame ``j``: ``T (T - 1) / 2`` frame runs, 6 at 4 frames, against 3
+    when every frame's cache was kept at once, which held ``T`` sets of cache slots beside the
+    recompute). Inputs: ``run(x, slots) -> (out, new slots)``, the snapshot's layout (its non-tensor
     entries), ``x`` and the snapshot's tensors; outputs: ``out`` and the new slots."""
 
     @staticmethod
@@ -595,16 +612,17 @@ class _FrameByFrame(torch.autograd.Function):
         with contextlib.ExitStack() as modes:
             for device, on, dtype in ctx.autocast:  # the forward's autocast states
                 modes.enter_context(torch.autocast(device, dtype=dtype, enabled=on))
-            caches = [_slots_with(ctx.layout, old)]  # the cache each frame starts from
-            with torch.no_grad():
-                for j in range(frames - 1):
-                    caches.append(list(run(x[:, :, j:j + 1], caches[-1])[1]))
             grad_x, carry = [None] * frames, list(grad_new)
             for j in reversed(range(frames)):
+                # the cache frame j starts from, rebuilt (not kept for every frame at once)
+                cache = _slots_with(ctx.layout, old)
+                with torch.no_grad():
+                    for i in range(j):
+                        cache = list(run(x[:, :, i:i + 1], cache)[1])
                 xj = x[:, :, j:j + 1].detach().requires_grad_(ctx.needs_input_grad[2])
                 cj = [c.detach().requires_grad_() if isinstance(c, torch.Tensor) else c
-                      for c in caches[j]]
-                caches[j] = None
+                      for c in cache]
+                cache = None
                 with torch.enable_grad():
                     out, new = run(xj, cj)
                 per = out.shape[2]
@@ -634,7 +652,7 @@ def _cached_checkpoint(forward, args: tuple, kwargs: dict, cache: list, index: l
     None]``, the exact count learnt from the first call (the snapshot holds only those slots, so
     no earlier frame's cache outlives its use). ``chunked``: a time-chunked block
     (:data:`_TIME_CHUNKED`) given more than one frame is recomputed frame by frame
-    (:class:`_FrameByFrame`) once its slot count is known."""
+    (:class:`_FrameByFrame`) once its slot count is known, unless the call is on a first chunk."""
     start = index[0]
     width = slots[1] if slots[1] is not None else slots[0]
     snapshot = tuple(cache[start:start + width])
@@ -648,7 +666,8 @@ def _cached_checkpoint(forward, args: tuple, kwargs: dict, cache: list, index: l
         out = forward(x, local, position, *rest, **kwargs)
         return out, position[0], tuple(local[first:position[0]])
     x = args[0]
-    if chunked and not extra and slots[1] is not None and x.shape[2] > 1:
+    if chunked and not extra and slots[1] is not None and x.shape[2] > 1 \
+            and not _first_chunk(rest, kwargs):
         def run(frames, old):
             out, stop, new = pure(frames, old, start)
             if stop != start + len(old):

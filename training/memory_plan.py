@@ -192,7 +192,7 @@ def trainer_memory_kwargs(plan: MemoryPlan, denoiser_units: Sequence = (),
     checkpoints none; the middle way the decoder's selectively (their convolution outputs kept)
     and the reward's; the leanest every block whole, and for a ``video`` decoder (whose backward
     is the update's peak) a single differentiated step whole on top of its blocks
-    (``DraftTrainer.whole_step_over_blocks``). What the trainer node and ``make bench`` build, so
+    (``DraftTrainer.whole_step_over_blocks``; :func:`whole_step_over_blocks`). What the trainer node and ``make bench`` build, so
     the bench times the ways ``auto`` picks."""
     units, selective = [], []
     if plan.block_checkpointing:
@@ -203,10 +203,20 @@ def trainer_memory_kwargs(plan: MemoryPlan, denoiser_units: Sequence = (),
         units += list(reward_units)
     return dict(block_units=units, selective_units=selective, row_by_row=plan.row_by_row,
                 denoiser_blocks_checkpointed=plan.denoiser_blocks,
-                whole_step_over_blocks=bool(video and plan.block_checkpointing
-                                            and plan.denoiser_blocks))
+                whole_step_over_blocks=whole_step_over_blocks(plan, video))
+
+
+def whole_step_over_blocks(plan: MemoryPlan, video: bool) -> bool:
+    """Whether a single differentiated step is checkpointed whole on top of its blocks
+    (``DraftTrainer.whole_step_over_blocks``): the leanest way with a ``video`` decoder. Then CFG's
+    two branches are also recomputed one at a time inside that step's backward
+    (``training.step_checkpoint.branches_apart``: the trainer node's
+    ``sampler_calc_cond_batch_function``, the make-vram trace's denoiser), unless only the
+    conditional branch has gradient."""
+    return bool(video and plan.block_checkpointing and plan.denoiser_blocks)
 
 
 __all__ = ["MemoryOptions", "MemoryPlan", "DoesNotFit", "estimate_update_bytes", "choose_plan",
+           "whole_step_over_blocks",
            "trainer_memory_kwargs", "BLOCK_CHOICES", "ROW_CHOICES", "CFG_GRADIENT_CHOICES",
            "UNET_DENOISER_FACTORS", "KL_DECODE_FACTORS", "WAYS"]

@@ -117,4 +117,20 @@ def recomputed_step(fn: StepFn, x: torch.Tensor, params: Sequence[torch.Tensor],
     return _RecomputedStep.apply(fn, {} if state is None else state, x, *params)
 
 
-__all__ = ["recomputed_step"]
+def branches_apart(branches: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
+                   params: Sequence[torch.Tensor], state: Optional[dict] = None) -> list:
+    """``[branch(x) for branch in branches]``, each branch (a CFG branch's denoiser call) under
+    gradient a :func:`recomputed_step` of its own: nested in a checkpointed step, the step's
+    backward then recomputes and backpropagates one branch at a time, so only one branch's
+    activations (with block checkpointing, its blocks' saved inputs) are alive at once instead of
+    both's, for one more forward of each branch. The branches must not depend on each other (CFG's
+    conditional and unconditional rows do not: a batched call computes each row alone); the
+    gradient is the batched call's, summed in another order. Without gradient: each branch as is.
+    ``params``: the trained tensors the branches close over (see :func:`recomputed_step`)."""
+    if not torch.is_grad_enabled():
+        return [branch(x) for branch in branches]
+    return [recomputed_step(lambda x_in, branch=branch: (branch(x_in),), x, params, state)[0]
+            for branch in branches]
+
+
+__all__ = ["recomputed_step", "branches_apart"]

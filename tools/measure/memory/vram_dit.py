@@ -33,7 +33,9 @@ without them; see :mod:`.vram` for every mode), counted by
   Lean as the trainer node runs a video family: the decoder checkpointed once per latent frame
   around its blocks, as ComfyUI's Wan decoder is (``training.checkpointing.diffusers_decoder_units``;
   its blocks given several frames recomputed one frame at a time), and the single differentiated
-  step checkpointed whole on top of its blocks (``trainer_memory_kwargs(video=True)``).
+  step checkpointed whole on top of its blocks (``trainer_memory_kwargs(video=True)``), CFG's two
+  branches recomputed one at a time inside it (``training.step_checkpoint.branches_apart``, as
+  the node's ``comfy_glue.branches_apart_cfg``).
 * ``wan22_5b_720p``: Wan 2.2 TI2V-5B (``WanTransformer3DModel`` in Wan-AI/Wan2.2-TI2V-5B's
   configuration: 30 blocks, 3072 wide, 24 heads, FFN 14336, 48 latent channels) at 704x1280, 33
   frames (9 latent frames of its 16x VAE, 44 x 80 latents, 22 x 40 patches: 7,920 tokens), bf16,
@@ -190,6 +192,7 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from training import wrap_module
     from training.memory_trace import fake_mode
+    from training.step_checkpoint import branches_apart
 
     torch.set_default_dtype(torch.bfloat16)
     height, width, frames, decoded = WAN_VIDEO[model]
@@ -217,20 +220,30 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
         if fp8:
             store_fp8(transformer)
         lora = wrap_module(transformer, wan_attention_targets(transformer), rank=8, alpha=8.0, seed=0)
+        lora_params = list(lora.parameters())
         tokens, cfg = 512, 5.0
         context, uncond = torch.randn(4, tokens, 4096), torch.randn(1, tokens, 4096)
         mean = torch.tensor(autoencoder.config.latents_mean).view(1, channels, 1, 1, 1)
         std = torch.tensor(autoencoder.config.latents_std).view(1, channels, 1, 1, 1)
 
         class Denoiser(nn.Module):
-            """Flow model: x0 = x - sigma * v; CFG with both branches in one batch."""
+            """Flow model: x0 = x - sigma * v; CFG with both branches in one batch, or, where the
+            trainer checkpoints the step whole over its blocks (``apart``), each branch a
+            recomputed step of its own under gradient, as the trainer node's
+            ``comfy_glue.branches_apart_cfg``."""
+            apart = False
 
             def forward(self, x, sigma, index):
                 s = sigma.to(x.dtype)
                 b = x.shape[0]
-                v_u, v_c = transformer(torch.cat([x, x]), torch.cat([s, s]) * 1000,
-                                       torch.cat([uncond.expand(b, -1, -1), context[index]]),
-                                       return_dict=False)[0].chunk(2)
+                if self.apart and torch.is_grad_enabled():
+                    v_u, v_c = branches_apart([
+                        lambda x_in, c=c: transformer(x_in, s * 1000, c, return_dict=False)[0]
+                        for c in (uncond.expand(b, -1, -1), context[index])], x, lora_params)
+                else:
+                    v_u, v_c = transformer(torch.cat([x, x]), torch.cat([s, s]) * 1000,
+                                           torch.cat([uncond.expand(b, -1, -1), context[index]]),
+                                           return_dict=False)[0].chunk(2)
                 v = v_u + cfg * (v_c - v_u)
                 return x - s.reshape(-1, 1, 1, 1, 1) * v.to(x.dtype)
 
@@ -238,9 +251,11 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
             video = autoencoder.decode(z[:, :, :decoded] * std + mean, return_dict=False)[0]
             return (video.float() * 0.5 + 0.5).clamp(0, 1).movedim(2, 1).flatten(0, 1)
 
-        trainer = update_trainer(sampler, Denoiser(), autoencoder, 1.0, None, reward, lora,
+        denoiser = Denoiser()
+        trainer = update_trainer(sampler, denoiser, autoencoder, 1.0, None, reward, lora,
                                  (channels, latent_t, h, w), batch, mode, block_units(transformer),
                                  decode=decode, video=True)
+        denoiser.apart = trainer.whole_step_over_blocks
     row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=False, steps=steps,
                resolution=height)
     return trace_update(trainer, row, transformer, autoencoder, reward, lora, started)
