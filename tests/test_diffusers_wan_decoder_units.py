@@ -41,5 +41,7 @@ def test_diffusers_wan_decoder_blocks_checkpointed_give_the_same_gradient(wan22)
         checkpointed = value_and_grad()
     assert plain[0].shape[2] == 9  # 1 + 4 (3 - 1) frames
     assert torch.allclose(plain[0], checkpointed[0], atol=1e-6)
-    assert float(plain[1].abs().max()) > 0
-    assert torch.allclose(plain[1], checkpointed[1], atol=1e-6, rtol=1e-5)
+    scale = float(plain[1].abs().max())
+    assert scale > 0
+    # the blocks given 4 frames are recomputed one frame at a time: float32 sums in another order
+    assert torch.allclose(plain[1], checkpointed[1], atol=1e-6 * scale, rtol=1e-5)
