@@ -141,8 +141,14 @@ def quickstart(info) -> dict:
 def _link_trainer(g, ckpt: int, trainer: int, reward: int, sampler: int, **options) -> None:
     """The checkpoint's MODEL, VAE and CLIP, the reward and the sampler into ``trainer``, and each
     optional node ``input=node`` into the trainer's input of that name (its one output)."""
-    for out, inp in (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip")):
-        g.link(ckpt, out, trainer, inp)
+    _link_parts(g, trainer, (ckpt, ckpt, ckpt), reward, sampler, **options)
+
+
+def _link_parts(g, trainer: int, loaders: tuple, reward: int, sampler: int, **options) -> None:
+    """``loaders``' MODEL, VAE and CLIP (the node giving each), the reward and the sampler into
+    ``trainer``, then each optional node ``input=node`` into the trainer's input of that name."""
+    for node, (out, inp) in zip(loaders, (("MODEL", "model"), ("VAE", "vae"), ("CLIP", "clip"))):
+        g.link(node, out, trainer, inp)
     g.link(reward, "reward", trainer, "reward")
     g.link(sampler, "sampler", trainer, "sampler")
     for inp, node in options.items():
@@ -217,15 +223,8 @@ def flux_lv(info) -> dict:
     trainer = g.add("DRaFTTrainer", (800, 0), prompt_set="custom", prompts=QUICKSTART_PROMPTS,
                     steps=28, scheduler="simple", cfg=1.0, width=1024, height=1024, iterations=400,
                     learning_rate=2e-4, lora_name="draft/flux_dev_hps", size=TRAINER_SIZE)
-    g.link(shift, "MODEL", trainer, "model")
-    g.link(vae, "VAE", trainer, "vae")
-    g.link(clip, "CLIP", trainer, "clip")
-    g.link(reward, "reward", trainer, "reward")
-    g.link(sampler, "sampler", trainer, "sampler")
-    g.link(guidance, "guidance", trainer, "guidance")
-    g.link(lora, "lora_settings", trainer, "lora_settings")
-    g.link(optimizer, "optimizer", trainer, "optimizer")
-    g.link(saving, "saving", trainer, "saving")
+    _link_parts(g, trainer, (shift, vae, clip), reward, sampler, guidance=guidance,
+                lora_settings=lora, optimizer=optimizer, saving=saving)
     _save_and_curve(g, trainer, 1200, "draft/flux_dev_hps")
     return g.workflow()
 
@@ -281,13 +280,7 @@ def wan_video(info) -> dict:
     trainer = g.add("DRaFTTrainer", (800, 0), prompt_set="custom", prompts=QUICKSTART_PROMPTS,
                     steps=30, scheduler="simple", cfg=5.0, width=832, height=480, iterations=500,
                     learning_rate=1e-4, lora_name="draft/wan21_hps", size=TRAINER_SIZE)
-    g.link(shift, "MODEL", trainer, "model")
-    g.link(vae, "VAE", trainer, "vae")
-    g.link(clip, "CLIP", trainer, "clip")
-    g.link(combine, "reward", trainer, "reward")
-    g.link(sampler, "sampler", trainer, "sampler")
-    g.link(video, "video", trainer, "video")
-    g.link(saving, "saving", trainer, "saving")
+    _link_parts(g, trainer, (shift, vae, clip), combine, sampler, video=video, saving=saving)
     _save_and_curve(g, trainer, 1200, "draft/wan21_hps")
     return g.workflow()
 
