@@ -196,19 +196,21 @@ _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 # kept); selective: not traced (KL's 1.7 kept). Lean denoiser: the 14B (one Wan 2.2 A14B expert,
 # wan22_14b_480p, fp8, ComfyUI's estimate 2.53 GiB a row), whose step sets its peak: 10.49 GiB with
 # the branches apart, 2.08 x the estimate for both branches, so 2.4 (1.16 x that row; it was 3.9
-# from the 1.3B's step with one latent frame decoded, 3.7 x with both branches' inputs saved, not
-# re-traced since). Fast: make vram traced the 14B (fast way) at 53 x ComfyUI's estimate of a row
+# from the 1.3B's step with one latent frame decoded, 3.7 x with both branches' inputs saved;
+# re-traced with the branches apart: 2.85 GiB, 1.87 x, covered at 1.28 x; the 1.3B rows with 3
+# frames re-traced unchanged, 8.14 / 8.20 GiB, the decoder's backward their peak). Fast: make vram traced the 14B (fast way) at 53 x ComfyUI's estimate of a row
 # (FLUX's 47 fell short), so 56.
 _WAN_MEMORY = (56.0, 2.4)
 _WAN_DECODE = (2.9, 1.7, 0.62)
 # Wan 2.2 TI2V-5B: the Wan 2.1 blocks (3072 wide) and its own 16x VAE (48 channels, decoder width
 # 256, residual up blocks), traced by make vram at 704x1280 (wan22_5b_720p, 3 latent frames
-# decoded): lean, 14.71 GiB, 0.37 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256
+# decoded): lean, 13.83 GiB, 0.34 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256
 # per frame: 40.3 GiB for 3 frames), the decoder's backward dominating (its residual up blocks
-# recomputed frame by frame after the first latent frame, as Wan 2.1's blocks); fast, 71.9 GiB
-# (1.8 x). Blocks: 0.42 (1.15 x the lean row); whole: 2.0; selective: not traced (between).
+# recomputed frame by frame after the first latent frame, as Wan 2.1's blocks, their residual
+# blocks nested units; the last up block's residual blocks units alone); fast, 71.9 GiB (1.8 x).
+# Blocks: 0.39 (1.14 x the lean row); whole: 2.0; selective: not traced (between).
 _WAN22_MEMORY = _WAN_MEMORY
-_WAN22_DECODE = (2.0, 1.5, 0.42)
+_WAN22_DECODE = (2.0, 1.5, 0.39)
 # Lumina 2 and HunyuanImage 2.1, traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1):
 # one Lumina 2 row under gradient holds 51 x ComfyUI's estimate of its forward (39.4 GiB at
 # 1024 px), 7 x with its blocks checkpointed; HunyuanImage 2.1's 78 x (48 GiB a row at 2048 px).

@@ -334,6 +334,11 @@ def test_wan_decoder_recomputed_frame_by_frame_gives_the_plain_gradient(version,
     vae.requires_grad_(False)
     units = ckpt.diffusers_decoder_units(vae.decoder)
     assert units[0] is vae.decoder  # the outer unit, as ComfyUI's Wan decoder is
+    if version == "2.2":  # the up blocks' resnets and upsamplers units of their own, nested in
+        # the up blocks with a shortcut (the last has none and is no unit)
+        ups = list(vae.decoder.up_blocks)
+        assert [u in units for u in ups] == [True, True, True, False]
+        assert all(m in units for u in ups for m in [*u.resnets, u.upsampler] if m is not None)
     weights = torch.rand(1, 3, 9, 32, 48, dtype=torch.float64)
     plain, got, chunked = dit_fixtures.decode_frame_by_frame(
         lambda z: vae.decode(z, return_dict=False)[0], units, latent, weights, monkeypatch)

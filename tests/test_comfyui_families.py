@@ -371,8 +371,12 @@ def test_wan_decoder_blocks_checkpointed_give_the_same_gradient(comfy, pack, kin
     if kind == "wan21_t2v":
         # the decoder (once per latent frame); middle; 3 residual blocks in each of 4 levels; 3 upsamplers
         assert len(units) == 1 + 3 + 4 * 3 + 3
-    else:  # the decoder; middle (residual, attention, residual); 4 residual up blocks
-        assert len(units) == 1 + 3 + 4
+    else:  # the decoder; middle (residual, attention, residual); 3 residual up blocks with a
+        # shortcut, each with its 3 residual blocks and resampler nested; the last up block's 3
+        # residual blocks (it is no unit: no shortcut)
+        up = vae.first_stage_model.decoder.upsamples
+        assert units[4:] == [m for u in up[:3] for m in [u, *u.upsamples]] + list(up[3].upsamples)
+        assert len(units) == 1 + 3 + 3 * (1 + 3 + 1) + 3 and up[3].avg_shortcut is None
     assert units[0] is vae.first_stage_model.decoder
     decode = glue.make_decoder(vae, model.model, 2)
     channels, side = model.model.latent_format.latent_channels, 4 * vae.spacial_compression_encode()

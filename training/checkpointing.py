@@ -775,8 +775,12 @@ def diffusers_decoder_units(decoder: nn.Module) -> list:
     Wan's (``nodes/comfy_glue.py`` ``decoder_checkpoint_units``)."""
     units = [decoder] if "feat_cache" in inspect.signature(decoder.forward).parameters else []
     for block in [decoder.mid_block] + list(decoder.up_blocks):
-        if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2's residual up block:
-            units.append(block)  # one unit, as ComfyUI's Up_ResidualBlock (comfy_glue)
+        if hasattr(block, "avg_shortcut"):  # Wan 2.2's residual up block
+            # with a shortcut: a unit, its resnets and upsampler nested in it; the last (no
+            # shortcut, no upsampler): its resnets alone, each recomputed frame by frame on its own;
+            # as ComfyUI's Up_ResidualBlock (comfy_glue)
+            inner = list(block.resnets) + [m for m in (block.upsampler,) if m is not None]
+            units += ([block] if block.avg_shortcut is not None else []) + inner
             continue
         parts = [m for attr in ("resnets", "attentions", "upsamplers")
                  for m in (getattr(block, attr, None) or []) if m is not None]
