@@ -87,9 +87,8 @@ import sys
 import time
 import types
 
-from tools.measure.setup import GIB, REPO, WAYS
+from tools.measure.setup import GIB, REPO, WAYS, pack_module
 
-PACK = "draft_gpu_check_pack"
 HEADROOM = 1.4
 FIGURES = os.path.join(REPO, "docs", "vram_figures.json")
 # module -> pip name: the third-party modules the in-process path imports (ComfyUI's comfy.sd /
@@ -160,21 +159,6 @@ def import_comfy(path: str, cpu: bool):
                  "comfy.sample", "comfy.supported_models", "comfy.taesd.taesd"):
         importlib.import_module(name)
     return sys.modules["comfy"]
-
-
-def pack_module(relative: str):
-    """``nodes/...`` or ``training/...`` of this repository imported as a package submodule, so
-    the nodes' relative imports work without ``nodes/__init__.py`` (which needs a running
-    ComfyUI's ``comfy_api``); as tests/lora_fixtures.py ``import_pack_module`` does."""
-    if PACK not in sys.modules:
-        pack = types.ModuleType(PACK)
-        pack.__path__ = [REPO]
-        sys.modules[PACK] = pack
-        for sub in ("nodes", "training"):
-            module = types.ModuleType(f"{PACK}.{sub}")
-            module.__path__ = [os.path.join(REPO, sub)]
-            sys.modules[f"{PACK}.{sub}"] = module
-    return importlib.import_module(f"{PACK}.{relative}")
 
 
 def fill_(module, seed: int) -> None:

@@ -11,7 +11,9 @@
   the peers, ``make vram`` and the GPU check build them;
 * one update traced on fake tensors, for ``memory/vram`` (UNets) and ``memory/vram_dit`` (DiTs):
   :data:`METHODS`, :func:`build_aesthetic_reward`, :func:`memory_mode`, :func:`update_sampler`,
-  :func:`update_trainer` and :func:`trace_update`.
+  :func:`update_trainer` and :func:`trace_update`;
+* :func:`pack_module`: a module of the pack's ``nodes/`` imported without ``nodes/__init__.py``
+  (the GPU check's in-process path, ``make vram``'s Wan decoder units and decode).
 
 Nothing here imports torch, diffusers or the project's packages until a function needs them, so a
 tool's ``--help`` stays instant.
@@ -27,6 +29,25 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 GIB = 1024 ** 3
+PACK = "draft_measure_pack"
+
+
+def pack_module(relative: str):
+    """``nodes/...`` or ``training/...`` of this repository imported as a package submodule, so
+    the nodes' relative imports work without ``nodes/__init__.py`` (which needs a running
+    ComfyUI's ``comfy_api``); as tests/lora_fixtures.py ``import_pack_module`` does. ComfyUI's
+    ``comfy`` must be importable for the modules that import it."""
+    import importlib
+    import types
+    if PACK not in sys.modules:
+        pack = types.ModuleType(PACK)
+        pack.__path__ = [REPO]
+        sys.modules[PACK] = pack
+        for sub in ("nodes", "training"):
+            module = types.ModuleType(f"{PACK}.{sub}")
+            module.__path__ = [os.path.join(REPO, sub)]
+            sys.modules[f"{PACK}.{sub}"] = module
+    return importlib.import_module(f"{PACK}.{relative}")
 
 # The trainer's memory ways, as DRaFT Memory Options forces them: name -> (block_checkpointing,
 # rows, make vram's mode that traces it, or None). ``auto`` on a device with room takes ``fast``.
@@ -273,14 +294,17 @@ MODE_WAY = {**{mode: way for way, (_, _, mode) in WAYS.items() if mode},
             "before": "fast", "lean_cond": "all"}
 
 
-def memory_mode(mode: str, denoiser_units: list, decoder, video: bool = False) -> dict:
+def memory_mode(mode: str, denoiser_units: list, decoder, video: bool = False,
+                decoder_units=None) -> dict:
     """DraftTrainer's memory settings for a row's ``mode`` (:data:`MODE_WAY`; see memory/vram.py),
-    given the denoiser's checkpoint units and the diffusers VAE ``decoder`` (``video``: a video
-    decoder's, as the trainer node tells them apart); the decode as on a CUDA device (NCHW), not
-    the CPU's layout."""
-    from training.checkpointing import diffusers_decoder_units
-    return dict(way_kwargs(MODE_WAY[mode], denoiser_units, diffusers_decoder_units(decoder),
-                           video=video),
+    given the denoiser's checkpoint units and the diffusers VAE ``decoder`` (its units:
+    ``training.checkpointing.diffusers_decoder_units``), or ``decoder_units`` given (a ComfyUI
+    decoder's, ``comfy_glue.decoder_checkpoint_units``); ``video``: a video decoder's, as the
+    trainer node tells them apart; the decode as on a CUDA device (NCHW), not the CPU's layout."""
+    if decoder_units is None:
+        from training.checkpointing import diffusers_decoder_units
+        decoder_units = diffusers_decoder_units(decoder)
+    return dict(way_kwargs(MODE_WAY[mode], denoiser_units, decoder_units, video=video),
                 channels_last_decode=False)
 
 
@@ -309,11 +333,12 @@ def update_sampler(method: str, sigmas, **kwargs):
 
 def update_trainer(sampler, denoiser, vae, latent_scale: float, latent_shift, reward, lora,
                    latent_shape: tuple, batch: int, mode: str, denoiser_units: list,
-                   decode=None, video: bool = False):
+                   decode=None, video: bool = False, decoder_units=None):
     """The ``DraftTrainer`` of one traced update: ``denoiser`` in ``sampler``, the decode through
     ``vae`` (latent / ``latent_scale`` + ``latent_shift`` unless None, to [0, 1]; or ``decode``,
     a video decoder returning each sample's frames, ``video`` then True), ``reward`` on 4
-    prompts, the memory settings of ``mode`` and AdamW's state allocated without its step."""
+    prompts, the memory settings of ``mode`` (``decoder_units``: see :func:`memory_mode`) and
+    AdamW's state allocated without its step."""
     from training import DraftTrainer, TrainSettings
 
     if decode is None:
@@ -332,7 +357,8 @@ def update_trainer(sampler, denoiser, vae, latent_scale: float, latent_shift, re
     sampler.denoise = denoiser
     trainer = DraftTrainer(sampler, decode, lambda im, p: reward(im, p), ["p0", "p1", "p2", "p3"],
                            lora, latent_shape, TrainSettings(batch_size=batch, seed=0),
-                           **memory_mode(mode, denoiser_units, vae.decoder, video=video))
+                           **memory_mode(mode, denoiser_units, vae.decoder, video=video,
+                                             decoder_units=decoder_units))
     allocate_adam_state_only(trainer)
     return trainer
 

@@ -62,8 +62,9 @@ them once the prompts are encoded); their outputs are.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
-from tools.measure.setup import (build_aesthetic_reward, trace_update, update_sampler,
+from tools.measure.setup import (build_aesthetic_reward, pack_module, trace_update, update_sampler,
                                  update_trainer, vae_decoder)
 
 DIT_MODELS = {"flux_dev_1024": 1024, "sd35m_1024": 1024, "wan21_1_3b_480p": 480, "lumina2_1024": 1024,
@@ -173,15 +174,44 @@ def wan_attention_targets(transformer) -> list:
                             ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0"))]
 
 
-def wan22_vae():
-    """The Wan 2.2 VAE (``AutoencoderKLWan`` in Wan-AI/Wan2.2-TI2V-5B-Diffusers' configuration)
-    without its encoder; latent mean / std are placeholders (fake tensors: values are never read)."""
-    from diffusers import AutoencoderKLWan
-    vae = AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True,
-                           in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
-                           temperal_downsample=[False, True, True],
-                           latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
-    del vae.encoder, vae.quant_conv
+def import_comfyui():
+    """ComfyUI's ``comfy`` importable (``COMFYUI_PATH``, the ComfyUI this pack is installed in, or
+    the clone in ``.cache/ComfyUI`` that ``make test`` / ``make demo`` bring), on the CPU; a clear
+    error without one."""
+    import os
+    import sys
+    from tools.comfyui_bootstrap import DEFAULT_DEST, find_existing
+    path = find_existing() or (DEFAULT_DEST if os.path.isfile(os.path.join(DEFAULT_DEST, "main.py"))
+                               else None)
+    if path is None:
+        raise SystemExit("the Wan rows build ComfyUI's own Wan VAE: ComfyUI not found; set "
+                         "COMFYUI_PATH to a ComfyUI 0.3.64+ checkout (or let make test clone one "
+                         "into .cache/ComfyUI)")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from comfy.cli_args import args
+    args.cpu = True  # comfy.model_management probes CUDA at import otherwise; nothing runs on it
+    import comfy.latent_formats  # noqa: F401
+    import comfy.ldm.wan.vae  # noqa: F401
+    import comfy.ldm.wan.vae2_2  # noqa: F401
+    return sys.modules["comfy"]
+
+
+def comfyui_wan_vae(comfy, wan22: bool):
+    """ComfyUI's own Wan VAE as ``comfy.sd.VAE`` builds it from a Wan 2.2 / 2.1 VAE file
+    (``comfy.ldm.wan.vae2_2.WanVAE``: 160 wide encoder, 256 wide decoder, 48 channels; or
+    ``comfy.ldm.wan.vae.WanVAE``: 96 wide, 16 channels), in bf16 as ``vae_dtype`` picks on a bf16
+    GPU (built so: the default dtype is bf16 here; ``.to`` cannot swap fake parameters), without
+    its encoder (not used by the update; as the other rows' decoders)."""
+    import torch
+    config = dict(dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                  temperal_downsample=[False, True, True], dropout=0.0)
+    if wan22:
+        vae = comfy.ldm.wan.vae2_2.WanVAE(dim=160, z_dim=48, **config)
+    else:
+        vae = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, **config)
+    vae.encoder, vae.conv1 = torch.nn.Module(), torch.nn.Module()  # (clear_cache counts their convs)
+    assert all(p.dtype == torch.bfloat16 for p in vae.parameters())
     return vae
 
 
@@ -189,7 +219,7 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
     """Peak bytes of one Wan 2.1 / 2.2 video update (see the module docstring; modes as measure_dit)."""
     import torch
     from torch import nn
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import WanTransformer3DModel
     from training import wrap_module
     from training.memory_trace import fake_mode
     from training.step_checkpoint import branches_apart
@@ -206,14 +236,13 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
         s = s.reshape(-1, 1, 1, 1, 1).to(n)
         return s * n + (1 - s) * x0
     sampler = update_sampler(method, sigmas, renoise=renoise)
+    comfy = import_comfyui()
+    glue = pack_module("nodes.comfy_glue")  # the trainer node's decoder units and video decode
+    latent_format = (comfy.latent_formats.Wan22 if wan22_vae_used else comfy.latent_formats.Wan21)()
     started = time.perf_counter()
     with fake_mode():
         transformer = WanTransformer3DModel(**config)
-        if wan22_vae_used:
-            autoencoder = wan22_vae()
-        else:
-            autoencoder = AutoencoderKLWan()
-            del autoencoder.encoder, autoencoder.quant_conv
+        autoencoder = comfyui_wan_vae(comfy, wan22_vae_used)
         reward = build_aesthetic_reward()
         for m in (transformer, autoencoder, reward):
             m.eval().requires_grad_(False)
@@ -223,8 +252,6 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
         lora_params = list(lora.parameters())
         tokens, cfg = 512, 5.0
         context, uncond = torch.randn(4, tokens, 4096), torch.randn(1, tokens, 4096)
-        mean = torch.tensor(autoencoder.config.latents_mean).view(1, channels, 1, 1, 1)
-        std = torch.tensor(autoencoder.config.latents_std).view(1, channels, 1, 1, 1)
 
         class Denoiser(nn.Module):
             """Flow model: x0 = x - sigma * v; CFG with both branches in one batch, or, where the
@@ -247,14 +274,19 @@ def measure_wan(model: str, method: str, batch: int, steps: int, mode: str = "le
                 v = v_u + cfg * (v_c - v_u)
                 return x - s.reshape(-1, 1, 1, 1, 1) * v.to(x.dtype)
 
-        def decode(z):  # the first `decoded` latent frames -> (B*F, 3, H, W), as the trainer's
-            video = autoencoder.decode(z[:, :, :decoded] * std + mean, return_dict=False)[0]
-            return (video.float() * 0.5 + 0.5).clamp(0, 1).movedim(2, 1).flatten(0, 1)
-
+        # the trainer node's video decode (comfy_glue.make_decoder): the first `decoded` latent
+        # frames, ComfyUI's latent format out, the VAE's dtype, first_stage_model.decode, frames
+        # -> (B*F, 3, H, W); the VAE and model as comfy.sd.VAE / BaseModel give them
+        vae = SimpleNamespace(first_stage_model=autoencoder, device=torch.device("cpu"),
+                              vae_dtype=torch.bfloat16,
+                              process_output=lambda image: torch.clamp((image + 1.0) / 2.0, 0.0, 1.0))
+        decode = glue.make_decoder(vae, SimpleNamespace(process_latent_out=latent_format.process_out),
+                                   latent_frames=decoded)
         denoiser = Denoiser()
         trainer = update_trainer(sampler, denoiser, autoencoder, 1.0, None, reward, lora,
                                  (channels, latent_t, h, w), batch, mode, block_units(transformer),
-                                 decode=decode, video=True)
+                                 decode=decode, video=True,
+                                 decoder_units=glue.decoder_checkpoint_units(autoencoder))
         denoiser.apart = trainer.whole_step_over_blocks
     row = dict(model=model, method=method, batch=batch, mode=mode, lowvram=False, steps=steps,
                resolution=height)
