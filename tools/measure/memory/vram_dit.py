@@ -28,20 +28,29 @@ without them; see :mod:`.vram` for every mode), counted by
 * ``wan21_1_3b_480p``: Wan 2.1 T2V 1.3B (``WanTransformer3DModel``: 30 blocks, 1536 wide, 12
   heads, FFN 8960) at 480x832, 33 frames (9 latent frames of 30 x 52 patches: 14,040 tokens; 512
   T5 tokens), bf16, cfg 5 (both branches in one batch); only the first 3 latent frames (9 frames)
-  are decoded, by the Wan 2.1 VAE decoder (``AutoencoderKLWan``'s, causal, frame by frame), and
+  are decoded, by the Wan 2.1 VAE decoder (causal, frame by frame), and
   every frame is scored (the reward of a video is their mean). DRaFT-1 and DRaFT-LV n = 2.
+  The decoder is the one a ComfyUI user's trainer runs: ComfyUI's own ``comfy.ldm.wan.vae.WanVAE``
+  (Wan 2.1) or ``comfy.ldm.wan.vae2_2.WanVAE`` (Wan 2.2) as ``comfy.sd.VAE`` configures it from
+  the VAE file, at full size in bf16 (``vae_dtype`` on a bf16 GPU; no encoder), its checkpoint
+  units ``nodes/comfy_glue.py`` ``decoder_checkpoint_units`` and its call the trainer node's
+  ``comfy_glue.make_decoder`` (the first latent frames, ComfyUI's ``Wan21`` / ``Wan22`` latent
+  format out, ``first_stage_model.decode``, ``process_output``); ``nodes/`` modules are imported
+  without ``nodes/__init__.py`` (:func:`tools.measure.setup.pack_module`) and ComfyUI is found
+  through ``COMFYUI_PATH``, the ComfyUI the pack is installed in or ``.cache/ComfyUI``
+  (:func:`import_comfyui`; an error without one). (diffusers' ``AutoencoderKLWan``, traced before,
+  normalises and upsamples in float32: the 5B row's update was 0.96 GiB more.)
   Lean as the trainer node runs a video family: the decoder checkpointed once per latent frame
-  around its blocks, as ComfyUI's Wan decoder is (``training.checkpointing.diffusers_decoder_units``;
-  its blocks given several frames recomputed one frame at a time), and the single differentiated
+  around its blocks (its blocks given several frames recomputed one frame at a time), and the
+  single differentiated
   step checkpointed whole on top of its blocks (``trainer_memory_kwargs(video=True)``), CFG's two
   branches recomputed one at a time inside it (``training.step_checkpoint.branches_apart``, as
   the node's ``comfy_glue.branches_apart_cfg``).
 * ``wan22_5b_720p``: Wan 2.2 TI2V-5B (``WanTransformer3DModel`` in Wan-AI/Wan2.2-TI2V-5B's
   configuration: 30 blocks, 3072 wide, 24 heads, FFN 14336, 48 latent channels) at 704x1280, 33
   frames (9 latent frames of its 16x VAE, 44 x 80 latents, 22 x 40 patches: 7,920 tokens), bf16,
-  cfg 5; the first 3 latent frames decoded by the Wan 2.2 VAE decoder (``AutoencoderKLWan`` in
-  its Wan 2.2 configuration: decoder width 256, 48 channels, residual up blocks, patch 2,
-  ``scale_factor_spatial`` 16); DRaFT-1.
+  cfg 5; the first 3 latent frames decoded by the Wan 2.2 VAE decoder (ComfyUI's ``vae2_2``:
+  decoder width 256, 48 channels, residual up blocks, patch 2, 16x); DRaFT-1.
 * ``wan22_14b_480p``: one Wan 2.2 A14B expert (the low-noise one; each expert is a Wan 2.1 14B
   transformer: 40 blocks, 5120 wide, 40 heads, FFN 13824), base weights in float8 e4m3 cast to
   bf16 per use (ComfyUI's fp8 expert files), at 480x832, 33 frames (14,040 tokens), cfg 5 (Wan
