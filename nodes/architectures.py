@@ -190,9 +190,12 @@ _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 # at a time inside it, so the decoder's backward and the step's come one after the other and the
 # step's holds one branch's saved block inputs. Traced decoder alone with 1 / 2 / 3 decoded latent
 # frames: 1.82 / 6.27 / 8.12 GiB, and the update 5.58 / 6.28 / 8.14 GiB (DRaFT-LV n = 2 at 3: 8.20),
-# before the branches were apart; blocks: 0.60 x ComfyUI's per-frame decode estimate times the
-# frames at 2, 0.53 at 3 (0.62, so that 2 frames are covered too: the estimate is 1.03 x the 2-frame
-# trace, 1.19 / 1.18 x the 3-frame rows); whole: the decoder alone, unchecked, 2.5 x (KL's 2.9
+# before the branches were apart, with diffusers' decoder (float32 norms and upsampling). Traced
+# with ComfyUI's own Wan VAE (comfy.ldm.wan.vae, bf16, the node's units and decode) the update is
+# 5.90 / 7.75 GiB at 2 / 3 frames (DRaFT-LV n = 2 at 3: 7.81); blocks: 0.57 x ComfyUI's per-frame
+# decode estimate times the frames at 2, 0.50 at 3 (0.58, so that 2 frames are covered too: the
+# estimate is 1.02 x the 2-frame trace, 1.17 / 1.16 x the 3-frame rows; it was 0.62 for diffusers'
+# decoder); whole: the decoder alone, unchecked, 2.5 x (KL's 2.9
 # kept); selective: not traced (KL's 1.7 kept). Lean denoiser: the 14B (one Wan 2.2 A14B expert,
 # wan22_14b_480p, fp8, ComfyUI's estimate 2.53 GiB a row), whose step sets its peak: 10.49 GiB with
 # the branches apart, 2.08 x the estimate for both branches, so 2.4 (1.16 x that row; it was 3.9
@@ -201,16 +204,19 @@ _FLUX_BLOCKS = ("double_blocks", "single_blocks")
 # frames re-traced unchanged, 8.14 / 8.20 GiB, the decoder's backward their peak). Fast: make vram traced the 14B (fast way) at 53 x ComfyUI's estimate of a row
 # (FLUX's 47 fell short), so 56.
 _WAN_MEMORY = (56.0, 2.4)
-_WAN_DECODE = (2.9, 1.7, 0.62)
+_WAN_DECODE = (2.9, 1.7, 0.58)
 # Wan 2.2 TI2V-5B: the Wan 2.1 blocks (3072 wide) and its own 16x VAE (48 channels, decoder width
 # 256, residual up blocks), traced by make vram at 704x1280 (wan22_5b_720p, 3 latent frames
-# decoded): lean, 13.83 GiB, 0.34 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256
-# per frame: 40.3 GiB for 3 frames), the decoder's backward dominating (its residual up blocks
-# recomputed frame by frame after the first latent frame, as Wan 2.1's blocks, their residual
-# blocks nested units; the last up block's residual blocks units alone); fast, 71.9 GiB (1.8 x).
-# Blocks: 0.39 (1.14 x the lean row); whole: 2.0; selective: not traced (between).
+# decoded) with ComfyUI's own Wan 2.2 VAE (comfy.ldm.wan.vae2_2, bf16, the node's units and
+# decode): lean, 12.87 GiB, 0.32 x ComfyUI's decode estimate (8000 bytes per latent pixel x 256
+# per frame: 40.3 GiB for 3 frames; 9.28 GiB with 2 frames decoded, 0.35 x), the decoder's
+# backward dominating (its residual up blocks recomputed frame by frame after the first latent
+# frame, as Wan 2.1's blocks, their residual blocks nested units; the last up block's residual
+# blocks units alone); fast, 71.9 GiB (1.8 x). Blocks: 0.36 (1.13 x the lean row, 1.04 x the
+# 2-frame trace; it was 0.39 for diffusers' decoder, 13.83 GiB); whole: 2.0; selective: not
+# traced (between).
 _WAN22_MEMORY = _WAN_MEMORY
-_WAN22_DECODE = (2.0, 1.5, 0.39)
+_WAN22_DECODE = (2.0, 1.5, 0.36)
 # Lumina 2 and HunyuanImage 2.1, traced by make vram (lumina2_1024_lv2, hunyuanimage21_2048_k1):
 # one Lumina 2 row under gradient holds 51 x ComfyUI's estimate of its forward (39.4 GiB at
 # 1024 px), 7 x with its blocks checkpointed; HunyuanImage 2.1's 78 x (48 GiB a row at 2048 px).
