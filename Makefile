@@ -56,7 +56,7 @@ demo: comfyui-deps
 bench: deps
 	$(PY) -m tools.measure.speed.bench
 
-vram: deps
+vram: comfyui-deps
 	$(PY) -m tools.measure.memory.vram
 
 # No deps prerequisite: the venv's python when there is one, else $(PYTHON) (python3); on the lent GPU

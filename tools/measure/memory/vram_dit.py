@@ -184,18 +184,17 @@ def wan_attention_targets(transformer) -> list:
 
 
 def import_comfyui():
-    """ComfyUI's ``comfy`` importable (``COMFYUI_PATH``, the ComfyUI this pack is installed in, or
-    the clone in ``.cache/ComfyUI`` that ``make test`` / ``make demo`` bring), on the CPU; a clear
-    error without one."""
-    import os
+    """ComfyUI's ``comfy`` importable, on the CPU: ``COMFYUI_PATH``, the ComfyUI this pack is
+    installed in, or ``.cache/ComfyUI``, cloned there as ``make demo`` does when absent
+    (``tools/comfyui_bootstrap.py``: ``COMFYUI_GIT_URL`` / ``COMFYUI_REF``); a clear error when it
+    cannot be had."""
     import sys
-    from tools.comfyui_bootstrap import DEFAULT_DEST, find_existing
-    path = find_existing() or (DEFAULT_DEST if os.path.isfile(os.path.join(DEFAULT_DEST, "main.py"))
-                               else None)
-    if path is None:
-        raise SystemExit("the Wan rows build ComfyUI's own Wan VAE: ComfyUI not found; set "
-                         "COMFYUI_PATH to a ComfyUI 0.3.64+ checkout (or let make test clone one "
-                         "into .cache/ComfyUI)")
+    from tools.comfyui_bootstrap import BootstrapError, ensure_comfyui
+    try:
+        path = ensure_comfyui(log=lambda line: print(line, file=sys.stderr))
+    except BootstrapError as e:
+        raise SystemExit(f"the Wan rows build ComfyUI's own Wan VAE, and ComfyUI could not be had: "
+                         f"{e} (or set COMFYUI_PATH to a ComfyUI 0.3.64+ checkout)") from e
     if path not in sys.path:
         sys.path.insert(0, path)
     from comfy.cli_args import args
