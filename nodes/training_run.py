@@ -126,6 +126,17 @@ def _resolve_precision(choice: str, patcher) -> str:
     return "fp16"
 
 
+def _prompt_denoiser(model_wrap, extra_args: dict, batcher):
+    """``(x, sigma (B,), prompt index (B,)) -> x0`` through ComfyUI's model wrapper of a running
+    ``sample``: each row gets its prompt's conditioning (``batcher``, a
+    :class:`comfy_glue.PromptBatcher`); a Cancel in the UI stops it between model calls."""
+    def denoise(x, sigma, index):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        model_wrap.conds["positive"] = [batcher(index.tolist())]
+        return model_wrap(x, sigma, **extra_args)
+    return denoise
+
+
 def _step_ranges(steps: list) -> str:
     """``[1, 2, 3, 7]`` -> ``"1-3, 7"`` (1-based step numbers)."""
     out, start = [], None
@@ -333,12 +344,7 @@ class TrainingRun:
         wrap, args = other
         experts = self.cfg.experts
         comfy_glue.de_inference_(wrap.inner_model)  # its steps after a trained one carry x's gradient
-        batcher = comfy_glue.PromptBatcher(list(wrap.conds["positive"]))
-
-        def denoise(x, sigma, index):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            wrap.conds["positive"] = [batcher(index.tolist())]
-            return wrap(x, sigma, **args)
+        denoise = _prompt_denoiser(wrap, args, comfy_glue.PromptBatcher(list(wrap.conds["positive"])))
         steps = expert_steps(sigmas.float().cpu(), experts.boundary, experts.trained)
         total = sigmas.numel() - 1
         mine = [i + 1 for i in range(total) if i not in steps]
@@ -347,7 +353,7 @@ class TrainingRun:
             tail = (f"the last K (K from {s.k_min} to {s.k_max}), from the first of them that is "
                     "the trained expert's")
         else:
-            first = total - {"draft": total, "draft_lv": 1}.get(s.method, s.k)
+            first = total - s.truncation_range(total)[0]
             while first < total and first in steps:
                 first += 1
             tail = f"{_step_ranges(list(range(first + 1, total + 1)))}"
@@ -370,10 +376,7 @@ class TrainingRun:
         ms = inner.model_sampling
         lora: LoRASet = st["lora"]
 
-        def denoise(x, sigma, index):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            model_wrap.conds["positive"] = [batcher(index.tolist())]
-            return model_wrap(x, sigma, **extra_args)
+        denoise = _prompt_denoiser(model_wrap, extra_args, batcher)
 
         def reference(x, sigma, index):
             with lora.disabled():

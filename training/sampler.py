@@ -143,18 +143,25 @@ class SamplerSettings:
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
 
+    def truncation_range(self, num_steps: int) -> tuple:
+        """``(fewest, most)`` differentiated trailing steps of one update, K capped at
+        ``num_steps`` (random K: ``[k_min, k_max]``; the others: one value)."""
+        if self.method == "draft":
+            return num_steps, num_steps
+        if self.method == "draft_lv":
+            return 1, 1
+        if self.method == "draft_k":
+            return min(self.k, num_steps), min(self.k, num_steps)
+        hi = min(self.k_max, num_steps)
+        return min(self.k_min, hi), hi
+
     def truncation(self, num_steps: int, generator: Optional[torch.Generator] = None) -> int:
         """The number of differentiated trailing steps for one update, in ``[1, num_steps]``."""
-        if self.method == "draft":
-            return num_steps
-        if self.method == "draft_lv":
-            return 1
-        if self.method == "draft_k":
-            if self.k > num_steps:
-                raise ValueError(f"K = {self.k} exceeds the {num_steps} sampling steps")
-            return self.k
-        hi = min(self.k_max, num_steps)
-        lo = min(self.k_min, hi)
+        if self.method == "draft_k" and self.k > num_steps:
+            raise ValueError(f"K = {self.k} exceeds the {num_steps} sampling steps")
+        lo, hi = self.truncation_range(num_steps)
+        if self.method != "random_k":
+            return lo
         return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
 
     @property
@@ -197,21 +204,12 @@ def expert_steps(sigmas, boundary: float, trained: str) -> frozenset:
     return frozenset(other)
 
 
-def smallest_tail(settings: "SamplerSettings", num_steps: int) -> int:
-    """The fewest trailing steps one update of ``settings`` differentiates (random K: ``k_min``)."""
-    if settings.method == "draft":
-        return num_steps
-    if settings.method == "draft_lv":
-        return 1
-    return min(settings.k if settings.method == "draft_k" else settings.k_min, num_steps)
-
-
 def tail_problem(settings: "SamplerSettings", num_steps: int, other_steps) -> Optional[str]:
     """Why an update of ``settings`` could differentiate only steps of the other expert (its
     tail, the last K steps, all in ``other_steps``), or None. Says which K would reach the
     trained expert's steps."""
     other = frozenset(other_steps or ())
-    k = smallest_tail(settings, num_steps)
+    k = settings.truncation_range(num_steps)[0]
     if not other or any(i not in other for i in range(num_steps - k, num_steps)):
         return None
     trained = [i for i in range(num_steps) if i not in other]
@@ -500,7 +498,6 @@ def vp_sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps) -> to
 __all__ = [
     "Denoiser", "Renoise", "METHODS", "SamplerSettings", "Rollout", "TailStart",
     "DifferentiableSampler", "OtherExpert", "EXPERT_SIDES", "expert_steps", "tail_problem",
-    "smallest_tail",
     "ddim_step", "signal_scale", "ve_renoise", "karras_sigmas",
     "vp_sigmas_from_alphas_cumprod",
 ]
