@@ -1,13 +1,12 @@
 """Reward nodes: each outputs a ``DRAFT_REWARD`` (a reward_models RewardModel + its patchers)."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..reward_models import STATISTICS, CombinedReward, ImageStatReward, TemporalConsistencyReward
 from . import validation
 from .checked_node import CheckedNode
-from .reward_types import DraftReward, RewardHandle, clip_vision_encoder
+from .reward_types import DraftReward, RewardHandle, clip_vision_encoder, own_image_encoder
 
 COMBINE_SLOTS = 4
 
@@ -119,8 +118,7 @@ class DraftTemporalConsistencyReward(CheckedNode):
             return io.NodeOutput(RewardHandle(model=model, patchers=[clip_vision.patcher],
                                               label="temporal(CLIP vision)"))
         if embeddings_from is not None:
-            if embeddings_from.model.image_embeddings(torch.full((1, 3, 64, 64), 0.5).to(
-                    embeddings_from.device or "cpu")) is None:
+            if own_image_encoder(embeddings_from) is None:
                 raise ValueError(f"DRaFT Temporal Consistency Reward: embeddings_from: "
                                  f"{embeddings_from.label} has no image encoder (connect Aesthetic, "
                                  "HPSv2, PickScore or CLIP Score, or a CLIP vision model)")

@@ -53,6 +53,20 @@ class DeviceReward:
         return scores.to(self.out_device) if self.out_device is not None else scores
 
 
+def own_image_encoder(handle: RewardHandle):
+    """``images (N,3,H,W) in [0, 1] -> embeddings (N, D)`` (float32) by the reward's own image
+    encoder (``RewardModel.image_embeddings``: its CLIP tower), images moved to its device; None
+    when it has none (found by one grey image, without gradient)."""
+    model, device = handle.model, handle.device
+
+    def embed(images: torch.Tensor):
+        return model.image_embeddings(images.to(device) if device is not None else images)
+    with torch.no_grad():
+        if getattr(model, "image_embeddings", None) is None or embed(torch.full((1, 3, 64, 64), 0.5)) is None:
+            return None
+    return lambda images: embed(images).float()
+
+
 class InPlaceSafeEncoder(torch.nn.Module):
     """An image encoder of ComfyUI's whose transformer layers add their residuals in place
     (``comfy/clip_model.py`` ``CLIPLayer``: ``x += ...``, into the tensor its layer norm saved),

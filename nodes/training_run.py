@@ -33,7 +33,7 @@ from ..training.video_frames import FrameChoice
 from ..training.sampler import DifferentiableSampler, OtherExpert, SamplerSettings, expert_steps
 from ..training.trainer import DraftTrainer, StepReport, TrainSettings
 from . import architectures, comfy_glue, lora_files, progress_events
-from .reward_types import DeviceReward, clip_vision_encoder
+from .reward_types import DeviceReward, clip_vision_encoder, own_image_encoder
 
 log = logging.getLogger("ComfyUI-DRaFT")
 
@@ -455,16 +455,10 @@ class TrainingRun:
             embed = ("CLIP vision", lambda images: encoder(
                 transform(images.to(cv.load_device, torch.float32))).float())
         else:
-            probe = torch.full((1, 3, 64, 64), 0.5)
             for handle in (*request.judges, self.reward):
-                model, device = handle.model, handle.device
-                with torch.no_grad():
-                    found = getattr(model, "image_embeddings", lambda x: None)(
-                        probe.to(device) if device is not None else probe)
-                if found is not None:
-                    embed = (f"{handle.label or 'reward'}'s image encoder",
-                             lambda images, m=model, d=device: m.image_embeddings(
-                                 images.to(d) if d is not None else images).float())
+                encoder = own_image_encoder(handle)
+                if encoder is not None:
+                    embed = (f"{handle.label or 'reward'}'s image encoder", encoder)
                     break
         overlap = sorted(set(cfg.prompts) & set(request.settings.prompts))
         if overlap:
