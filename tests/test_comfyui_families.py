@@ -769,3 +769,11 @@ def test_wan_video_template_runs_on_the_tiny_wan(comfy, pack, loras_dir, tmp_pat
     assert save_id in outputs
     assert any(f.startswith("wan21_hps") for f in os.listdir(os.path.join(loras_dir, "draft"))), \
         os.listdir(os.path.join(loras_dir, "draft"))
+
+
+def test_temporal_reward_refuses_embeddings_from_a_reward_without_an_image_encoder(comfy, pack):
+    rn = F.import_pack_module("nodes.reward_nodes")
+    with torch.inference_mode():
+        bright = rn.DraftImageStatReward.PREPARE_CLASS_CLONE({}).execute("brightness", "maximise", 0.5).args[0]
+        with pytest.raises(ValueError, match="has no image encoder"):
+            rn.DraftTemporalConsistencyReward.PREPARE_CLASS_CLONE({}).execute(16, embeddings_from=bright)
