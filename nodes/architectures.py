@@ -134,6 +134,9 @@ class Family:
             2.1 T2V: ComfyUI's Wan variants (I2V, VACE, Camera, HuMo, S2V, Animate ...) subclass
             ``WAN21_T2V`` but need other inputs or another VAE, so they are refused until a row of
             their own exists (Wan 2.2 TI2V-5B's ``WAN22_T2V`` has one).
+        expert_pairs: whether a model of this family can be one of two experts that share a
+            schedule (DRaFT Wan 2.2 Experts): Wan 2.2 A14B's high- and low-noise experts, each
+            loaded by ComfyUI as a Wan 2.1 T2V 14B.
     """
 
     name: str
@@ -153,6 +156,7 @@ class Family:
     memory_factors: tuple = (11.5, 1.0)  # SD1.x / SD2.x, traced (see _SDXL_MEMORY below)
     variants: bool = True
     decode_factors: Optional[tuple] = None
+    expert_pairs: bool = False
     patterns: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -260,7 +264,7 @@ FAMILIES = (
     Family("Wan 2.1 T2V", ("WAN21_T2V",), WAN_TARGETS, "native", "wan21_t2v", latent_dimensions=3,
            video_frames=33, time_compression=4, default_cfg=5.0, block_lists=("blocks",),
            module_classes=("WanModel",), memory_factors=_WAN_MEMORY, variants=False,
-           decode_factors=_WAN_DECODE),
+           decode_factors=_WAN_DECODE, expert_pairs=True),
     # Wan 2.2 TI2V-5B (WAN22_T2V: 48-channel latents of the Wan 2.2 VAE, 16x spatial, 4x time):
     # cfg 5 (Wan 2.2's ti2v_5B sample_guide_scale); 33 frames = 9 latent frames, the length make
     # vram measures at 704x1280 (the 5B generates 121 at 24 fps). Wan 2.2 A14B's experts load as

@@ -27,6 +27,16 @@ from . import architectures
 TARGET_SETS = architectures.TARGET_SET_NAMES
 
 
+def sampling_schedule(patcher, sigmas: Optional[torch.Tensor], scheduler: str, steps: int) -> torch.Tensor:
+    """The sigmas a run samples with, float32 on the CPU: a connected SIGMAS as given, else
+    ComfyUI's ``scheduler`` for ``steps`` steps on the model's own ``model_sampling``."""
+    if sigmas is not None:
+        return sigmas.detach().float().flatten().cpu().clone()
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler,
+                                           steps).cpu()
+
+
 def de_inference_(module: torch.nn.Module) -> int:
     """Replace inference-mode parameters/buffers of ``module`` with normal tensors (same values).
 

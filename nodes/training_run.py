@@ -189,11 +189,7 @@ class TrainingRun:
 
     # -- set-up ---------------------------------------------------------------------------------
     def _sigmas(self, patcher) -> torch.Tensor:
-        if self.cfg.sigmas is not None:
-            sigmas = self.cfg.sigmas.detach().float().cpu().clone()
-        else:
-            sigmas = comfy.samplers.calculate_sigmas(
-                patcher.get_model_object("model_sampling"), self.cfg.scheduler, self.cfg.steps).cpu()
+        sigmas = comfy_glue.sampling_schedule(patcher, self.cfg.sigmas, self.cfg.scheduler, self.cfg.steps)
         if sigmas.numel() < 2 or float(sigmas[-1]) != 0.0:
             raise ValueError("DRaFT needs a full sampling schedule that ends at sigma 0 "
                              "(use a scheduler node with denoise = 1)")

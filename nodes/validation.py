@@ -274,8 +274,7 @@ def _experts_problems(experts, model, family, settings, values, sigmas, steps) -
     (each a Wan 2.1 14B to ComfyUI, the same configuration), and an update's differentiated steps
     (the last K) not all the other expert's (:func:`training.sampler.tail_problem`)."""
     from ..training.sampler import expert_steps, tail_problem
-    import comfy.samplers
-    if family is None or family.name != "Wan 2.1 T2V":
+    if family is None or not family.expert_pairs:
         return [("experts", "DRaFT Wan 2.2 Experts is for Wan 2.2 A14B's two experts (ComfyUI loads "
                  f"each as a Wan 2.1 T2V 14B); the trainer's model is "
                  f"{family.name if family else 'not a supported family'}: disconnect it")]
@@ -289,11 +288,7 @@ def _experts_problems(experts, model, family, settings, values, sigmas, steps) -
                  "kind as the trainer's (Wan 2.2 A14B's two experts have one configuration)")]
     if settings is None or not steps:
         return []
-    if sigmas is not None:
-        schedule = sigmas.detach().float().flatten().cpu()
-    else:
-        schedule = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
-                                                   values["scheduler"], int(values["steps"])).cpu()
+    schedule = comfy_glue.sampling_schedule(model, sigmas, values["scheduler"], int(values["steps"]))
     bad = tail_problem(settings, schedule.numel() - 1,
                        expert_steps(schedule, experts.boundary, experts.trained))
     if bad:
